@@ -1,0 +1,72 @@
+"""`stream-rl` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stream-rl", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("prepare-tiny", help="build the tiny tokenizer, model, task and warm start (cached)")
+    p.add_argument("--out", default=".cache/tiny")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    p = sub.add_parser("train", help="train a policy with streamed rollouts")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="run directory (default: run.out_dir)")
+    p.add_argument("--max-steps", type=int, default=None)
+
+    p = sub.add_parser("generator", help="run a generator service (vLLM engine behind ZMQ)")
+    _add_config_args(p)
+    p.add_argument("--id", default="gen0")
+
+    p = sub.add_parser("check-config", help="load and validate a config, print it resolved")
+    _add_config_args(p)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from stream_rl.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides) if hasattr(args, "config") else None
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+    if args.cmd == "prepare-tiny":
+        from stream_rl.tiny.prepare import prepare_tiny
+
+        prepare_tiny(args.out, force=args.force)
+    elif args.cmd == "check-config":
+        from stream_rl.config import config_to_dict
+
+        print(json.dumps(config_to_dict(cfg), indent=2))
+    elif args.cmd == "generator":
+        from stream_rl.generator.service import serve
+
+        serve(cfg, args.id)
+    elif args.cmd == "train":
+        from stream_rl.train import train
+
+        if args.max_steps is not None and args.max_steps < 1:
+            print("config error: --max-steps must be >= 1", file=sys.stderr)
+            return 2
+        summary = train(cfg, args.out, args.max_steps)
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Typed configuration: one msgspec Struct per section, validated at load.
+
+A config file is YAML; `--set section.key=value` overrides are applied on top
+before validation, so an override is checked exactly like the file. Errors name
+the offending field by its dotted path and, for enumerations, the allowed
+values.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta
+
+PosInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+Prob = Annotated[float, Meta(ge=0.0, le=1.0)]
+PosFloat = Annotated[float, Meta(gt=0.0)]
+NonNegFloat = Annotated[float, Meta(ge=0.0)]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelConfig(_Section):
+    # A local Hugging Face checkpoint directory or a hub name. The tiny default
+    # points at the directory `stream-rl prepare-tiny` writes.
+    path: str = ".cache/tiny/model"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: PosInt = 1024
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    # A JSONL or parquet file, or a `datasets` name (hub or local directory).
+    path: str = ".cache/tiny/data/train.jsonl"
+    format: Literal["auto", "jsonl", "parquet", "datasets"] = "auto"
+    subset: str | None = None  # a `datasets` configuration name
+    split: str = "train"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    apply_chat_template: bool = False
+    system_prompt: str | None = None
+    max_prompt_tokens: PosInt = 512
+    shuffle: bool = True
+    # Regex whose first group is the answer to verify; None hands the whole
+    # response to math-verify's own extraction (\boxed{...}, last number).
+    answer_regex: str | None = None
+
+
+class GeneratorConfig(_Section):
+    group_size: Annotated[int, Meta(ge=2)] = 8
+    target_groups: PosInt = 8
+    max_tokens: PosInt = 256
+    temperature: NonNegFloat = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    return_logprobs: bool = True
+    # Tokens per stream message; deltas are coalesced up to this size.
+    chunk_tokens: PosInt = 16
+    max_num_seqs: PosInt = 256
+    gpu_memory_utilization: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.2
+    # VLLM_CPU_KVCACHE_SPACE for the CPU engine, in GiB.
+    cpu_kvcache_gib: PosInt = 1
+    enforce_eager: bool = True
+    tensor_parallel_size: PosInt = 1
+    request_addr: str = "tcp://127.0.0.1:5555"
+    stream_addr: str = "tcp://127.0.0.1:5556"
+    # ZMQ high-water marks: senders block at this many queued messages
+    # instead of dropping.
+    hwm: PosInt = 10000
+    startup_timeout_s: PosFloat = 600.0
+
+
+class PrunerConfig(_Section):
+    # "none" passes every rollout through. ARRoL's parameters below are
+    # validated now so run configs can carry them; "random"/"arrol" pruning
+    # arrives with the pruner stage (issue #4).
+    mode: Literal["none"] = "none"
+    kappa: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
+    rho: Prob = 0.5
+    lam: NonNegFloat = 0.5
+    l_detect: PosInt = 512
+    p_min: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.05
+    p_max: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    bins: PosInt = 128
+    alpha: PosFloat = 1.0
+    cold_start_steps: NonNegInt = 20
+    head_hidden: PosInt = 256
+    exempt_fraction: Prob = 0.05
+
+
+class BufferConfig(_Section):
+    # Open (not yet complete) groups the buffer may hold; beyond it new
+    # groups are refused rather than evicting accepted rollouts.
+    max_groups: PosInt = 4096
+
+
+class LearnerConfig(_Section):
+    loss: Literal["grpo", "dapo", "gspo"] = "grpo"
+    lr: PosFloat = 1e-6
+    weight_decay: NonNegFloat = 0.0
+    betas: tuple[Annotated[float, Meta(ge=0.0, lt=1.0)], Annotated[float, Meta(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    grad_clip: PosFloat = 1.0
+    clip_low: NonNegFloat = 0.2
+    clip_high: NonNegFloat = 0.2
+    adv_eps: PosFloat = 1e-6
+    # Optimizer steps per batch (mini-batches); 1 keeps the update on-policy.
+    minibatches: PosInt = 1
+    micro_batch_tokens: PosInt = 8192
+    # DAPO's dynamic sampling: groups whose rewards are all equal carry no
+    # signal and are left out of the update.
+    drop_zero_variance_groups: bool = False
+    # DAPO's overlong filtering: a response cut off by the length budget has
+    # no verdict on its reasoning, so it is left out of the loss (it still
+    # counts, with its reward, in its group's advantage baseline).
+    mask_truncated: bool = False
+    device: str = "cpu"
+
+
+class WeightsSyncConfig(_Section):
+    backend: Literal["file"] = "file"
+    every_steps: PosInt = 1
+
+
+class RunConfig(_Section):
+    out_dir: str = "runs/tiny"
+    max_steps: PosInt = 100
+    seed: int = 0
+    progress: bool = True
+
+
+class Config(_Section):
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    data: DataConfig = msgspec.field(default_factory=DataConfig)
+    generator: GeneratorConfig = msgspec.field(default_factory=GeneratorConfig)
+    pruner: PrunerConfig = msgspec.field(default_factory=PrunerConfig)
+    buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
+    learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
+    weights_sync: WeightsSyncConfig = msgspec.field(default_factory=WeightsSyncConfig)
+    run: RunConfig = msgspec.field(default_factory=RunConfig)
+
+
+# --- cross-field checks that a single annotation cannot express -------------
+
+def _check(cfg: Config) -> None:
+    p = cfg.pruner
+    if p.p_min > p.p_max:
+        raise ConfigError(f"pruner.p_min ({p.p_min}) must not exceed pruner.p_max ({p.p_max})")
+    if cfg.data.max_prompt_tokens + 1 > cfg.model.max_model_len:
+        raise ConfigError(
+            f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) leaves no room for a "
+            f"response within model.max_model_len ({cfg.model.max_model_len})")
+    if cfg.generator.chunk_tokens > cfg.generator.max_tokens:
+        raise ConfigError(
+            f"generator.chunk_tokens ({cfg.generator.chunk_tokens}) exceeds "
+            f"generator.max_tokens ({cfg.generator.max_tokens})")
+    if cfg.generator.request_addr == cfg.generator.stream_addr:
+        raise ConfigError("generator.request_addr and generator.stream_addr must differ")
+
+
+# --- error messages ---------------------------------------------------------
+
+def _field_type(path: list[str]) -> Any:
+    """The annotation of the field at a dotted path, or None if unknown."""
+    tp: Any = Config
+    for name in path:
+        hints = typing.get_type_hints(tp, include_extras=True) if isinstance(tp, type) else {}
+        if name not in hints:
+            return None
+        tp = hints[name]
+    return tp
+
+
+def _allowed(tp: Any) -> str | None:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) is Literal:
+        return ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is bool:
+        return "true, false"
+    return None
+
+
+def _explain(err: msgspec.ValidationError) -> ConfigError:
+    msg = str(err)
+    # msgspec reports the location as "- at `$.section.key`".
+    path: list[str] = []
+    if "- at `$." in msg:
+        loc = msg.rsplit("- at `$.", 1)[1].rstrip("`")
+        path = [p for p in loc.split(".") if p and not p.startswith("[")]
+    dotted = ".".join(path) or "<root>"
+    if msg.startswith("Object contains unknown field"):
+        unknown = msg.split("`")[1]
+        section = _field_type(path) if path else Config
+        known = sorted(getattr(section, "__struct_fields__", ()))
+        where = f"{dotted}.{unknown}" if path else unknown
+        return ConfigError(f"unknown config field '{where}'; known fields here: {', '.join(known)}")
+    detail = msg.split(" - at ")[0]
+    allowed = _allowed(_field_type(path)) if path else None
+    extra = f"; allowed values: {allowed}" if allowed else ""
+    return ConfigError(f"invalid config field '{dotted}': {detail}{extra}")
+
+
+# --- loading ----------------------------------------------------------------
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key '{key}' must be section.key, e.g. learner.lr")
+    # YAML gives overrides the same scalar typing as the file (1e-6, true, null).
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError("a config must be a mapping of sections")
+    # A section left empty in YAML (`learner:` with every key commented out)
+    # reads as null: it means "all defaults".
+    raw = {k: (dict(v) if isinstance(v, dict) else {} if v is None else v) for k, v in raw.items()}
+    for item in overrides:
+        (section, key), value = _parse_override(item)
+        if section not in Config.__struct_fields__:
+            raise ConfigError(
+                f"unknown config section '{section}'; known sections: {', '.join(Config.__struct_fields__)}")
+        current = raw.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping")
+        current[key] = value
+    try:
+        cfg = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as err:
+        raise _explain(err) from None
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+    return config_from_dict(raw, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return msgspec.to_builtins(cfg)

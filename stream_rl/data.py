@@ -1,0 +1,142 @@
+"""Prompt datasets: local JSONL/parquet files or a `datasets` name.
+
+Every row must carry the configured prompt and answer fields as non-empty
+strings (numbers are accepted as answers); a bad row is an error naming the
+row and the field. Prompts longer than `data.max_prompt_tokens` cannot be
+trained on; they are set aside, counted and reported, never silently kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from stream_rl.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    index: int
+    prompt: str
+    answer: str
+    prompt_ids: tuple[int, ...]
+
+
+def _read_rows(cfg: DataConfig) -> tuple[list[dict], str]:
+    path = Path(cfg.path)
+    fmt = cfg.format
+    if fmt == "auto":
+        if path.suffix in (".jsonl", ".json"):
+            fmt = "jsonl"
+        elif path.suffix == ".parquet":
+            fmt = "parquet"
+        elif path.is_file():
+            raise DataError(f"data.path {path}: cannot tell the format from the suffix; set data.format")
+        else:
+            fmt = "datasets"
+    if fmt == "jsonl":
+        if not path.is_file():
+            raise DataError(f"data.path {path} does not exist")
+        rows = []
+        with path.open() as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({err})") from None
+        return rows, str(path)
+    import datasets  # parquet and hub/local datasets both go through `datasets`
+
+    if fmt == "parquet":
+        if not path.is_file():
+            raise DataError(f"data.path {path} does not exist")
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        try:
+            ds = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
+        except Exception as err:
+            raise DataError(f"data.path {cfg.path!r}: could not load it with datasets ({err})") from None
+    return [dict(r) for r in ds], cfg.path
+
+
+def _field(row: dict, name: str, where: str, config_key: str) -> str:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+    if name not in row:
+        raise DataError(f"{where}: missing field '{name}' (set by {config_key})")
+    value = row[name]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and config_key == "data.answer_field":
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field '{name}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def render_prompt(cfg: DataConfig, tokenizer, prompt: str) -> list[int]:
+    if cfg.apply_chat_template:
+        messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
+        messages.append({"role": "user", "content": prompt})
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return list(tokenizer(prompt, add_special_tokens=True).input_ids)
+
+
+@dataclass
+class PromptDataset:
+    rows: list[PromptRow]
+    source: str
+    overlong: list[int]  # indices of rows set aside as too long
+
+    @classmethod
+    def load(cls, cfg: DataConfig, tokenizer) -> "PromptDataset":
+        raw, source = _read_rows(cfg)
+        rows, overlong = [], []
+        for i, row in enumerate(raw):
+            where = f"{source} row {i}"
+            prompt = _field(row, cfg.prompt_field, where, "data.prompt_field")
+            answer = _field(row, cfg.answer_field, where, "data.answer_field")
+            ids = render_prompt(cfg, tokenizer, prompt)
+            if len(ids) > cfg.max_prompt_tokens:
+                overlong.append(i)
+                continue
+            rows.append(PromptRow(i, prompt, answer, tuple(ids)))
+        if overlong:
+            log.warning("%s: %d of %d prompts exceed data.max_prompt_tokens=%d and are set aside (rows %s%s)",
+                        source, len(overlong), len(raw), cfg.max_prompt_tokens, overlong[:5],
+                        "..." if len(overlong) > 5 else "")
+        if not rows:
+            raise DataError(f"{source}: no usable prompts ({len(raw)} rows, {len(overlong)} too long)")
+        return cls(rows, source, overlong)
+
+
+class PromptSampler:
+    """Endless epochs over the dataset, reshuffled each epoch (seeded)."""
+
+    def __init__(self, dataset: PromptDataset, shuffle: bool, seed: int):
+        self.rows = dataset.rows
+        self.shuffle = shuffle
+        self.rng = random.Random(seed)
+        self.epoch = 0
+        self._order: list[int] = []
+        self._pos = 0
+
+    def next(self) -> PromptRow:
+        if self._pos >= len(self._order):
+            self._order = list(range(len(self.rows)))
+            if self.shuffle:
+                self.rng.shuffle(self._order)
+            self._pos = 0
+            self.epoch += 1
+        row = self.rows[self._order[self._pos]]
+        self._pos += 1
+        return row

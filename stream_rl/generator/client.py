@@ -1,0 +1,123 @@
+"""Controller-side handle on a generator: its process and its two channels."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from stream_rl.config import Config
+from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, GeneratorReady, RequestRejected,
+                                RolloutRequest, Shutdown, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
+from stream_rl.transport import ZmqChannel
+
+
+class GeneratorError(RuntimeError):
+    pass
+
+
+class GeneratorClient:
+    """Send requests to a generator and receive its stream (blocking)."""
+
+    def __init__(self, cfg: Config):
+        g = cfg.generator
+        self.requests = ZmqChannel(g.request_addr, send=True, bind=False, hwm=g.hwm)
+        self.stream = ZmqChannel(g.stream_addr, send=False, bind=False, hwm=g.hwm, decoder=Decoder(FromGenerator))
+        self.version = 0
+        # Messages that arrived while waiting for a specific reply; handed
+        # out by recv() in arrival order so nothing is lost.
+        self._backlog: list = []
+
+    def submit(self, req: RolloutRequest) -> None:
+        self.requests.send(req)
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self.requests.send(AbortRequests(request_ids=list(request_ids)))
+
+    def recv(self, timeout_ms: int | None = None):
+        if self._backlog:
+            return self._backlog.pop(0)
+        return self.stream.recv(timeout_ms)
+
+    def _wait_for(self, kinds: tuple, timeout_s: float, what: str):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GeneratorError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            msg = self.stream.recv(int(min(left, 1.0) * 1000))
+            if msg is None:
+                self._check_alive()
+                continue
+            if isinstance(msg, kinds):
+                return msg
+            self._backlog.append(msg)
+
+    def _check_alive(self) -> None:  # overridden by GeneratorProcess
+        pass
+
+    def wait_ready(self, timeout_s: float) -> GeneratorReady:
+        msg = self._wait_for((GeneratorReady,), timeout_s, "the generator to start")
+        self.version = msg.version
+        return msg
+
+    def update_weights(self, version: int, uri: str, timeout_s: float = 600.0) -> WeightsUpdated:
+        self.requests.send(UpdateWeights(version=version, uri=uri))
+        msg = self._wait_for((WeightsUpdated, WeightsUpdateFailed), timeout_s, f"weights version {version}")
+        if isinstance(msg, WeightsUpdateFailed):
+            raise GeneratorError(f"generator failed to load weights version {version}: {msg.error}")
+        self.version = msg.version
+        return msg
+
+    def close(self) -> None:
+        self.requests.close()
+        self.stream.close()
+
+
+class GeneratorProcess(GeneratorClient):
+    """Starts `stream-rl generator` as a child process and connects to it."""
+
+    def __init__(self, cfg: Config, workdir: Path, log_path: Path | None = None):
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg_path = workdir / "generator_config.json"
+        cfg_path.write_bytes(msgspec.json.encode(cfg))
+        self._log = open(log_path or workdir / "generator.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_rl", "generator", "--config", str(cfg_path)],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        super().__init__(cfg)
+        try:
+            self.wait_ready(cfg.generator.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise GeneratorError(f"generator process exited with code {self.proc.returncode}; "
+                                 f"see {self._log.name}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.requests.send(Shutdown())
+                self.proc.wait(timeout_s)
+            except Exception:
+                pass
+        if self.proc.poll() is None:
+            # The engine's own children share the session: end them all.
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.close()
+        self._log.close()
+
+
+__all__ = ["GeneratorClient", "GeneratorProcess", "GeneratorError", "RequestRejected"]

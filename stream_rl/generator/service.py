@@ -1,0 +1,158 @@
+"""The generator service: a vLLM `AsyncLLM` behind two ZMQ channels.
+
+It receives `RolloutRequest`/`AbortRequests`/`UpdateWeights`/`Shutdown` and
+streams `TokenChunk`s (token ids, sampled-token log-probs, policy version per
+token) and finish notices back. Bad requests are answered with
+`RequestRejected` and never disturb other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from stream_rl.config import Config
+from stream_rl.generator.engine import build_engine, sampled_logprobs
+from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, RequestRejected, RolloutFinished,
+                                RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
+                                WeightsUpdated, WeightsUpdateFailed)
+from stream_rl.transport import AsyncZmqChannel
+
+log = logging.getLogger(__name__)
+_FINISH_REASONS = ("stop", "length", "abort")
+
+
+class GeneratorService:
+    def __init__(self, cfg: Config, generator_id: str = "gen0"):
+        self.cfg = cfg
+        self.generator_id = generator_id
+        self.version = 0
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.engine = None
+
+    # --- request validation: reject early, with the reason -----------------
+
+    def _validate(self, req: RolloutRequest) -> str | None:
+        limit = self.cfg.model.max_model_len
+        n_in = len(req.prompt_ids) + len(req.response_ids)
+        if not req.prompt_ids:
+            return "empty prompt: prompt_ids has no tokens"
+        if req.request_id in self.tasks:
+            return f"request_id {req.request_id!r} is already running"
+        if n_in >= limit:
+            return (f"prompt_ids + response_ids is {n_in} tokens, which leaves no room to generate "
+                    f"within model.max_model_len={limit}")
+        vocab = self._vocab_size
+        if any(t < 0 or t >= vocab for t in req.prompt_ids) or any(t < 0 or t >= vocab for t in req.response_ids):
+            return f"token id outside the model's vocabulary [0, {vocab})"
+        return None
+
+    async def _generate(self, req: RolloutRequest) -> None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        g = self.cfg.generator
+        n_in = len(req.prompt_ids) + len(req.response_ids)
+        params = SamplingParams(
+            n=1, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+            max_tokens=min(req.max_tokens, self.cfg.model.max_model_len - n_in),
+            logprobs=0 if g.return_logprobs else None,
+            output_kind=RequestOutputKind.DELTA, detokenize=False,
+        )
+        offset = len(req.response_ids)
+        ids: list[int] = []
+        lps: list[float] = []
+        vers: list[int] = []
+        streamed = 0
+        reason = "abort"
+        try:
+            prompt = TokensPrompt(prompt_token_ids=req.prompt_ids + req.response_ids)
+            async for out in self.engine.generate(prompt, params, req.request_id):
+                c = out.outputs[0]
+                new = list(c.token_ids)
+                if new:
+                    ids += new
+                    lps += sampled_logprobs(new, c.logprobs)
+                    vers += [self.version] * len(new)
+                if ids and (len(ids) >= g.chunk_tokens or out.finished):
+                    await self.outbox.send(TokenChunk(request_id=req.request_id, offset=offset + streamed,
+                                                      token_ids=ids, logprobs=lps, versions=vers))
+                    streamed += len(ids)
+                    ids, lps, vers = [], [], []
+                if out.finished:
+                    reason = c.finish_reason if c.finish_reason in _FINISH_REASONS else "abort"
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # the engine refused or failed this request only
+            log.exception("request %s failed", req.request_id)
+            await self.outbox.send(RequestRejected(request_id=req.request_id, error=f"{type(err).__name__}: {err}"))
+            return
+        finally:
+            self.tasks.pop(req.request_id, None)
+        await self.outbox.send(RolloutFinished(request_id=req.request_id, finish_reason=reason, num_tokens=streamed))
+
+    # --- weights ---------------------------------------------------------------
+
+    async def _update_weights(self, msg: UpdateWeights) -> None:
+        t0 = time.perf_counter()
+        # "keep" freezes running requests in place; they continue on the new
+        # weights after resume, and their later tokens carry the new version.
+        await self.engine.pause_generation(mode="keep", clear_cache=False)
+        try:
+            await self.engine.collective_rpc("stream_rl_load_weights_from_file", args=(msg.uri,))
+            self.version = msg.version
+            # Cached prefixes were computed by the old weights.
+            await self.engine.reset_prefix_cache()
+        except Exception as err:
+            log.exception("weight update to version %d failed", msg.version)
+            await self.outbox.send(WeightsUpdateFailed(version=msg.version, error=f"{type(err).__name__}: {err}"))
+            return
+        finally:
+            await self.engine.resume_generation()
+        await self.outbox.send(WeightsUpdated(version=self.version, load_s=time.perf_counter() - t0))
+
+    # --- main loop -------------------------------------------------------------
+
+    async def run(self) -> None:
+        g = self.cfg.generator
+        self.engine = build_engine(self.cfg)
+        self._vocab_size = self.engine.model_config.get_vocab_size()
+        self.inbox = AsyncZmqChannel(g.request_addr, send=False, bind=True, hwm=g.hwm, decoder=Decoder(ToGenerator))
+        self.outbox = AsyncZmqChannel(g.stream_addr, send=True, bind=True, hwm=g.hwm)
+        await self.outbox.send(GeneratorReady(generator_id=self.generator_id, version=self.version,
+                                              max_model_len=self.cfg.model.max_model_len))
+        try:
+            while True:
+                msg = await self.inbox.recv()
+                if isinstance(msg, RolloutRequest):
+                    error = self._validate(msg)
+                    if error:
+                        await self.outbox.send(RequestRejected(request_id=msg.request_id, error=error))
+                    else:
+                        self.tasks[msg.request_id] = asyncio.create_task(self._generate(msg))
+                elif isinstance(msg, AbortRequests):
+                    live = [r for r in msg.request_ids if r in self.tasks]
+                    if live:
+                        await self.engine.abort(live)
+                elif isinstance(msg, UpdateWeights):
+                    await self._update_weights(msg)
+                elif isinstance(msg, Shutdown):
+                    break
+        finally:
+            for t in list(self.tasks.values()):
+                t.cancel()
+            self.engine.shutdown()
+            # Dropped here, not at interpreter exit, where vLLM's __del__
+            # finds its module globals already gone and prints a traceback.
+            self.engine = None
+            self.inbox.close()
+            self.outbox.close()
+
+
+def serve(cfg: Config, generator_id: str = "gen0") -> None:
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s generator %(levelname)s %(message)s")
+    uvloop.run(GeneratorService(cfg, generator_id).run())

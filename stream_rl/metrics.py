@@ -1,0 +1,58 @@
+"""Per-step metrics: JSONL on disk, TensorBoard scalars, progress on screen."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+_SHOWN = (("reward_mean", "reward {:.3f}"), ("policy_version", "v{}"), ("step_s", "{:.1f}s/step"),
+          ("tokens_generated", "{} tok"))
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, total_steps: int, show_progress: bool = True):
+        self.path = out_dir / "metrics.jsonl"
+        self._f = self.path.open("a")
+        self.total = total_steps
+        self.t0 = time.time()
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except Exception:  # tensorboard is optional; the JSONL is the record
+            self._tb = None
+        self._progress = None
+        if show_progress and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                      TextColumn("{task.description}"), TimeElapsedColumn())
+            self._task = self._progress.add_task("starting", total=total_steps)
+            self._progress.start()
+
+    def log(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, record["step"])
+        line = "  ".join(fmt.format(record[k]) for k, fmt in _SHOWN if k in record)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=record["step"], description=line)
+        else:
+            print(f"step {record['step']}/{self.total}  {line}", flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._tb is not None:
+            self._tb.close()
+        self._f.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,138 @@
+"""Everything that crosses a socket, as msgspec Structs (msgpack on the wire).
+
+Two directions:
+- controller -> generator: `RolloutRequest`, `AbortRequests`, `UpdateWeights`,
+  `Shutdown`;
+- generator -> controller: `GeneratorReady`, `TokenChunk`, `RolloutFinished`,
+  `RequestRejected`, `WeightsUpdated`, `WeightsUpdateFailed`.
+
+Every generated token travels with its rollout log-prob and the policy
+version that sampled it, so the learner can apply any off-policy correction.
+Decoding is strict: a malformed or foreign message raises `ProtocolError`
+with the reason, which services log and skip.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+
+class _Msg(msgspec.Struct, tag=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+# --- controller -> generator ------------------------------------------------
+
+class RolloutRequest(_Msg):
+    request_id: str
+    group_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    # Tokens already generated for this rollout (a recycled partial): the
+    # engine is fed prompt_ids + response_ids and continues token-in.
+    response_ids: list[int] = []
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class AbortRequests(_Msg):
+    request_ids: list[str]
+
+
+class UpdateWeights(_Msg):
+    version: int
+    # Backend-specific location of the staged weights (file path, shm name).
+    uri: str
+
+
+class Shutdown(_Msg):
+    pass
+
+
+# --- generator -> controller ------------------------------------------------
+
+class GeneratorReady(_Msg):
+    generator_id: str
+    version: int
+    max_model_len: int
+
+
+class TokenChunk(_Msg):
+    request_id: str
+    # Index of token_ids[0] in the response (continuations start past the
+    # partial), so the receiver can check nothing was lost or duplicated.
+    offset: int
+    token_ids: list[int]
+    logprobs: list[float]  # log-prob of each sampled token (empty if not requested)
+    versions: list[int]  # policy version that sampled each token
+
+
+class RolloutFinished(_Msg):
+    request_id: str
+    finish_reason: Literal["stop", "length", "abort"]
+    num_tokens: int  # response tokens streamed by this request
+
+
+class RequestRejected(_Msg):
+    request_id: str
+    error: str
+
+
+class WeightsUpdated(_Msg):
+    version: int
+    load_s: float
+
+
+class WeightsUpdateFailed(_Msg):
+    version: int
+    error: str
+
+
+ToGenerator = Union[RolloutRequest, AbortRequests, UpdateWeights, Shutdown]
+FromGenerator = Union[GeneratorReady, TokenChunk, RolloutFinished, RequestRejected, WeightsUpdated,
+                      WeightsUpdateFailed]
+Message = Union[ToGenerator, FromGenerator]
+
+
+class ProtocolError(ValueError):
+    """A message could not be decoded or is not valid for this channel."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: _Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+class Decoder:
+    """Strict decoder for one direction of a channel."""
+
+    def __init__(self, kind=Message):
+        self._dec = msgspec.msgpack.Decoder(kind)
+
+    def decode(self, data: bytes) -> Message:
+        try:
+            msg = self._dec.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            raise ProtocolError(f"rejected message ({len(data)} bytes): {err}") from None
+        _check(msg)
+        return msg
+
+
+def _check(msg) -> None:
+    """Invariants msgspec's types cannot state."""
+    if isinstance(msg, TokenChunk):
+        n = len(msg.token_ids)
+        if len(msg.versions) != n or (msg.logprobs and len(msg.logprobs) != n):
+            raise ProtocolError(
+                f"rejected TokenChunk for {msg.request_id}: {n} token_ids but {len(msg.logprobs)} "
+                f"logprobs and {len(msg.versions)} versions")
+        if msg.offset < 0:
+            raise ProtocolError(f"rejected TokenChunk for {msg.request_id}: negative offset")
+    elif isinstance(msg, RolloutRequest):
+        if msg.max_tokens < 1:
+            raise ProtocolError(f"rejected RolloutRequest {msg.request_id}: max_tokens must be >= 1")

@@ -1,0 +1,107 @@
+"""`stream-rl prepare-tiny`: build the tiny world once and cache it.
+
+Writes, under OUT (default `.cache/tiny`):
+  model/            Hugging Face checkpoint (config, safetensors, tokenizer)
+  data/train.jsonl  training prompts  {"prompt", "answer", "level"}
+  data/eval.jsonl   held-out prompts, disjoint from training
+  stats.json        measured warm-start pass rate, length distribution, ...
+A second call with the same recipe returns the cached stats at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stream_rl.tiny import task
+from stream_rl.tiny.model import build_model, build_tokenizer, save_checkpoint
+from stream_rl.tiny.warmstart import (bake_temperature, calibrate_temperature, encode, percentile,
+                                     sample_responses, warm_start)
+from stream_rl.verifier import MathVerifier
+
+RECIPE = {
+    "version": 4,
+    "train_prompts": 20000,
+    "eval_prompts": 512,
+    "probe_prompts": 128,
+    "samples_per_prompt": 8,
+    "sft_steps": 1500,
+    "target_exact": 0.25,
+    "seed": 0,
+}
+
+
+def _write_jsonl(path: Path, problems: list[task.Problem]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for p in problems:
+            f.write(json.dumps({"prompt": p.prompt, "answer": p.answer, "level": p.level}) + "\n")
+
+
+def prepare_tiny(out: str | Path = ".cache/tiny", force: bool = False, log=print) -> dict:
+    out = Path(out)
+    stats_path = out / "stats.json"
+    if not force and stats_path.is_file():
+        stats = json.loads(stats_path.read_text())
+        if stats.get("recipe") == RECIPE:
+            log(f"tiny world already prepared in {out} (pass rate {stats['pass_rate']:.3f})")
+            return stats
+    t0 = time.time()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    seed = RECIPE["seed"]
+    train = task.make_dataset(RECIPE["train_prompts"], seed=seed + 1)
+    seen = {p.prompt for p in train}
+    # Held-out prompts: fresh draws whose prompt never occurs in training.
+    held = [p for p in task.make_dataset(RECIPE["eval_prompts"] * 20, seed=seed + 2) if p.prompt not in seen]
+    held = held[: RECIPE["eval_prompts"]]
+    _write_jsonl(out / "data" / "train.jsonl", train)
+    _write_jsonl(out / "data" / "eval.jsonl", held)
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=seed)
+    probe = train[: RECIPE["probe_prompts"]]
+    probe_enc = encode(probe, tokenizer)
+    ws = warm_start(model, encode(train, tokenizer), probe_enc, tokenizer.eos_token_id,
+                    steps=RECIPE["sft_steps"], seed=seed, log=log)
+    tau = calibrate_temperature(model, probe_enc, tokenizer.eos_token_id, RECIPE["target_exact"])
+    bake_temperature(model, tau)
+    log(f"warm start: greedy-exact {ws.greedy_exact:.3f}; logit temperature {tau:.3f} baked in")
+    save_checkpoint(model, tokenizer, out / "model")
+
+    # Measure what RL will start from: sampling at temperature 1.
+    k = RECIPE["samples_per_prompt"]
+    # Room for twice the reference length: enough to see wrong, longer
+    # responses, while short problems do not wait for long ones.
+    caps = [2 * len(tokenizer(p.solution).input_ids) + 16 for p in probe]
+    samples = sample_responses(model, tokenizer, [tokenizer(p.prompt).input_ids for p in probe], n=k,
+                               max_new_tokens=caps, seed=seed)
+    verifier = MathVerifier(task.ANSWER_REGEX)
+    rewards = np.array([[verifier.score(tokenizer.decode(s, skip_special_tokens=True), p.answer) for s in ss]
+                        for ss, p in zip(samples, probe)])
+    correct_lens = [len(s) for ss, rs in zip(samples, rewards) for s, r in zip(ss, rs) if r == 1.0]
+    per_prompt = rewards.mean(1)
+    levels = np.array([p.level for p in probe])
+    stats = {
+        "recipe": RECIPE,
+        "params": sum(p.numel() for p in model.parameters()),
+        "warm_start_steps": ws.steps,
+        "warm_start_greedy_exact": ws.greedy_exact,
+        "baked_temperature": tau,
+        "pass_rate": float(rewards.mean()),
+        "pass_rate_by_level": {str(lv): float(rewards[levels == lv].mean()) for lv in sorted(set(levels))},
+        "disagreeing_prompt_fraction": float(((per_prompt > 0) & (per_prompt < 1)).mean()),
+        "correct_len_p50": percentile(correct_lens, 0.5),
+        "correct_len_p99": percentile(correct_lens, 0.99),
+        "seconds": time.time() - t0,
+    }
+    stats["correct_len_p99_over_p50"] = stats["correct_len_p99"] / stats["correct_len_p50"]
+    stats_path.write_text(json.dumps(stats, indent=2))
+    log(f"tiny world ready in {out}: pass rate {stats['pass_rate']:.3f}, "
+        f"{stats['disagreeing_prompt_fraction']:.2f} of prompts with disagreeing samples, "
+        f"correct length p50 {stats['correct_len_p50']:.0f} p99 {stats['correct_len_p99']:.0f} "
+        f"({stats['seconds']:.0f} s)")
+    return stats

@@ -1,0 +1,54 @@
+"""The tiny world's verifiable task: count down from a number in fixed steps.
+
+Prompt:   "73c="            (start 73, step c = 3; letters a..i are steps 1..9)
+Response: "70 67 64 ... 04 01 #### 1"
+
+Each response number is the previous one minus the step (two digits with a
+borrow), a local rule a few-layer model learns in minutes on a CPU; the
+response stops at the first number below the step and states it as the
+answer. One slip anywhere changes the final answer, so the reward is sparse
+and verifiable, and the quality of a partial rollout is visible in its prefix
+(what ARRoL's quality head needs). The response length is start // step
+numbers: small steps make long responses, which gives the long-tailed length
+distribution APRIL is about. Difficulty levels bucket that length.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+STEP_LETTERS = "abcdefghi"  # step 1..9
+START_RANGE = (10, 99)
+# Levels by number of response numbers (start // step).
+LEVELS: tuple[tuple[int, int], ...] = ((1, 3), (4, 7), (8, 15), (16, 31), (32, 99))
+ANSWER_MARK = "####"
+# Extracts the answer the verifier compares (first group); the tiny config's
+# `data.answer_regex`.
+ANSWER_REGEX = r"####\s*(-?\d+)\s*$"
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+    solution: str  # the reference response, used only by the warm start
+    level: int
+
+
+def level_of(num_steps: int) -> int:
+    return next(i for i, (lo, hi) in enumerate(LEVELS) if lo <= num_steps <= hi)
+
+
+def make_problem(rng: random.Random) -> Problem:
+    start = rng.randint(*START_RANGE)
+    step = rng.randint(1, 9)
+    values = list(range(start - step, -1, -step))
+    solution = " ".join(f"{v:02d}" for v in values) + f" {ANSWER_MARK} {start % step}"
+    return Problem(prompt=f"{start:02d}{STEP_LETTERS[step - 1]}=", answer=str(start % step),
+                   solution=solution, level=level_of(len(values)))
+
+
+def make_dataset(n: int, seed: int) -> list[Problem]:
+    rng = random.Random(seed)
+    return [make_problem(rng) for _ in range(n)]

@@ -1,0 +1,139 @@
+"""`stream-rl train`: rollouts -> learner -> weight sync, step after step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import msgspec
+import torch
+
+from stream_rl.config import Config
+from stream_rl.controller import RolloutController
+from stream_rl.data import PromptDataset, PromptSampler
+from stream_rl.generator.client import GeneratorClient, GeneratorProcess
+from stream_rl.learner.trainer import Learner, samples_from_groups
+from stream_rl.metrics import MetricsLogger
+from stream_rl.pruner.base import make_pruner
+from stream_rl.verifier import MathVerifier
+from stream_rl.weights_sync import make_weight_sender
+
+log = logging.getLogger(__name__)
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def summarize(records: list[dict]) -> dict:
+    """Reward of the first and last 20% of steps, and run totals."""
+    n = len(records)
+    k = max(1, n // 5)
+    first = _mean(r["reward_mean"] for r in records[:k])
+    last = _mean(r["reward_mean"] for r in records[-k:])
+    return {
+        "steps": n,
+        "policy_version": records[-1]["policy_version"] if records else 0,
+        "reward_first_20pct": first,
+        "reward_last_20pct": last,
+        "reward_rise": last - first,
+        "tokens_generated": sum(r["tokens_generated"] for r in records),
+        "tokens_trained": sum(r["tokens_trained"] for r in records),
+        "wall_s": records[-1]["wall_s"] if records else 0.0,
+    }
+
+
+def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None = None,
+          generator: GeneratorClient | None = None) -> dict:
+    """Run the job; `generator` reuses a running generator (tests share one
+    engine) instead of starting one. Its weights must be cfg.model.path's."""
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir or cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    steps = max_steps or cfg.run.max_steps
+    torch.manual_seed(cfg.run.seed)
+    t_start = time.time()
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    dataset = PromptDataset.load(cfg.data, tokenizer)
+    log.info("loaded %d prompts from %s (%d set aside as too long)", len(dataset.rows), dataset.source,
+             len(dataset.overlong))
+    verifier = MathVerifier(cfg.data.answer_regex)
+    learner = Learner(cfg)
+    sender = make_weight_sender(cfg, out)
+    def sync_weights() -> None:
+        version = generator.version + 1  # versions are monotonic
+        uri = sender.stage(learner.weights_for_sync(), version)
+        generator.update_weights(version, uri)
+        sender.release(version)
+
+    owned = generator is None
+    if owned:
+        generator = GeneratorProcess(cfg, out)
+    else:  # a running generator may serve other weights: start from ours
+        sync_weights()
+    log.info("generator ready after %.1f s", time.time() - t_start)
+    controller = RolloutController(cfg, generator, PromptSampler(dataset, cfg.data.shuffle, cfg.run.seed),
+                                   tokenizer, verifier, make_pruner(cfg))
+    metrics = MetricsLogger(out, steps, cfg.run.progress)
+    records: list[dict] = []
+    t0 = time.time()
+    try:
+        for step in range(1, steps + 1):
+            ts = time.perf_counter()
+            groups, gstats = controller.collect(cfg.generator.target_groups)
+            rewards = [r for g in groups for r in g.rewards]
+            samples, dropped = samples_from_groups(groups, cfg.learner.adv_eps,
+                                                   cfg.learner.drop_zero_variance_groups,
+                                                   cfg.learner.mask_truncated)
+            # Versions the learner's batch lags the policy it updates.
+            versions = [v for g in groups for r in g.rollouts for v in r.versions]
+            lag_max = generator.version - min(versions) if versions else 0
+            tt = time.perf_counter()
+            lstats = learner.step(samples)
+            train_s = time.perf_counter() - tt
+            sync_s = 0.0
+            if step % cfg.weights_sync.every_steps == 0 or step == steps:
+                tw = time.perf_counter()
+                sync_weights()
+                sync_s = time.perf_counter() - tw
+            rec = {
+                "step": step,
+                "policy_version": generator.version,
+                "reward_mean": _mean(rewards),
+                "groups": len(groups),
+                "zero_variance_groups": sum(len(set(g.rewards)) == 1 for g in groups),
+                "groups_dropped": dropped,
+                "tokens_generated": gstats.tokens_generated,
+                "tokens_trained": sum(len(s.response_ids) for s in samples),
+                "response_len_mean": _mean(gstats.response_lens),
+                "truncated_frac": gstats.truncated / max(1, gstats.rollouts_finished),
+                "rejected_requests": gstats.rejected,
+                "version_lag_max": lag_max,
+                "gen_s": gstats.seconds,
+                "train_s": train_s,
+                "sync_s": sync_s,
+                "step_s": time.perf_counter() - ts,
+                "wall_s": time.time() - t0,
+                **lstats,
+            }
+            records.append(rec)
+            metrics.log(rec)
+    finally:
+        metrics.close()
+        if owned:
+            generator.stop()
+    summary = summarize(records)
+    summary["startup_s"] = t0 - t_start
+    summary["step_s_median"] = statistics.median(r["step_s"] for r in records) if records else 0.0
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    learner.model.save_pretrained(out / "final_model")
+    tokenizer.save_pretrained(out / "final_model")
+    return summary

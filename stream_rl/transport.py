@@ -1,0 +1,116 @@
+"""Message channels: a small interface and its ZeroMQ implementation.
+
+Channels are one-directional PUSH/PULL pairs. High-water marks bound the
+queues and a full queue blocks the sender (backpressure), it never drops.
+A received message that fails to decode is logged, counted and skipped, so a
+foreign or corrupt sender cannot crash a service.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+
+import zmq
+import zmq.asyncio
+
+from stream_rl.protocol import Decoder, Message, ProtocolError, encode
+
+log = logging.getLogger(__name__)
+
+
+class Channel(ABC):
+    """Send or receive protocol messages; `recv` returns None on timeout."""
+
+    rejected: int = 0  # messages dropped because they failed to decode
+
+    @abstractmethod
+    def send(self, msg) -> None: ...
+
+    @abstractmethod
+    def recv(self, timeout_ms: int | None = None) -> Message | None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def _socket(ctx: zmq.Context, kind: int, addr: str, bind: bool, hwm: int) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.LINGER, 0)
+    (sock.bind if bind else sock.connect)(addr)
+    return sock
+
+
+class _Decoding:
+    def __init__(self, decoder: Decoder | None):
+        self._decoder = decoder or Decoder()
+        self.rejected = 0
+
+    def _decode(self, frames: list[bytes]) -> Message | None:
+        if len(frames) != 1:
+            self.rejected += 1
+            log.error("rejected multipart message with %d frames", len(frames))
+            return None
+        try:
+            return self._decoder.decode(frames[0])
+        except ProtocolError as err:
+            self.rejected += 1
+            log.error("%s", err)
+            return None
+
+
+class ZmqChannel(_Decoding, Channel):
+    """Blocking ZMQ channel for threads and plain loops."""
+
+    def __init__(self, addr: str, *, send: bool, bind: bool, hwm: int = 10000,
+                 decoder: Decoder | None = None, ctx: zmq.Context | None = None):
+        super().__init__(decoder)
+        self._sock = _socket(ctx or zmq.Context.instance(), zmq.PUSH if send else zmq.PULL, addr, bind, hwm)
+
+    def send(self, msg) -> None:
+        self._sock.send(encode(msg), copy=False)
+
+    def recv(self, timeout_ms: int | None = None) -> Message | None:
+        # A rejected message is skipped; the wait goes on for a valid one
+        # within the same deadline.
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        while True:
+            if deadline is not None:
+                left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                if not self._sock.poll(left_ms):
+                    return None
+            msg = self._decode(self._sock.recv_multipart(copy=True))
+            if msg is not None:
+                return msg
+
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are (tests of malformed input use this)."""
+        self._sock.send(data)
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+
+class AsyncZmqChannel(_Decoding):
+    """asyncio twin of ZmqChannel for the generator's event loop."""
+
+    def __init__(self, addr: str, *, send: bool, bind: bool, hwm: int = 10000,
+                 decoder: Decoder | None = None, ctx: zmq.asyncio.Context | None = None):
+        super().__init__(decoder)
+        self._sock = _socket(ctx or zmq.asyncio.Context.instance(), zmq.PUSH if send else zmq.PULL,
+                             addr, bind, hwm)
+
+    async def send(self, msg) -> None:
+        await self._sock.send(encode(msg), copy=False)
+
+    async def recv(self) -> Message:
+        while True:
+            msg = self._decode(await self._sock.recv_multipart(copy=True))
+            if msg is not None:
+                return msg
+
+    def close(self) -> None:
+        self._sock.close(0)

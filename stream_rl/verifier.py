@@ -1,0 +1,53 @@
+"""Verifiable reward: 1.0 if the response's final answer equals the reference.
+
+Built on math-verify, so LaTeX, fractions and equivalent forms compare as a
+mathematician would. An optional regex first cuts the answer out of the
+response (the tiny task's `#### 9`, GSM8K's `#### 42`); without it math-verify
+extracts the answer itself (\\boxed{...} or the last expression).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+
+class MathVerifier:
+    def __init__(self, answer_regex: str | None = None):
+        try:
+            self._answer_re = re.compile(answer_regex) if answer_regex else None
+        except re.error as err:
+            raise ValueError(f"data.answer_regex is not a valid regex: {err}") from None
+        if self._answer_re is not None and self._answer_re.groups < 1:
+            raise ValueError("data.answer_regex must have a capturing group for the answer")
+
+    def extract(self, response: str) -> str | None:
+        """The answer text to compare, or None when the response has none."""
+        if self._answer_re is None:
+            return response
+        m = self._answer_re.search(response)
+        return m.group(1).strip() if m else None
+
+    def score(self, response: str, answer: str) -> float:
+        pred = self.extract(response)
+        if pred is None or not pred.strip():
+            return 0.0
+        # math-verify's timeouts use SIGALRM, which only works in the main
+        # thread; elsewhere they are switched off rather than failing.
+        timeout = 5 if threading.current_thread() is threading.main_thread() else None
+        configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+        gold = parse(_as_math(answer), extraction_config=configs, parsing_timeout=timeout)
+        got = parse(_as_math(pred), extraction_config=configs, parsing_timeout=timeout)
+        if not gold or not got:
+            return 0.0
+        return 1.0 if verify(gold, got, timeout_seconds=timeout) else 0.0
+
+
+def _as_math(text: str) -> str:
+    # A bare answer ("42", "\\frac{1}{2}") is wrapped in $...$ so the LaTeX
+    # extractor sees it; text that already carries delimiters passes unchanged.
+    if "$" in text or "\\boxed" in text or "\\(" in text or "\\[" in text:
+        return text
+    return f"${text}$"

@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny world (built once, cached) and one generator
+process with the real vLLM engine for the whole test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DIR = Path(os.environ.get("STREAM_RL_TINY", ROOT / ".cache" / "tiny"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_world() -> dict:
+    from stream_rl.tiny.prepare import prepare_tiny
+
+    stats = prepare_tiny(TINY_DIR)
+    return {"dir": TINY_DIR, "stats": stats}
+
+
+@pytest.fixture(scope="session")
+def engine_cfg(tiny_world):
+    from stream_rl.config import load_config
+
+    d = tiny_world["dir"]
+    return load_config(ROOT / "configs" / "tiny.yaml", [
+        f"model.path={d / 'model'}",
+        f"data.path={d / 'data' / 'train.jsonl'}",
+        f"generator.request_addr=tcp://127.0.0.1:{free_port()}",
+        f"generator.stream_addr=tcp://127.0.0.1:{free_port()}",
+        "run.progress=false",
+    ])
+
+
+@pytest.fixture(scope="session")
+def generator(engine_cfg, tmp_path_factory):
+    from stream_rl.generator.client import GeneratorProcess
+
+    gen = GeneratorProcess(engine_cfg, tmp_path_factory.mktemp("generator"))
+    yield gen
+    gen.stop()

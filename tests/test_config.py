@@ -1,0 +1,256 @@
+"""Config loading and validation: every error names the field by dotted path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stream_rl.config import (
+    Config,
+    ConfigError,
+    LearnerConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tiny_raw() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+def error_of(raw, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, overrides)
+    return str(info.value)
+
+
+# --- files that ship with the project -----------------------------------------
+
+def test_tiny_yaml_loads_with_its_values():
+    cfg = load_config(TINY)
+    assert isinstance(cfg, Config)
+    assert cfg.model.max_model_len == 512
+    assert cfg.data.answer_regex == r"####\s*(-?\d+)\s*$"
+    assert cfg.data.max_prompt_tokens == 64
+    assert cfg.generator.max_tokens == 320
+    assert cfg.learner.loss == "grpo"
+    assert cfg.learner.lr == pytest.approx(2.0e-4)
+    assert cfg.learner.micro_batch_tokens == 16384
+    # Fields the file leaves out keep their defaults.
+    assert cfg.buffer.max_groups == 4096
+
+
+def test_qwen3_dapo_yaml_loads_if_present():
+    path = ROOT / "configs" / "qwen3-1.7b-dapo-math.yaml"
+    if not path.exists():
+        pytest.skip(f"{path.name} not present")
+    cfg = load_config(path)
+    assert cfg.learner.loss in ("grpo", "dapo", "gspo")
+
+
+def test_to_dict_round_trips():
+    cfg = load_config(TINY)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_empty_mapping_gives_defaults():
+    assert config_from_dict({}) == Config()
+
+
+# --- unknown names -------------------------------------------------------------
+
+def test_unknown_key_in_section_names_dotted_path_and_known_fields():
+    msg = error_of({"learner": {"lrr": 1e-5}})
+    assert "learner.lrr" in msg
+    for known in LearnerConfig.__struct_fields__:
+        assert known in msg
+
+
+def test_unknown_section_is_rejected():
+    msg = error_of({"lerner": {"lr": 1e-5}})
+    assert "lerner" in msg
+    assert "learner" in msg  # the known sections are listed
+
+
+# --- bad values ----------------------------------------------------------------
+
+def test_bad_literal_names_field_and_allowed_values():
+    msg = error_of({"learner": {"loss": "foo"}})
+    assert "learner.loss" in msg
+    for allowed in ("'grpo'", "'dapo'", "'gspo'"):
+        assert allowed in msg
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("learner", "lr", -1e-5),
+    ("learner", "lr", 0.0),
+    ("generator", "group_size", 1),
+    ("generator", "top_p", 0.0),
+    ("generator", "top_p", 1.5),
+    ("generator", "temperature", -0.1),
+    ("pruner", "rho", 1.1),
+    ("buffer", "max_groups", 0),
+])
+def test_out_of_range_value_names_field(section, key, value):
+    msg = error_of({section: {key: value}})
+    assert f"{section}.{key}" in msg
+
+
+def test_wrong_type_names_field():
+    msg = error_of({"generator": {"group_size": "eight"}})
+    assert "generator.group_size" in msg
+
+
+def test_bool_error_lists_true_false():
+    msg = error_of({"run": {"progress": "maybe"}})
+    assert "run.progress" in msg and "true, false" in msg
+
+
+def test_section_that_is_not_a_mapping():
+    msg = error_of({"learner": 5})
+    assert "learner" in msg
+
+
+# --- --set overrides ------------------------------------------------------------
+
+def test_overrides_apply_with_yaml_scalar_typing():
+    cfg = config_from_dict(tiny_raw(), [
+        "learner.lr=1e-5",  # YAML 1.1 reads this as a string; it must still become a float
+        "learner.loss=dapo",
+        "generator.group_size=4",
+        "run.progress=false",
+        "data.answer_regex=null",
+    ])
+    assert cfg.learner.lr == pytest.approx(1e-5)
+    assert isinstance(cfg.learner.lr, float)
+    assert cfg.learner.loss == "dapo"
+    assert cfg.generator.group_size == 4
+    assert cfg.run.progress is False
+    assert cfg.data.answer_regex is None
+    # Values the overrides did not touch come from the file.
+    assert cfg.learner.micro_batch_tokens == 16384
+
+
+def test_override_does_not_mutate_the_input_dict():
+    raw = tiny_raw()
+    config_from_dict(raw, ["learner.lr=1e-5"])
+    assert raw["learner"]["lr"] == pytest.approx(2.0e-4)
+
+
+def test_override_value_keeps_equals_signs():
+    cfg = config_from_dict({}, ["model.path=/tmp/a=b"])
+    assert cfg.model.path == "/tmp/a=b"
+
+
+def test_override_creates_missing_section():
+    cfg = config_from_dict({}, ["buffer.max_groups=7"])
+    assert cfg.buffer.max_groups == 7
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("learner.lr=-1e-5", "learner.lr"),
+    ("learner.loss=foo", "learner.loss"),
+    ("generator.group_size=1", "generator.group_size"),
+    ("generator.top_p=0", "generator.top_p"),
+    ("learner.lrr=1", "learner.lrr"),
+    ("lerner.lr=1", "lerner"),
+])
+def test_bad_override_fails_like_the_file(override, needle):
+    assert needle in error_of(tiny_raw(), [override])
+
+
+def test_bad_literal_override_lists_allowed_values():
+    msg = error_of(tiny_raw(), ["learner.loss=foo"])
+    assert "'grpo', 'dapo', 'gspo'" in msg
+
+
+@pytest.mark.parametrize("override", ["learner.lr", "lr=1", "learner.lr.x=1", ".lr=1", "learner.=1", "=1"])
+def test_malformed_override_strings(override):
+    msg = error_of({}, [override])
+    assert "override" in msg
+
+
+def test_override_into_non_mapping_section():
+    msg = error_of({"learner": 5}, ["learner.lr=0.1"])
+    assert "learner" in msg and "mapping" in msg
+
+
+def test_load_config_applies_overrides(tmp_path):
+    cfg = load_config(TINY, ["learner.lr=3e-4"])
+    assert cfg.learner.lr == pytest.approx(3e-4)
+
+
+# --- cross-field checks ------------------------------------------------------------
+
+def test_p_min_above_p_max():
+    msg = error_of({"pruner": {"p_min": 0.9, "p_max": 0.5}})
+    assert "pruner.p_min" in msg and "pruner.p_max" in msg
+
+
+def test_p_min_equal_p_max_is_fine():
+    cfg = config_from_dict({"pruner": {"p_min": 0.5, "p_max": 0.5}})
+    assert cfg.pruner.p_min == cfg.pruner.p_max
+
+
+def test_chunk_tokens_above_max_tokens():
+    msg = error_of({"generator": {"chunk_tokens": 500, "max_tokens": 100}})
+    assert "generator.chunk_tokens" in msg and "generator.max_tokens" in msg
+
+
+def test_same_request_and_stream_addr():
+    addr = "tcp://127.0.0.1:7000"
+    msg = error_of({"generator": {"request_addr": addr, "stream_addr": addr}})
+    assert "request_addr" in msg and "stream_addr" in msg
+
+
+def test_prompt_tokens_leave_no_room_for_response():
+    msg = error_of({"data": {"max_prompt_tokens": 512}, "model": {"max_model_len": 512}})
+    assert "data.max_prompt_tokens" in msg and "model.max_model_len" in msg
+    # One token of room is enough.
+    config_from_dict({"data": {"max_prompt_tokens": 511}, "model": {"max_model_len": 512}})
+
+
+def test_cross_field_check_applies_to_overrides():
+    msg = error_of(tiny_raw(), ["generator.chunk_tokens=1000"])
+    assert "generator.chunk_tokens" in msg
+
+
+# --- files ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_yaml_that_is_not_a_mapping(tmp_path, text):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("")
+    assert load_config(p) == Config()
+
+
+def test_invalid_yaml_syntax(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("learner: {lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_missing_file(tmp_path):
+    p = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_config(p)
+    assert str(p) in str(info.value)
+
+
+def test_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path)

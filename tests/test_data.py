@@ -1,0 +1,196 @@
+"""Prompt datasets (JSONL / parquet) and the epoch sampler."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stream_rl.config import DataConfig
+from stream_rl.data import DataError, PromptDataset, PromptSampler
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from stream_rl.tiny.model import build_tokenizer
+
+    return build_tokenizer()
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def load(tok, path, **cfg) -> PromptDataset:
+    return PromptDataset.load(DataConfig(path=str(path), **cfg), tok)
+
+
+ROWS = [{"prompt": "12a=", "answer": "0"}, {"prompt": "57e=", "answer": "2"}, {"prompt": "90c=", "answer": "0"}]
+
+
+# --- JSONL -------------------------------------------------------------------------------
+
+def test_jsonl_loads(tok, tmp_path):
+    ds = load(tok, write_jsonl(tmp_path / "d.jsonl", ROWS))
+    assert [r.prompt for r in ds.rows] == ["12a=", "57e=", "90c="]
+    assert [r.answer for r in ds.rows] == ["0", "2", "0"]
+    assert [r.index for r in ds.rows] == [0, 1, 2]
+    assert ds.overlong == []
+    assert ds.source.endswith("d.jsonl")
+    for r in ds.rows:
+        assert r.prompt_ids == tuple(tok(r.prompt).input_ids)
+        assert tok.decode(list(r.prompt_ids)) == r.prompt
+
+
+def test_custom_field_names_and_blank_lines(tok, tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text(json.dumps({"question": "1+1", "solution": "2"}) + "\n\n" +
+                 json.dumps({"question": "2+2", "solution": "4"}) + "\n")
+    ds = load(tok, p, prompt_field="question", answer_field="solution")
+    assert [(r.prompt, r.answer) for r in ds.rows] == [("1+1", "2"), ("2+2", "4")]
+
+
+def test_row_missing_prompt_field_names_row_and_field(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], ROWS[1], {"question": "x", "answer": "1"}])
+    with pytest.raises(DataError) as info:
+        load(tok, path)
+    msg = str(info.value)
+    assert "row 2" in msg and "'prompt'" in msg and "data.prompt_field" in msg
+
+
+def test_row_missing_answer_field(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "12a="}])
+    with pytest.raises(DataError, match="row 0.*'answer'.*data.answer_field"):
+        load(tok, path)
+
+
+@pytest.mark.parametrize("prompt", [5, None, ["a"], "", "   "])
+def test_prompt_must_be_non_empty_string(tok, tmp_path, prompt):
+    path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], {"prompt": prompt, "answer": "1"}])
+    with pytest.raises(DataError, match="row 1.*'prompt'.*non-empty string"):
+        load(tok, path)
+
+
+@pytest.mark.parametrize("answer,expected", [(3, "3"), (-7, "-7"), (0.5, "0.5")])
+def test_numeric_answer_accepted_as_string(tok, tmp_path, answer, expected):
+    ds = load(tok, write_jsonl(tmp_path / "d.jsonl", [{"prompt": "12a=", "answer": answer}]))
+    assert ds.rows[0].answer == expected
+
+
+@pytest.mark.parametrize("answer", [True, None, ""])
+def test_bad_answer_rejected(tok, tmp_path, answer):
+    with pytest.raises(DataError, match="'answer'"):
+        load(tok, write_jsonl(tmp_path / "d.jsonl", [{"prompt": "12a=", "answer": answer}]))
+
+
+def test_row_that_is_not_an_object(tok, tmp_path):
+    with pytest.raises(DataError, match="row 1.*must be an object"):
+        load(tok, write_jsonl(tmp_path / "d.jsonl", [ROWS[0], "[1, 2]"]))
+
+
+def test_invalid_json_names_line_number(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], ROWS[1], "{not json", ROWS[2]])
+    with pytest.raises(DataError, match=r"d\.jsonl:3: not valid JSON"):
+        load(tok, path)
+
+
+def test_overlong_prompts_set_aside_and_counted(tok, tmp_path):
+    rows = [{"prompt": "12a=", "answer": "0"},  # 4 tokens
+            {"prompt": "x" * 9, "answer": "1"},  # 9 tokens
+            {"prompt": "57e=", "answer": "2"},
+            {"prompt": "y" * 6, "answer": "3"}]  # 6 tokens
+    ds = load(tok, write_jsonl(tmp_path / "d.jsonl", rows), max_prompt_tokens=5)
+    assert ds.overlong == [1, 3]
+    assert [r.index for r in ds.rows] == [0, 2]
+    assert [r.prompt for r in ds.rows] == ["12a=", "57e="]
+
+
+def test_prompt_exactly_at_limit_is_kept(tok, tmp_path):
+    ds = load(tok, write_jsonl(tmp_path / "d.jsonl", [{"prompt": "abcde", "answer": "1"}]), max_prompt_tokens=5)
+    assert ds.overlong == [] and len(ds.rows) == 1
+
+
+def test_all_rows_overlong(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 20, "answer": "1"}] * 3)
+    with pytest.raises(DataError, match="no usable prompts.*3 too long"):
+        load(tok, path, max_prompt_tokens=4)
+
+
+def test_empty_file(tok, tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n")
+    with pytest.raises(DataError, match="no usable prompts"):
+        load(tok, p)
+
+
+def test_chat_template_not_requested_adds_nothing(tok, tmp_path):
+    ds = load(tok, write_jsonl(tmp_path / "d.jsonl", [ROWS[0]]))
+    assert len(ds.rows[0].prompt_ids) == len("12a=")
+
+
+# --- parquet and missing files -------------------------------------------------------------
+
+def test_parquet_loads(tok, tmp_path, monkeypatch):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": [r["prompt"] for r in ROWS], "answer": [r["answer"] for r in ROWS],
+                             "extra": [1, 2, 3]}), path)
+    ds = load(tok, path)
+    assert [(r.prompt, r.answer) for r in ds.rows] == [(r["prompt"], r["answer"]) for r in ROWS]
+
+
+@pytest.mark.parametrize("name,fmt", [("nope.jsonl", "auto"), ("nope.parquet", "auto"), ("nope.txt", "jsonl")])
+def test_missing_file(tok, tmp_path, name, fmt):
+    with pytest.raises(DataError, match="does not exist") as info:
+        load(tok, tmp_path / name, format=fmt)
+    assert name in str(info.value)
+
+
+def test_unknown_suffix_asks_for_format(tok, tmp_path):
+    p = tmp_path / "data.txt"
+    p.write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(DataError, match="data.format"):
+        load(tok, p)
+    assert load(tok, p, format="jsonl").rows[0].prompt == "12a="
+
+
+# --- PromptSampler -------------------------------------------------------------------------
+
+@pytest.fixture
+def dataset(tok, tmp_path) -> PromptDataset:
+    rows = [{"prompt": f"{10 + i}a=", "answer": "0"} for i in range(7)]
+    return load(tok, write_jsonl(tmp_path / "d.jsonl", rows))
+
+
+def draw(sampler: PromptSampler, n: int) -> list[int]:
+    return [sampler.next().index for _ in range(n)]
+
+
+def test_sampler_covers_every_row_once_per_epoch(dataset):
+    s = PromptSampler(dataset, shuffle=True, seed=0)
+    for epoch in range(1, 6):
+        assert sorted(draw(s, 7)) == list(range(7))
+        assert s.epoch == epoch
+
+
+def test_sampler_reshuffles_each_epoch(dataset):
+    s = PromptSampler(dataset, shuffle=True, seed=0)
+    orders = {tuple(draw(s, 7)) for _ in range(6)}
+    assert len(orders) > 1
+
+
+def test_sampler_deterministic_per_seed(dataset):
+    a = draw(PromptSampler(dataset, shuffle=True, seed=42), 30)
+    b = draw(PromptSampler(dataset, shuffle=True, seed=42), 30)
+    c = draw(PromptSampler(dataset, shuffle=True, seed=43), 30)
+    assert a == b
+    assert a != c
+
+
+def test_sampler_without_shuffle_is_in_order(dataset):
+    assert draw(PromptSampler(dataset, shuffle=False, seed=0), 14) == list(range(7)) * 2

@@ -1,0 +1,195 @@
+"""Against the real vLLM engine in a generator process, over real ZMQ sockets."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import torch
+
+from stream_rl.protocol import (RequestRejected, RolloutFinished, RolloutRequest, TokenChunk)
+
+pytestmark = pytest.mark.engine
+
+
+def _rid(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def collect(gen, request_ids, timeout_s=120.0, on_chunk=None):
+    """All messages for `request_ids` until each is finished or rejected."""
+    pending = set(request_ids)
+    chunks = {r: [] for r in request_ids}
+    ends = {}
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        assert time.monotonic() < deadline, f"timed out waiting for {sorted(pending)}"
+        msg = gen.recv(timeout_ms=1000)
+        if msg is None or getattr(msg, "request_id", None) not in chunks:
+            continue
+        if isinstance(msg, TokenChunk):
+            chunks[msg.request_id].append(msg)
+            if on_chunk:
+                on_chunk(msg)
+        else:
+            ends[msg.request_id] = msg
+            pending.discard(msg.request_id)
+    return chunks, ends
+
+
+def _prompt(tokenizer, text="57c="):
+    return tokenizer(text).input_ids
+
+
+@pytest.fixture(scope="module")
+def tokenizer(engine_cfg):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(engine_cfg.model.path)
+
+
+def test_group_streams_contiguous_chunks_with_logprobs_and_versions(generator, tokenizer, engine_cfg):
+    ids = [_rid("grp") for _ in range(8)]
+    for r in ids:
+        generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=_prompt(tokenizer), max_tokens=200))
+    chunks, ends = collect(generator, ids)
+    eos = tokenizer.eos_token_id
+    for r in ids:
+        end = ends[r]
+        assert isinstance(end, RolloutFinished), end
+        tokens, offset = [], 0
+        for c in chunks[r]:
+            assert c.offset == offset  # nothing lost, nothing duplicated
+            assert len(c.token_ids) == len(c.logprobs) == len(c.versions)
+            assert len(c.token_ids) <= engine_cfg.generator.chunk_tokens
+            assert all(v == generator.version for v in c.versions)
+            assert all(lp <= 0.0 for lp in c.logprobs)
+            offset += len(c.token_ids)
+            tokens += c.token_ids
+        assert end.num_tokens == len(tokens) > 0
+        assert end.finish_reason in ("stop", "length")
+        if end.finish_reason == "stop":
+            assert tokens[-1] == eos
+    # Sampling at temperature 1: a group is not eight copies of one answer.
+    texts = {tuple(c.token_ids for c in chunks[r]).__repr__() for r in ids}
+    assert len(texts) > 1
+
+
+def test_bad_requests_are_rejected_without_disturbing_others(generator, tokenizer, engine_cfg):
+    good = _rid("good")
+    bad = {
+        _rid("empty"): [],
+        _rid("long"): [tokenizer.eos_token_id] * engine_cfg.model.max_model_len,
+        _rid("vocab"): [10, 10**6],
+    }
+    generator.submit(RolloutRequest(request_id=good, group_id="g", prompt_ids=_prompt(tokenizer), max_tokens=64))
+    for r, p in bad.items():
+        generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=p, max_tokens=8))
+    _, ends = collect(generator, [good, *bad])
+    assert isinstance(ends[good], RolloutFinished)
+    errors = {r: ends[r].error for r in bad}
+    assert all(isinstance(ends[r], RequestRejected) for r in bad)
+    empty, long, vocab = bad
+    assert "empty prompt" in errors[empty]
+    assert "max_model_len" in errors[long]
+    assert "vocabulary" in errors[vocab]
+
+
+def test_malformed_wire_message_does_not_crash_the_generator(generator, tokenizer):
+    generator.requests.send_raw(b"\xc1 definitely not msgpack")
+    generator.requests.send_raw(b"\x81\xa4type\xa7Unknown")
+    r = _rid("after-garbage")
+    generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=_prompt(tokenizer), max_tokens=16))
+    _, ends = collect(generator, [r])
+    assert isinstance(ends[r], RolloutFinished)
+
+
+def test_abort_stops_a_running_request(generator, tokenizer):
+    r = _rid("abort")
+    # 99 in steps of 1 needs ~300 tokens: still running when aborted.
+    generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=_prompt(tokenizer, "99a="),
+                                    max_tokens=400))
+    chunks, ends = collect(generator, [r], on_chunk=lambda c: generator.abort([r]))
+    assert ends[r].finish_reason == "abort"
+    assert ends[r].num_tokens == sum(len(c.token_ids) for c in chunks[r]) < 400
+
+
+def test_token_in_continuation_starts_after_the_partial(generator, tokenizer):
+    prompt = _prompt(tokenizer, "99a=")
+    partial = tokenizer("98 97 96").input_ids
+    r = _rid("cont")
+    generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=prompt, response_ids=partial,
+                                    max_tokens=12))
+    chunks, ends = collect(generator, [r])
+    assert chunks[r][0].offset == len(partial)
+    assert ends[r].num_tokens <= 12
+
+
+def _learner_logprobs(model, prompt, response):
+    from stream_rl.learner.trainer import token_logprobs
+
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        lp = token_logprobs(model, ids, torch.ones_like(ids))[0]
+    return lp[len(prompt) - 1:]
+
+
+def test_weight_sync_generator_logprobs_match_learner(generator, tokenizer, engine_cfg, tmp_path):
+    from stream_rl.config import config_from_dict, config_to_dict
+    from stream_rl.learner.trainer import Learner, Sample
+    from stream_rl.weights_sync.file import FileWeightSender
+
+    raw = config_to_dict(engine_cfg)
+    raw["learner"]["lr"] = 5e-3  # move the weights far enough to see a stale copy
+    learner = Learner(config_from_dict(raw))
+    sender = FileWeightSender(tmp_path)
+
+    def sync():
+        v = generator.version + 1
+        generator.update_weights(v, sender.stage(learner.weights_for_sync(), v))
+        return v
+
+    def sample(tag):
+        r = _rid(tag)
+        prompt = _prompt(tokenizer, "83d=")
+        generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=prompt, max_tokens=60))
+        chunks, _ = collect(generator, [r])
+        toks = [t for c in chunks[r] for t in c.token_ids]
+        return prompt, toks, [lp for c in chunks[r] for lp in c.logprobs], [v for c in chunks[r] for v in c.versions]
+
+    v = sync()  # start from the learner's weights
+    prompt, toks, gen_lp, versions = sample("before")
+    assert set(versions) == {v}
+    diff = (_learner_logprobs(learner.model, prompt, toks) - torch.tensor(gen_lp)).abs().max()
+    assert diff < 1e-3, f"generator and learner disagree by {diff:.2e} right after a sync"
+
+    # Update the learner only: the generator is now stale, and it shows.
+    learner.step([Sample(prompt, toks, 1.0, gen_lp, versions), Sample(prompt, toks[:5], -1.0, gen_lp[:5], versions[:5])])
+    stale = (_learner_logprobs(learner.model, prompt, toks) - torch.tensor(gen_lp)).abs().max()
+    assert stale > 1e-2
+
+    v2 = sync()
+    prompt, toks, gen_lp, versions = sample("after")
+    assert set(versions) == {v2} and v2 == v + 1
+    diff = (_learner_logprobs(learner.model, prompt, toks) - torch.tensor(gen_lp)).abs().max()
+    assert diff < 1e-3, f"generator and learner disagree by {diff:.2e} after syncing version {v2}"
+
+
+def test_train_runs_end_to_end(generator, engine_cfg, tmp_path):
+    from stream_rl.train import train
+
+    summary = train(engine_cfg, tmp_path, max_steps=3, generator=generator)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("step", "policy_version", "reward_mean", "groups", "tokens_generated", "tokens_trained", "wall_s"):
+        assert all(key in r for r in records), key
+    versions = [r["policy_version"] for r in records]
+    assert versions == sorted(versions) and len(set(versions)) == 3
+    assert all(r["groups"] == engine_cfg.generator.target_groups for r in records)
+    assert all(r["tokens_generated"] > 0 and 0.0 <= r["reward_mean"] <= 1.0 for r in records)
+    # On-policy sync: the learner scores the tokens as the engine sampled them.
+    assert all(r["rollout_logprob_abs_diff"] < 1e-3 for r in records)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["steps"] == summary["steps"] == 3

@@ -1,0 +1,101 @@
+"""MathVerifier: regex-cut answers (the tiny task) and math-verify's own extraction."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from stream_rl.tiny.task import ANSWER_REGEX
+from stream_rl.verifier import MathVerifier
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MathVerifier:
+    return MathVerifier(ANSWER_REGEX)
+
+
+@pytest.fixture(scope="module")
+def free() -> MathVerifier:
+    return MathVerifier()
+
+
+# --- with the tiny task's regex --------------------------------------------------
+
+@pytest.mark.parametrize("response,answer,expected", [
+    ("70 67 64 61 #### 1", "1", 1.0),
+    ("06 03 00 #### 0", "0", 1.0),
+    ("#### -3", "-3", 1.0),
+    ("70 67 #### 1  \n", "1", 1.0),  # trailing whitespace is allowed by the regex
+    ("70 67 64 61 #### 2", "1", 0.0),  # wrong answer
+    ("70 67 64 61", "1", 0.0),  # no #### marker
+    ("70 67 64 61 1", "1", 0.0),  # right number, but no marker
+    ("#### 1 and more", "1", 0.0),  # the marker must end the response
+    ("", "1", 0.0),  # empty response
+])
+def test_tiny_regex_scores(tiny, response, answer, expected):
+    assert tiny.score(response, answer) == expected
+
+
+def test_tiny_regex_extract(tiny):
+    assert tiny.extract("12 09 06 03 00 #### 0") == "0"
+    assert tiny.extract("no marker") is None
+
+
+# --- math-verify's own extraction -----------------------------------------------------
+
+@pytest.mark.parametrize("response,answer,expected", [
+    (r"\boxed{\frac{1}{2}}", "0.5", 1.0),
+    (r"So the result is \boxed{\frac{1}{2}}.", r"\frac{1}{2}", 1.0),
+    ("The answer is 42.", "42", 1.0),
+    ("The answer is 41.", "42", 0.0),
+    (r"\boxed{7}", "8", 0.0),
+    ("", "42", 0.0),
+    ("   ", "42", 0.0),
+])
+def test_free_form_scores(free, response, answer, expected):
+    assert free.score(response, answer) == expected
+
+
+def test_without_regex_extract_is_identity(free):
+    assert free.extract("anything at all") == "anything at all"
+
+
+# --- construction errors ----------------------------------------------------------------
+
+@pytest.mark.parametrize("regex", ["(", "####\\s*(-?\\d+", "[a-"])
+def test_invalid_regex(regex):
+    with pytest.raises(ValueError, match="data.answer_regex"):
+        MathVerifier(regex)
+
+
+def test_regex_without_group():
+    with pytest.raises(ValueError, match="data.answer_regex") as info:
+        MathVerifier(r"####\s*-?\d+")
+    assert "group" in str(info.value)
+
+
+def test_empty_regex_means_no_regex():
+    assert MathVerifier("").extract("x = 3") == "x = 3"
+
+
+# --- threads ----------------------------------------------------------------------
+
+def test_scores_from_a_worker_thread(tiny, free):
+    results: list = []
+    errors: list = []
+
+    def work():
+        try:
+            results.append(tiny.score("09 06 03 00 #### 0", "0"))
+            results.append(tiny.score("09 06 03 00 #### 1", "0"))
+            results.append(free.score(r"\boxed{\frac{1}{2}}", "0.5"))
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join(timeout=60)
+    assert not th.is_alive()
+    assert not errors, errors
+    assert results == [1.0, 0.0, 1.0]
