@@ -109,6 +109,10 @@ class LearnerConfig(_Section):
     loss: Literal["grpo", "dapo", "gspo"] = "grpo"
     lr: PosFloat = 1e-6
     weight_decay: NonNegFloat = 0.0
+    # Adam's epsilon. Raising it towards the typical gradient magnitude damps
+    # the unit-size steps Adam takes on parameters whose gradient is mostly
+    # noise, which destabilises RL of small models at useful learning rates.
+    adam_eps: PosFloat = 1e-8
     betas: tuple[Annotated[float, Meta(ge=0.0, lt=1.0)], Annotated[float, Meta(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     grad_clip: PosFloat = 1.0
     clip_low: NonNegFloat = 0.2

@@ -72,7 +72,7 @@ class RolloutController:
                 raise GeneratorError(f"rollout step did not finish within {timeout_s:.0f} s")
             msg = self.client.recv(timeout_ms=1000)
             if msg is None:
-                self.client._check_alive()
+                self.client.check_alive()
                 continue
             self._handle(msg, stats)
         stats.seconds = time.perf_counter() - t0

@@ -123,3 +123,13 @@ def test_tokenizer_has_eos(tok):
     ids = tok("07g= 00 #### 0").input_ids + [tok.eos_token_id]
     assert tok.decode(ids, skip_special_tokens=True) == "07g= 00 #### 0"
     assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_held_out_split_is_disjoint_from_training_draws():
+    from stream_rl.tiny.task import held_out_problems, make_dataset
+
+    held = {p.prompt for p in held_out_problems()}
+    train = {p.prompt for p in make_dataset(5000, seed=3)}
+    assert 50 <= len(held) <= 200  # about 1/8 of the 810 (start, step) pairs
+    assert not held & train
+    assert {p.prompt for p in make_dataset(200, seed=3, split="eval")} <= held

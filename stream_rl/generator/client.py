@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import deque
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ class GeneratorClient:
         self.version = 0
         # Messages that arrived while waiting for a specific reply; handed
         # out by recv() in arrival order so nothing is lost.
-        self._backlog: list = []
+        self._backlog: deque = deque()
 
     def submit(self, req: RolloutRequest) -> None:
         self.requests.send(req)
@@ -42,7 +43,7 @@ class GeneratorClient:
 
     def recv(self, timeout_ms: int | None = None):
         if self._backlog:
-            return self._backlog.pop(0)
+            return self._backlog.popleft()
         return self.stream.recv(timeout_ms)
 
     def _wait_for(self, kinds: tuple, timeout_s: float, what: str):
@@ -53,14 +54,14 @@ class GeneratorClient:
                 raise GeneratorError(f"timed out after {timeout_s:.0f} s waiting for {what}")
             msg = self.stream.recv(int(min(left, 1.0) * 1000))
             if msg is None:
-                self._check_alive()
+                self.check_alive()
                 continue
             if isinstance(msg, kinds):
                 return msg
             self._backlog.append(msg)
 
-    def _check_alive(self) -> None:  # overridden by GeneratorProcess
-        pass
+    def check_alive(self) -> None:
+        """Raise GeneratorError if the generator is known to be gone."""
 
     def wait_ready(self, timeout_s: float) -> GeneratorReady:
         msg = self._wait_for((GeneratorReady,), timeout_s, "the generator to start")
@@ -100,7 +101,7 @@ class GeneratorProcess(GeneratorClient):
             self.stop()
             raise
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         if self.proc.poll() is not None:
             raise GeneratorError(f"generator process exited with code {self.proc.returncode}; "
                                  f"see {self._log.name}")

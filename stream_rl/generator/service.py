@@ -83,8 +83,6 @@ class GeneratorService:
                     ids, lps, vers = [], [], []
                 if out.finished:
                     reason = c.finish_reason if c.finish_reason in _FINISH_REASONS else "abort"
-        except asyncio.CancelledError:
-            raise
         except Exception as err:  # the engine refused or failed this request only
             log.exception("request %s failed", req.request_id)
             await self.outbox.send(RequestRejected(request_id=req.request_id, error=f"{type(err).__name__}: {err}"))

@@ -98,7 +98,7 @@ class Learner:
         self.model.train()
         self.pad_id = self.model.config.pad_token_id or self.model.config.eos_token_id or 0
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
-                                     weight_decay=lc.weight_decay)
+                                     eps=lc.adam_eps, weight_decay=lc.weight_decay)
         self.steps = 0
 
     def _logprobs(self, batch: list[Sample], grad: bool):

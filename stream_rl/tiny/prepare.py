@@ -3,7 +3,7 @@
 Writes, under OUT (default `.cache/tiny`):
   model/            Hugging Face checkpoint (config, safetensors, tokenizer)
   data/train.jsonl  training prompts  {"prompt", "answer", "level"}
-  data/eval.jsonl   held-out prompts, disjoint from training
+  data/eval.jsonl   every held-out prompt (about 1/8 of the task's 810), never trained on
   stats.json        measured warm-start pass rate, length distribution, ...
 A second call with the same recipe returns the cached stats at once.
 """
@@ -24,9 +24,8 @@ from stream_rl.tiny.warmstart import (bake_temperature, calibrate_temperature, e
 from stream_rl.verifier import MathVerifier
 
 RECIPE = {
-    "version": 4,
+    "version": 5,
     "train_prompts": 20000,
-    "eval_prompts": 512,
     "probe_prompts": 128,
     "samples_per_prompt": 8,
     "sft_steps": 1500,
@@ -54,12 +53,8 @@ def prepare_tiny(out: str | Path = ".cache/tiny", force: bool = False, log=print
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seed = RECIPE["seed"]
     train = task.make_dataset(RECIPE["train_prompts"], seed=seed + 1)
-    seen = {p.prompt for p in train}
-    # Held-out prompts: fresh draws whose prompt never occurs in training.
-    held = [p for p in task.make_dataset(RECIPE["eval_prompts"] * 20, seed=seed + 2) if p.prompt not in seen]
-    held = held[: RECIPE["eval_prompts"]]
     _write_jsonl(out / "data" / "train.jsonl", train)
-    _write_jsonl(out / "data" / "eval.jsonl", held)
+    _write_jsonl(out / "data" / "eval.jsonl", task.held_out_problems())
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)

@@ -40,15 +40,33 @@ def level_of(num_steps: int) -> int:
     return next(i for i, (lo, hi) in enumerate(LEVELS) if lo <= num_steps <= hi)
 
 
-def make_problem(rng: random.Random) -> Problem:
-    start = rng.randint(*START_RANGE)
-    step = rng.randint(1, 9)
+def is_held_out(start: int, step: int) -> bool:
+    """About 1 in 8 (start, step) pairs are kept out of training, so held-out
+    prompts are never seen in training (the space has only 810 pairs)."""
+    return random.Random(start * 10 + step).random() < 0.125
+
+
+def _problem(start: int, step: int) -> Problem:
     values = list(range(start - step, -1, -step))
     solution = " ".join(f"{v:02d}" for v in values) + f" {ANSWER_MARK} {start % step}"
     return Problem(prompt=f"{start:02d}{STEP_LETTERS[step - 1]}=", answer=str(start % step),
                    solution=solution, level=level_of(len(values)))
 
 
-def make_dataset(n: int, seed: int) -> list[Problem]:
+def make_problem(rng: random.Random, split: str = "train") -> Problem:
+    """A random training problem, or with split="eval" a held-out one."""
+    while True:
+        start, step = rng.randint(*START_RANGE), rng.randint(1, 9)
+        if is_held_out(start, step) == (split == "eval"):
+            return _problem(start, step)
+
+
+def make_dataset(n: int, seed: int, split: str = "train") -> list[Problem]:
     rng = random.Random(seed)
-    return [make_problem(rng) for _ in range(n)]
+    return [make_problem(rng, split) for _ in range(n)]
+
+
+def held_out_problems() -> list[Problem]:
+    """Every held-out problem once."""
+    return [_problem(start, step) for start in range(START_RANGE[0], START_RANGE[1] + 1)
+            for step in range(1, 10) if is_held_out(start, step)]
