@@ -66,3 +66,19 @@ def test_shipped_gpu_config_validates_offline():
     assert cfg.generator.group_size == 16 and cfg.learner.lr == 1e-6
     assert cfg.pruner.kappa == cfg.pruner.rho == 0.5 and cfg.pruner.l_detect == 512
     assert cfg.generator.max_tokens == 8192
+
+
+def test_baked_temperature_divides_every_logit():
+    import torch
+
+    from stream_rl.tiny.model import build_model, build_tokenizer
+    from stream_rl.tiny.warmstart import bake_temperature
+
+    tok = build_tokenizer()
+    model = build_model(tok, seed=1).eval()
+    ids = tok("57c= 54 51", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        bake_temperature(model, 2.5)
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before / 2.5, rtol=1e-4, atol=1e-5)
