@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from stream_rl.buffer.rollouts import Group, Rollout
 from stream_rl.learner.advantages import group_advantages
 from stream_rl.learner.losses import policy_loss
-from stream_rl.learner.trainer import BadSampleError, Sample, _pad, micro_batches, samples_from_groups
+from stream_rl.learner.trainer import BadSampleError, Sample, pad_batch, micro_batches, samples_from_groups
 
 EPS = 1e-6
 
@@ -316,7 +316,7 @@ def test_bad_sample_names_the_rollout(bad, drop):
         samples_from_groups([g], EPS, drop_zero_variance=drop)
 
 
-# --- micro_batches and _pad ---------------------------------------------------------------------
+# --- micro_batches and pad_batch ---------------------------------------------------------------------
 
 def sample(prompt_len: int, response_len: int) -> Sample:
     return Sample(list(range(1, prompt_len + 1)), list(range(100, 100 + response_len)), 0.0, None,
@@ -342,7 +342,7 @@ def test_micro_batches_respect_budget_and_keep_every_sample(lens, budget):
 
 def test_pad_layout():
     a, b = sample(2, 3), sample(3, 1)
-    ids, attn, mask = _pad([a, b], pad_id=0)
+    ids, attn, mask = pad_batch([a, b], pad_id=0)
     assert ids.tolist() == [[1, 2, 100, 101, 102], [1, 2, 3, 100, 0]]
     assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     # mask[t] marks positions whose *next* token is a response token.

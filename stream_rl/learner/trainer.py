@@ -50,7 +50,9 @@ def samples_from_groups(groups: list[Group], eps: float, drop_zero_variance: boo
     return out, dropped
 
 
-def _pad(samples: list[Sample], pad_id: int):
+def pad_batch(samples: list[Sample], pad_id: int):
+    """Right-padded prompt+response ids, attention mask, and a [B, T-1] mask
+    of the positions whose next token is a response token."""
     width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(samples), width), dtype=torch.long)
@@ -102,7 +104,7 @@ class Learner:
         self.steps = 0
 
     def _logprobs(self, batch: list[Sample], grad: bool):
-        ids, attn, mask = _pad(batch, self.pad_id)
+        ids, attn, mask = pad_batch(batch, self.pad_id)
         ids, attn, mask = ids.to(self.cfg.learner.device), attn.to(self.cfg.learner.device), mask.to(self.cfg.learner.device)
         with torch.set_grad_enabled(grad):
             return token_logprobs(self.model, ids, attn), mask

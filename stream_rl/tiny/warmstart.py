@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from stream_rl.learner.trainer import pad_batch, token_logprobs
 from stream_rl.tiny.task import Problem
 
 
@@ -39,28 +40,6 @@ def encode(problems: list[Problem], tokenizer) -> list[Encoded]:
     return out
 
 
-def _batch(items: list[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input ids, attention mask and a mask of response tokens."""
-    seqs = [e.prompt_ids + e.response_ids for e in items]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(items), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(items), width), dtype=torch.long)
-    resp = torch.zeros((len(items), width), dtype=torch.bool)
-    for i, (e, s) in enumerate(zip(items, seqs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        resp[i, len(e.prompt_ids) : len(s)] = True
-    return ids, attn, resp
-
-
-def response_logprob_sums(model, items: list[Encoded], pad: int) -> torch.Tensor:
-    """Sum over each reference response of log p(token | prefix)."""
-    ids, attn, resp = _batch(items, pad)
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    lp = torch.gather(F.log_softmax(logits, -1), 2, ids[:, 1:, None]).squeeze(2)
-    return (lp * resp[:, 1:]).sum(1)
-
-
 @dataclass
 class WarmStartResult:
     steps: int
@@ -75,11 +54,11 @@ def _probe_logprobs(model, probe: list[Encoded], pad: int, temperature: float = 
     model.eval()
     sums, greedy = [], []
     for i in range(0, len(probe), 128):
-        ids, attn, resp = _batch(probe[i:i + 128], pad)
+        ids, attn, mask = pad_batch(probe[i:i + 128], pad)
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / temperature
         lp = torch.gather(F.log_softmax(logits, -1), 2, ids[:, 1:, None]).squeeze(2)
-        sums.append((lp * resp[:, 1:]).sum(1))
-        greedy.append(((logits.argmax(-1) == ids[:, 1:]) | ~resp[:, 1:]).all(1))
+        sums.append((lp * mask).sum(1))
+        greedy.append(((logits.argmax(-1) == ids[:, 1:]) | ~mask).all(1))
     return torch.cat(sums), torch.cat(greedy).float().mean().item()
 
 
@@ -99,11 +78,8 @@ def warm_start(model, train: list[Encoded], probe: list[Encoded], pad: int, *, s
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         start = rng.randrange(0, len(by_len) - batch_size + 1)
-        ids, attn, resp = _batch(by_len[start:start + batch_size], pad)
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none")
-        mask = resp[:, 1:].reshape(-1).float()
-        loss = (loss * mask).sum() / mask.sum()
+        ids, attn, mask = pad_batch(by_len[start:start + batch_size], pad)
+        loss = -token_logprobs(model, ids, attn)[mask].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
