@@ -109,9 +109,9 @@ class LearnerConfig(_Section):
     loss: Literal["grpo", "dapo", "gspo"] = "grpo"
     lr: PosFloat = 1e-6
     weight_decay: NonNegFloat = 0.0
-    # Adam's epsilon. Raising it towards the typical gradient magnitude damps
-    # the unit-size steps Adam takes on parameters whose gradient is mostly
-    # noise, which destabilises RL of small models at useful learning rates.
+    # Adam's epsilon. Near the typical gradient magnitude it shrinks Adam's
+    # unit-size steps on parameters whose gradient is mostly noise (on the tiny
+    # model it did not make lr 1e-3 stable; the default is PyTorch's).
     adam_eps: PosFloat = 1e-8
     betas: tuple[Annotated[float, Meta(ge=0.0, lt=1.0)], Annotated[float, Meta(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     grad_clip: PosFloat = 1.0

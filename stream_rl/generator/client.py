@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-from collections import deque
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import msgspec
