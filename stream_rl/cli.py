@@ -31,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p)
     p.add_argument("--id", default="gen0")
 
+    p = sub.add_parser("bench", help="benchmarks that print JSON")
+    p.add_argument("what", choices=["generation"])
+    _add_config_args(p)
+    p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per mode first")
+
     p = sub.add_parser("check-config", help="load and validate a config, print it resolved")
     _add_config_args(p)
 
@@ -57,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         from stream_rl.generator.service import serve
 
         serve(cfg, args.id)
+    elif args.cmd == "bench":
+        if args.steps < 1 or args.warmup_steps < 0:
+            print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
+            return 2
+        from stream_rl.bench.generation import main as bench_generation
+
+        bench_generation(cfg, args.out_json, args.steps, args.warmup_steps)
     elif args.cmd == "train":
         from stream_rl.train import train
 

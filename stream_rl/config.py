@@ -8,6 +8,7 @@ values.
 
 from __future__ import annotations
 
+import math
 import os
 import typing
 from pathlib import Path
@@ -61,10 +62,20 @@ class DataConfig(_Section):
 class GeneratorConfig(_Section):
     group_size: Annotated[int, Meta(ge=2)] = 8
     target_groups: PosInt = 8
+    # "april": keep overprovision x target_groups groups in flight, end the
+    # step when target_groups are complete, abort the rest and continue them
+    # next step. "sync": generate exactly target_groups groups to completion.
+    mode: Literal["april", "sync"] = "april"
+    overprovision: Annotated[float, Meta(ge=1.0)] = 2.0
     max_tokens: PosInt = 256
     temperature: NonNegFloat = 1.0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     return_logprobs: bool = True
+    # Give every engine request a sampling seed derived from run.seed and its
+    # request id: rollouts become reproducible (and identical across
+    # schedules, which the generation benchmark relies on) at some cost in
+    # engine throughput.
+    seeded: bool = False
     # Tokens per stream message; deltas are coalesced up to this size.
     chunk_tokens: PosInt = 16
     max_num_seqs: PosInt = 256
@@ -103,6 +114,14 @@ class BufferConfig(_Section):
     # Open (not yet complete) groups the buffer may hold; beyond it new
     # groups are refused rather than evicting accepted rollouts.
     max_groups: PosInt = 4096
+    # A partial whose oldest token is more than this many policy versions
+    # behind is "restart"ed from its prompt or its group is "drop"ped.
+    # None: no bound (APRIL's own behaviour).
+    max_staleness: NonNegInt | None = None
+    stale_policy: Literal["restart", "drop"] = "restart"
+    # Which partials are continued first: "fifo" (APRIL) or "most_generated"
+    # (fewest tokens left first).
+    continuation_order: Literal["fifo", "most_generated"] = "fifo"
 
 
 class LearnerConfig(_Section):
@@ -168,6 +187,12 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             f"generator.chunk_tokens ({cfg.generator.chunk_tokens}) exceeds "
             f"generator.max_tokens ({cfg.generator.max_tokens})")
+    g = cfg.generator
+    in_flight = math.ceil(g.overprovision * g.target_groups) if g.mode == "april" else g.target_groups
+    if cfg.buffer.max_groups < in_flight:
+        raise ConfigError(
+            f"buffer.max_groups ({cfg.buffer.max_groups}) is below the {in_flight} groups generator.mode="
+            f"{g.mode!r} keeps in flight (generator.overprovision x generator.target_groups)")
     if cfg.generator.request_addr == cfg.generator.stream_addr:
         raise ConfigError("generator.request_addr and generator.stream_addr must differ")
 

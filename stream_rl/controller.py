@@ -2,19 +2,32 @@
 
 A rollout walks generator -> pruner -> buffer here: every chunk is appended
 to its rollout, the pruner decides whether it keeps generating, and a finished
-rollout is scored by the verifier and handed to the group buffer, which
+rollout is scored by the verifier and handed to the recycling buffer, which
 releases groups once all members are finished.
+
+Two schedules (`generator.mode`):
+- `sync`: a step submits `target_groups` groups and waits for all of them,
+  the synchronous GRPO baseline whose step waits for its slowest rollout;
+- `april`: a step keeps `overprovision` x `target_groups` groups in flight,
+  continuing partials before drawing new prompts, and ends as soon as
+  `target_groups` groups are complete; every request still running is then
+  aborted at once and its tokens wait in the buffer for the next step.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+import zlib
 from dataclasses import dataclass, field
 
-from stream_rl.buffer.rollouts import Group, GroupBuffer, Rollout
+import msgspec
+
+from stream_rl.buffer.recycling import RecyclingBuffer
+from stream_rl.buffer.rollouts import Group, Rollout
 from stream_rl.config import Config
-from stream_rl.data import PromptRow, PromptSampler
+from stream_rl.data import PromptSampler
 from stream_rl.generator.client import GeneratorClient, GeneratorError
 from stream_rl.protocol import RequestRejected, RolloutFinished, RolloutRequest, TokenChunk
 from stream_rl.pruner.base import Pruner
@@ -25,87 +38,166 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RolloutStats:
+    """One step's rollout numbers."""
     tokens_generated: int = 0
     rollouts_finished: int = 0
     truncated: int = 0  # finished by the length budget, not by EOS
     pruned: int = 0
     rejected: int = 0
+    aborted: int = 0  # requests still running at the step's end, aborted
     seconds: float = 0.0
+    # Requests in flight integrated over time (request-seconds): divided by
+    # `seconds` it is the mean number of requests the engine was running.
+    busy_request_s: float = 0.0
     response_lens: list[int] = field(default_factory=list)
+    buffer: dict = field(default_factory=dict)  # buffer counters' change over the step
+
+    @property
+    def mean_in_flight(self) -> float:
+        return self.busy_request_s / self.seconds if self.seconds else 0.0
+
+
+def buffer_delta(before, after) -> dict:
+    a, b = msgspec.structs.asdict(after), msgspec.structs.asdict(before)
+    return {k: a[k] - b[k] for k in a}
+
+
+def request_seed(run_seed: int, request_id: str) -> int:
+    """A sampling seed that depends only on the run's seed and the request."""
+    return zlib.crc32(f"{run_seed}:{request_id}".encode()) & 0x7FFFFFFF
 
 
 class RolloutController:
     def __init__(self, cfg: Config, client: GeneratorClient, sampler: PromptSampler, tokenizer,
-                 verifier: MathVerifier, pruner: Pruner):
+                 verifier: MathVerifier, pruner: Pruner, buffer: RecyclingBuffer | None = None):
         self.cfg = cfg
         self.client = client
         self.sampler = sampler
         self.tokenizer = tokenizer
         self.verifier = verifier
         self.pruner = pruner
-        self.buffer = GroupBuffer(cfg.generator.group_size, cfg.buffer.max_groups)
-        self._next_group = 0
+        b = cfg.buffer
+        self.buffer = buffer or RecyclingBuffer(cfg.generator.group_size, b.max_groups, b.max_staleness,
+                                                b.stale_policy, b.continuation_order)
 
-    def _submit_group(self, row: PromptRow) -> None:
+    # --- requests out ---------------------------------------------------------
+
+    def _start(self, r: Rollout) -> None:
         g = self.cfg.generator
-        gid = f"g{self._next_group}"
-        self._next_group += 1
-        for i in range(g.group_size):
-            r = Rollout(request_id=f"{gid}-{i}", group_id=gid, prompt_ids=list(row.prompt_ids), answer=row.answer)
-            self.buffer.add(r)
-            self.client.submit(RolloutRequest(request_id=r.request_id, group_id=gid, prompt_ids=r.prompt_ids,
-                                              max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p))
+        rid = self.buffer.start(r)
+        # Token-in continuation: the engine sees prompt + tokens so far and may
+        # generate only what is left of the rollout's budget.
+        self.client.submit(RolloutRequest(request_id=rid, group_id=r.group_id, prompt_ids=r.prompt_ids,
+                                          response_ids=r.response_ids, max_tokens=r.tokens_left,
+                                          temperature=g.temperature, top_p=g.top_p,
+                                          seed=request_seed(self.cfg.run.seed, rid) if g.seeded else None))
 
-    def _drop_group(self, group_id: str) -> None:
-        ids = self.buffer.drop_group(group_id)
-        self.client.abort(ids)
+    def _new_group(self) -> None:
+        row = self.sampler.next()
+        for r in self.buffer.new_group(row.prompt_ids, row.answer, self.cfg.generator.max_tokens):
+            self._start(r)
+
+    def _fill(self, open_limit: int) -> None:
+        """Continue waiting partials, then draw prompts up to `open_limit` open groups."""
+        if self.buffer.partials:
+            partials, abort = self.buffer.take_partials(self.client.version)
+            self.client.abort(abort)
+            for r in partials:
+                if r.tokens_left > 0:
+                    self._start(r)
+                else:  # restored at its budget: nothing left to generate
+                    self.buffer.finish(r, "length", self._score(r))
+        while self.buffer.num_open_groups < open_limit:
+            self._new_group()
+
+    # --- a step ---------------------------------------------------------------
 
     def collect(self, target_groups: int, timeout_s: float = 3600.0) -> tuple[list[Group], RolloutStats]:
-        """Synchronous GRPO rollout: `target_groups` groups generated to completion."""
+        g = self.cfg.generator
+        april = g.mode == "april"
+        open_limit = math.ceil(g.overprovision * target_groups) if april else 0
         stats = RolloutStats()
-        t0 = time.perf_counter()
-        for _ in range(target_groups):
-            self._submit_group(self.sampler.next())
+        before = msgspec.structs.replace(self.buffer.stats)
+        t0 = last = time.perf_counter()
+        if april:
+            self._fill(open_limit)
+        else:
+            for _ in range(max(0, target_groups - self.buffer.num_ready - self.buffer.num_open_groups)):
+                self._new_group()
         deadline = time.monotonic() + timeout_s
         while self.buffer.num_ready < target_groups:
             if time.monotonic() > deadline:
                 raise GeneratorError(f"rollout step did not finish within {timeout_s:.0f} s")
             msg = self.client.recv(timeout_ms=1000)
+            now = time.perf_counter()
+            stats.busy_request_s += len(self.buffer.running) * (now - last)
+            last = now
             if msg is None:
                 self.client.check_alive()
                 continue
             self._handle(msg, stats)
+            if april:
+                self._fill(open_limit)
+        # The batch is ready: everything still generating becomes a partial
+        # (its final tokens and abort notice arrive during the next step).
+        running = list(self.buffer.running)
+        self.client.abort(running)
+        stats.aborted = len(running)
         stats.seconds = time.perf_counter() - t0
+        stats.buffer = buffer_delta(before, self.buffer.stats)
         return self.buffer.take_ready(target_groups), stats
+
+    def drain(self, timeout_s: float = 60.0) -> None:
+        """Wait until every aborted request has reported its last tokens, so
+        the buffer holds them all (before saving it or stopping)."""
+        stats = RolloutStats()
+        deadline = time.monotonic() + timeout_s
+        while self.buffer.running:
+            if time.monotonic() > deadline:
+                raise GeneratorError(f"{len(self.buffer.running)} aborted requests did not report "
+                                     f"within {timeout_s:.0f} s")
+            msg = self.client.recv(timeout_ms=1000)
+            if msg is None:
+                self.client.check_alive()
+            else:
+                self._handle(msg, stats)
+
+    # --- messages in ----------------------------------------------------------
+
+    def _score(self, r: Rollout) -> float:
+        return self.verifier.score(self.tokenizer.decode(r.response_ids, skip_special_tokens=True), r.answer)
 
     def _handle(self, msg, stats: RolloutStats) -> None:
         if isinstance(msg, TokenChunk):
-            if msg.request_id not in self.buffer.rollouts:
+            r = self.buffer.on_chunk(msg)
+            if r is None:
                 return  # a late chunk of a dropped group
-            r = self.buffer.get(msg.request_id)
-            r.append(msg)
             stats.tokens_generated += len(msg.token_ids)
             if not self.pruner.review(r):
                 stats.pruned += 1
-                self.client.abort([r.request_id])
+                self.buffer.prune(msg.request_id)
+                self.client.abort([msg.request_id])
         elif isinstance(msg, RolloutFinished):
-            if msg.request_id not in self.buffer.rollouts:
+            r = self.buffer.running.get(msg.request_id)
+            if r is None:
+                self.buffer.on_finished(msg.request_id, msg.finish_reason)  # counted as late
                 return
-            r = self.buffer.get(msg.request_id)
-            text = self.tokenizer.decode(r.response_ids, skip_special_tokens=True)
-            reward = self.verifier.score(text, r.answer)
-            stats.rollouts_finished += 1
-            stats.truncated += msg.finish_reason == "length"
-            stats.response_lens.append(len(r.response_ids))
-            self.buffer.finish(msg.request_id, msg.finish_reason, reward)
+            reward = None
+            if (msg.finish_reason != "abort" or r.tokens_left <= 0) and msg.request_id not in self.buffer.pruning:
+                reward = self._score(r)
+                stats.rollouts_finished += 1
+                stats.truncated += msg.finish_reason != "stop"
+                stats.response_lens.append(len(r.response_ids))
+            self.buffer.on_finished(msg.request_id, msg.finish_reason, reward)
         elif isinstance(msg, RequestRejected):
-            if msg.request_id not in self.buffer.rollouts:
+            group_id = self.buffer.group_of(msg.request_id)
+            if group_id is None:
                 return
             stats.rejected += 1
-            group_id = self.buffer.get(msg.request_id).group_id
             log.error("generator rejected %s: %s; dropping group %s and drawing a new prompt",
                       msg.request_id, msg.error, group_id)
-            self._drop_group(group_id)
-            self._submit_group(self.sampler.next())
+            self.client.abort(self.buffer.drop_group(group_id))
+            if self.cfg.generator.mode == "sync":
+                self._new_group()
         else:
             log.warning("unexpected message during rollout: %s", type(msg).__name__)

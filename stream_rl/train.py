@@ -94,10 +94,11 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
                                                    cfg.learner.drop_zero_variance_groups,
                                                    cfg.learner.mask_truncated)
             # Versions the learner's batch lags the policy it updates.
-            versions = [v for g in groups for r in g.rollouts for v in r.versions]
+            versions = [v for g in groups for r in g.survivors for v in r.versions]
             lag_max = generator.version - min(versions) if versions else 0
+            useful = sum(g.num_tokens for g in groups)
             tt = time.perf_counter()
-            lstats = learner.step(samples)
+            lstats = learner.step(samples, policy_version=generator.version)
             train_s = time.perf_counter() - tt
             sync_s = 0.0
             if step % cfg.weights_sync.every_steps == 0 or step == steps:
@@ -112,6 +113,15 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
                 "zero_variance_groups": sum(len(set(g.rewards)) == 1 for g in groups),
                 "groups_dropped": dropped,
                 "tokens_generated": gstats.tokens_generated,
+                "tokens_in_batch": useful,
+                "gen_tokens_per_s": useful / gstats.seconds if gstats.seconds else 0.0,
+                "requests_in_flight_mean": gstats.mean_in_flight,
+                "aborted_at_step_end": gstats.aborted,
+                "partials_continued": gstats.buffer["partials_continued"],
+                "stale_restarted": gstats.buffer["stale_restarted"],
+                "stale_dropped_groups": gstats.buffer["stale_dropped_groups"],
+                "tokens_discarded": gstats.buffer["tokens_discarded"],
+                "open_groups": controller.buffer.num_open_groups,
                 "tokens_trained": sum(len(s.response_ids) for s in samples),
                 "response_len_mean": _mean(gstats.response_lens),
                 "truncated_frac": gstats.truncated / max(1, gstats.rollouts_finished),
@@ -126,6 +136,10 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
             }
             records.append(rec)
             metrics.log(rec)
+        # Partials left in the buffer are kept, with their last tokens, for a
+        # later run to continue (resume).
+        controller.drain()
+        controller.buffer.save(out / "buffer.msgpack")
     finally:
         metrics.close()
         if owned:

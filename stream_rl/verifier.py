@@ -8,6 +8,7 @@ extracts the answer itself (\\boxed{...} or the last expression).
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 
@@ -34,15 +35,29 @@ class MathVerifier:
         pred = self.extract(response)
         if pred is None or not pred.strip():
             return 0.0
+        # Plain integers compare as integers ("07" == "7", as math-verify
+        # says too) without parsing: scoring sits on the rollout hot path.
+        if _INT.fullmatch(pred.strip()) and _INT.fullmatch(answer.strip()):
+            return 1.0 if int(pred) == int(answer) else 0.0
         # math-verify's timeouts use SIGALRM, which only works in the main
         # thread; elsewhere they are switched off rather than failing.
         timeout = 5 if threading.current_thread() is threading.main_thread() else None
         configs = [LatexExtractionConfig(), ExprExtractionConfig()]
-        gold = parse(_as_math(answer), extraction_config=configs, parsing_timeout=timeout)
+        gold = _parse_gold(answer, timeout)
         got = parse(_as_math(pred), extraction_config=configs, parsing_timeout=timeout)
         if not gold or not got:
             return 0.0
         return 1.0 if verify(gold, got, timeout_seconds=timeout) else 0.0
+
+
+_INT = re.compile(r"[-+]?\d+")
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(answer: str, timeout):
+    # A group's G responses share one reference answer: parse it once.
+    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+    return parse(_as_math(answer), extraction_config=configs, parsing_timeout=timeout)
 
 
 def _as_math(text: str) -> str:

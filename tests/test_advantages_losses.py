@@ -256,7 +256,7 @@ def test_unknown_loss_kind():
 # --- samples_from_groups ---------------------------------------------------------------------
 
 def rollout(rid: str, reward, response=(5, 6), logprobs="auto", group="g") -> Rollout:
-    r = Rollout(request_id=rid, group_id=group, prompt_ids=[1, 2], answer="0")
+    r = Rollout(rollout_id=rid, group_id=group, prompt_ids=[1, 2], answer="0", max_tokens=64)
     r.response_ids = list(response)
     r.logprobs = [-0.5] * len(response) if logprobs == "auto" else logprobs
     r.versions = [0] * len(response)
@@ -265,7 +265,7 @@ def rollout(rid: str, reward, response=(5, 6), logprobs="auto", group="g") -> Ro
 
 
 def group(gid: str, rewards, **kw) -> Group:
-    return Group(gid, [rollout(f"{gid}-{i}", r, group=gid, **kw) for i, r in enumerate(rewards)])
+    return Group(group_id=gid, rollouts=[rollout(f"{gid}-{i}", r, group=gid, **kw) for i, r in enumerate(rewards)])
 
 
 def test_samples_carry_group_advantages_in_order():
@@ -350,3 +350,12 @@ def test_pad_layout():
     # Row-major mask order gives the response tokens in sample order (the
     # trainer relies on it when it scatters stored old log-probs).
     assert ids[:, 1:][mask].tolist() == a.response_ids + b.response_ids
+
+
+def test_pruned_members_are_not_samples_and_not_in_the_baseline():
+    g = group("p", [1.0, 0.0, 0.0, 1.0])
+    g.rollouts[1].finish_reason, g.rollouts[1].reward = "pruned", None
+    samples, dropped = samples_from_groups([g], EPS, drop_zero_variance=False)
+    assert dropped == 0 and len(samples) == 3
+    expected = group_advantages([1.0, 0.0, 1.0], EPS)
+    assert [s.advantage for s in samples] == pytest.approx(expected)

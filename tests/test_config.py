@@ -150,8 +150,20 @@ def test_override_value_keeps_equals_signs():
 
 
 def test_override_creates_missing_section():
-    cfg = config_from_dict({}, ["buffer.max_groups=7"])
-    assert cfg.buffer.max_groups == 7
+    cfg = config_from_dict({}, ["buffer.max_groups=70"])
+    assert cfg.buffer.max_groups == 70
+
+
+def test_buffer_must_hold_the_groups_april_keeps_in_flight():
+    with pytest.raises(ConfigError, match=r"buffer.max_groups \(15\) is below the 16 groups"):
+        config_from_dict({"generator": {"target_groups": 8, "overprovision": 2.0}, "buffer": {"max_groups": 15}})
+    assert config_from_dict({"generator": {"target_groups": 8, "mode": "sync"}, "buffer": {"max_groups": 8}})
+    with pytest.raises(ConfigError, match="generator.overprovision"):
+        config_from_dict({"generator": {"overprovision": 0.5}})
+    with pytest.raises(ConfigError, match="allowed values: 'restart', 'drop'"):
+        config_from_dict({"buffer": {"stale_policy": "evict"}})
+    with pytest.raises(ConfigError, match="buffer.max_staleness"):
+        config_from_dict({"buffer": {"max_staleness": -1}})
 
 
 @pytest.mark.parametrize("override,needle", [

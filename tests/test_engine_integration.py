@@ -189,7 +189,19 @@ def test_train_runs_end_to_end(generator, engine_cfg, tmp_path):
     assert versions == sorted(versions) and len(set(versions)) == 3
     assert all(r["groups"] == engine_cfg.generator.target_groups for r in records)
     assert all(r["tokens_generated"] > 0 and 0.0 <= r["reward_mean"] <= 1.0 for r in records)
-    # On-policy sync: the learner scores the tokens as the engine sampled them.
+    # The learner scores the current version's tokens as the engine sampled them.
     assert all(r["rollout_logprob_abs_diff"] < 1e-3 for r in records)
+    # APRIL (the tiny default): the long tail is aborted and continued later,
+    # so later batches carry tokens of older versions.
+    assert engine_cfg.generator.mode == "april"
+    assert records[0]["aborted_at_step_end"] > 0 and records[0]["stale_token_frac"] == 0.0
+    assert sum(r["partials_continued"] for r in records[1:]) > 0
+    assert any(r["stale_token_frac"] > 0 for r in records[1:])
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["steps"] == summary["steps"] == 3
+    # The partials left at the end are saved for a later run to continue.
+    from stream_rl.buffer.recycling import RecyclingBuffer
+
+    buf = RecyclingBuffer(engine_cfg.generator.group_size, engine_cfg.buffer.max_groups)
+    buf.load(tmp_path / "buffer.msgpack")
+    assert buf.partials and not buf.running

@@ -1,43 +1,62 @@
-"""Rollouts and the buffer that assembles them into complete groups.
+"""A rollout as it is assembled from streamed chunks, and a complete group.
 
 Chunks are appended to their rollout strictly in order: a chunk whose offset
 does not continue the rollout exactly is an error (a token lost or
-duplicated), never silently patched. Finished rollouts wait here until every
-member of their group is finished; then the group is ready for the learner.
+duplicated), never silently patched. A rollout may take several engine
+requests (an aborted partial is continued later, token-in); each request has
+its own id, `<rollout_id>.<attempt>`, so a late message from an aborted request
+can never be mistaken for its continuation.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
+import msgspec
 
 from stream_rl.protocol import TokenChunk
+
+# How a rollout ended. "pruned": stopped by the pruner; it completes its group
+# but is not trained on as a policy sample.
+FINISH_REASONS = ("stop", "length", "pruned")
 
 
 class BufferError(RuntimeError):
     pass
 
 
-@dataclass
-class Rollout:
-    request_id: str
+class Rollout(msgspec.Struct, kw_only=True):
+    rollout_id: str
     group_id: str
     prompt_ids: list[int]
     answer: str
-    response_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)  # rollout log-prob per token
-    versions: list[int] = field(default_factory=list)  # policy version per token
+    max_tokens: int  # the whole budget; a continuation gets what is left of it
+    response_ids: list[int] = []
+    logprobs: list[float] | None = []  # rollout log-prob per token; None if not requested
+    versions: list[int] = []  # policy version that sampled each token
+    attempt: int = 0  # engine requests started for this rollout
+    restarts: int = 0  # times its tokens were discarded as too stale
     finish_reason: str | None = None
     reward: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The id of the current (latest) engine request for this rollout."""
+        return f"{self.rollout_id}.{self.attempt}"
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def tokens_left(self) -> int:
+        return self.max_tokens - len(self.response_ids)
+
     def append(self, chunk: TokenChunk) -> None:
         if chunk.offset != len(self.response_ids):
-            raise BufferError(f"chunk for {self.request_id} starts at token {chunk.offset} but the rollout has "
-                              f"{len(self.response_ids)} tokens: a token was lost or duplicated")
+            raise BufferError(f"chunk for {chunk.request_id} starts at token {chunk.offset} but rollout "
+                              f"{self.rollout_id} has {len(self.response_ids)} tokens: a token was lost or duplicated")
+        if len(chunk.versions) != len(chunk.token_ids) or (chunk.logprobs and len(chunk.logprobs) != len(chunk.token_ids)):
+            raise BufferError(f"chunk for {chunk.request_id} has {len(chunk.token_ids)} tokens but "
+                              f"{len(chunk.logprobs)} logprobs and {len(chunk.versions)} versions")
         if self.logprobs is not None and chunk.token_ids and not chunk.logprobs:
             self.logprobs = None  # generator configured without logprobs
         self.response_ids.extend(chunk.token_ids)
@@ -45,76 +64,28 @@ class Rollout:
             self.logprobs.extend(chunk.logprobs)
         self.versions.extend(chunk.versions)
 
+    def restart(self) -> int:
+        """Discard the generated tokens (they are too stale); returns how many."""
+        n = len(self.response_ids)
+        self.response_ids, self.versions = [], []
+        self.logprobs = [] if self.logprobs is not None else None
+        self.restarts += 1
+        return n
 
-@dataclass
-class Group:
+
+class Group(msgspec.Struct, kw_only=True):
     group_id: str
     rollouts: list[Rollout]
 
     @property
+    def survivors(self) -> list[Rollout]:
+        """Members not pruned: the policy samples of this group."""
+        return [r for r in self.rollouts if r.finish_reason != "pruned"]
+
+    @property
     def rewards(self) -> list[float]:
-        return [r.reward for r in self.rollouts]
-
-
-class GroupBuffer:
-    """Holds rollouts by request id and releases groups once all finished."""
-
-    def __init__(self, group_size: int, max_groups: int):
-        self.group_size = group_size
-        self.max_groups = max_groups
-        self.rollouts: dict[str, Rollout] = {}
-        self._groups: OrderedDict[str, list[Rollout]] = OrderedDict()
-        self._ready: list[Group] = []
-
-    def add(self, rollout: Rollout) -> None:
-        if rollout.request_id in self.rollouts:
-            raise BufferError(f"duplicate request_id {rollout.request_id}")
-        members = self._groups.get(rollout.group_id)
-        if members is None:
-            if len(self._groups) >= self.max_groups:
-                raise BufferError(f"buffer holds buffer.max_groups={self.max_groups} open groups; "
-                                  "refusing a new one rather than evicting accepted data")
-            members = self._groups[rollout.group_id] = []
-        if len(members) >= self.group_size:
-            raise BufferError(f"group {rollout.group_id} already has {self.group_size} members")
-        members.append(rollout)
-        self.rollouts[rollout.request_id] = rollout
-
-    def get(self, request_id: str) -> Rollout:
-        try:
-            return self.rollouts[request_id]
-        except KeyError:
-            raise BufferError(f"unknown request_id {request_id!r}") from None
-
-    def finish(self, request_id: str, reason: str, reward: float) -> Group | None:
-        """Mark a rollout finished; returns its group if that completed it."""
-        r = self.get(request_id)
-        r.finish_reason, r.reward = reason, reward
-        members = self._groups[r.group_id]
-        if len(members) == self.group_size and all(m.finished for m in members):
-            del self._groups[r.group_id]
-            for m in members:
-                del self.rollouts[m.request_id]
-            group = Group(r.group_id, members)
-            self._ready.append(group)
-            return group
-        return None
-
-    def drop_group(self, group_id: str) -> list[str]:
-        """Remove an open group (e.g. a member was rejected); returns its request ids."""
-        members = self._groups.pop(group_id, [])
-        for m in members:
-            del self.rollouts[m.request_id]
-        return [m.request_id for m in members]
-
-    def take_ready(self, n: int) -> list[Group]:
-        taken, self._ready = self._ready[:n], self._ready[n:]
-        return taken
+        return [r.reward for r in self.survivors]
 
     @property
-    def num_ready(self) -> int:
-        return len(self._ready)
-
-    @property
-    def num_open_groups(self) -> int:
-        return len(self._groups)
+    def num_tokens(self) -> int:
+        return sum(len(r.response_ids) for r in self.rollouts)

@@ -18,6 +18,15 @@ def build_engine(cfg: Config):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from vllm.platforms import current_platform
+
+    extra = {}
+    if g.seeded and current_platform.is_cpu():
+        # vLLM rewinds a seeded request's generator after a partial (chunked)
+        # prefill step, which the CPU generator cannot do (the engine dies
+        # with "CPU Generator does not use offset"). A token budget that fits
+        # every running sequence's whole prompt means no prefill is ever split.
+        extra["max_num_batched_tokens"] = g.max_num_seqs * cfg.model.max_model_len
     args = AsyncEngineArgs(
         model=cfg.model.path,
         dtype=cfg.model.dtype,
@@ -31,6 +40,7 @@ def build_engine(cfg: Config):
         enable_prefix_caching=True,
         worker_extension_cls=WORKER_EXTENSION,
         disable_log_stats=True,
+        **extra,
     )
     return AsyncLLM.from_engine_args(args)
 
@@ -40,3 +50,34 @@ def sampled_logprobs(token_ids: list[int], logprobs) -> list[float]:
     if not logprobs:
         return []
     return [float(entry[tid].logprob) for tid, entry in zip(token_ids, logprobs)]
+
+
+def token_versions(starts: list[tuple[str, int]] | None, first: int, n: int, default: int) -> list[int]:
+    """Policy version of output tokens [first, first + n) of a request, from
+    the engine's (version label, first token index) spans. The engine labels
+    each scheduler step with the weights it ran on, so a token sampled just
+    before a weight update keeps the old version even if the service hears
+    of it after the update. Without spans, every token gets `default`."""
+    if not starts:
+        return [default] * n
+    if len(starts) == 1:
+        return [int(starts[0][0])] * n
+    out = []
+    k = 0
+    for pos in range(first, first + n):
+        while k + 1 < len(starts) and starts[k + 1][1] <= pos:
+            k += 1
+        out.append(int(starts[k][0]))
+    return out
+
+
+def version_starts(engine, request_id: str, final_output) -> list[tuple[str, int]] | None:
+    """The (label, start) spans for a request: from its finished output, or
+    (while it runs) from the engine's output-processor state."""
+    spans = getattr(final_output, "weight_versions", None)
+    if spans:
+        return [(s.version, s.start) for s in spans]
+    op = engine.output_processor
+    internal = op.external_req_ids.get(request_id)
+    state = op.request_states.get(internal[0]) if internal else None
+    return state.weight_version_starts if state is not None else None

@@ -13,7 +13,7 @@ import logging
 import time
 
 from stream_rl.config import Config
-from stream_rl.generator.engine import build_engine, sampled_logprobs
+from stream_rl.generator.engine import build_engine, sampled_logprobs, token_versions, version_starts
 from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, RequestRejected, RolloutFinished,
                                 RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
                                 WeightsUpdated, WeightsUpdateFailed)
@@ -21,6 +21,10 @@ from stream_rl.transport import AsyncZmqChannel
 
 log = logging.getLogger(__name__)
 _FINISH_REASONS = ("stop", "length", "abort")
+
+
+class GeneratorDied(RuntimeError):
+    pass
 
 
 class GeneratorService:
@@ -66,6 +70,7 @@ class GeneratorService:
         lps: list[float] = []
         vers: list[int] = []
         streamed = 0
+        produced = 0  # output tokens of this engine request so far
         reason = "abort"
         try:
             prompt = TokensPrompt(prompt_token_ids=req.prompt_ids + req.response_ids)
@@ -75,7 +80,9 @@ class GeneratorService:
                 if new:
                     ids += new
                     lps += sampled_logprobs(new, c.logprobs)
-                    vers += [self.version] * len(new)
+                    starts = version_starts(self.engine, req.request_id, c if out.finished else None)
+                    vers += token_versions(starts, produced, len(new), self.version)
+                    produced += len(new)
                 if ids and (len(ids) >= g.chunk_tokens or out.finished):
                     await self.outbox.send(TokenChunk(request_id=req.request_id, offset=offset + streamed,
                                                       token_ids=ids, logprobs=lps, versions=vers))
@@ -84,6 +91,12 @@ class GeneratorService:
                 if out.finished:
                     reason = c.finish_reason if c.finish_reason in _FINISH_REASONS else "abort"
         except Exception as err:  # the engine refused or failed this request only
+            if self.engine is None or self.engine.errored:
+                # A dead engine fails every request: stop serving, so the
+                # controller sees the process exit instead of endless refusals.
+                log.error("the engine died (%s: %s); the generator stops", type(err).__name__, err)
+                self._main.cancel()
+                return
             log.exception("request %s failed", req.request_id)
             await self.outbox.send(RequestRejected(request_id=req.request_id, error=f"{type(err).__name__}: {err}"))
             return
@@ -100,6 +113,9 @@ class GeneratorService:
         await self.engine.pause_generation(mode="keep", clear_cache=False)
         try:
             await self.engine.collective_rpc("stream_rl_load_weights_from_file", args=(msg.uri,))
+            # The engine labels every later step with this version; tokens
+            # take their version from that label (see token_versions).
+            await self.engine.update_weight_version(str(msg.version))
             self.version = msg.version
             # Cached prefixes were computed by the old weights.
             await self.engine.reset_prefix_cache()
@@ -115,8 +131,10 @@ class GeneratorService:
 
     async def run(self) -> None:
         g = self.cfg.generator
+        self._main = asyncio.current_task()
         self.engine = build_engine(self.cfg)
         self._vocab_size = self.engine.model_config.get_vocab_size()
+        await self.engine.update_weight_version(str(self.version))
         self.inbox = AsyncZmqChannel(g.request_addr, send=False, bind=True, hwm=g.hwm, decoder=Decoder(ToGenerator))
         self.outbox = AsyncZmqChannel(g.stream_addr, send=True, bind=True, hwm=g.hwm)
         await self.outbox.send(GeneratorReady(generator_id=self.generator_id, version=self.version,
@@ -138,6 +156,8 @@ class GeneratorService:
                     await self._update_weights(msg)
                 elif isinstance(msg, Shutdown):
                     break
+        except asyncio.CancelledError:
+            raise GeneratorDied("the vLLM engine died; see the traceback above") from None
         finally:
             for t in list(self.tasks.values()):
                 t.cancel()

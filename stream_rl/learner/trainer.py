@@ -31,19 +31,19 @@ def samples_from_groups(groups: list[Group], eps: float, drop_zero_variance: boo
     """Advantages per group; returns the samples and the groups dropped."""
     out, dropped = [], 0
     for g in groups:
-        rewards = g.rewards
-        for r in g.rollouts:
+        rewards, survivors = g.rewards, g.survivors
+        for r in survivors:
             if not r.response_ids:
-                raise BadSampleError(f"rollout {r.request_id} of group {g.group_id} has an empty response")
+                raise BadSampleError(f"rollout {r.rollout_id} of group {g.group_id} has an empty response")
             if r.reward is None or not math.isfinite(r.reward):
-                raise BadSampleError(f"rollout {r.request_id} of group {g.group_id} has reward {r.reward}")
+                raise BadSampleError(f"rollout {r.rollout_id} of group {g.group_id} has reward {r.reward}")
             if r.logprobs is not None and len(r.logprobs) != len(r.response_ids):
-                raise BadSampleError(f"rollout {r.request_id}: {len(r.logprobs)} logprobs for "
+                raise BadSampleError(f"rollout {r.rollout_id}: {len(r.logprobs)} logprobs for "
                                      f"{len(r.response_ids)} tokens")
         if drop_zero_variance and len(set(rewards)) == 1:
             dropped += 1
             continue
-        for r, a in zip(g.rollouts, group_advantages(rewards, eps)):
+        for r, a in zip(survivors, group_advantages(rewards, eps)):
             if mask_truncated and r.finish_reason == "length":
                 continue
             out.append(Sample(r.prompt_ids, r.response_ids, a, r.logprobs, r.versions))
@@ -109,10 +109,14 @@ class Learner:
         with torch.set_grad_enabled(grad):
             return token_logprobs(self.model, ids, attn), mask
 
-    def step(self, samples: list[Sample]) -> dict:
-        """One policy update (or `minibatches` of them) on a batch of samples."""
+    def step(self, samples: list[Sample], policy_version: int | None = None) -> dict:
+        """One policy update (or `minibatches` of them) on a batch of samples.
+        `policy_version`: the version of the learner's current weights; the
+        engine/learner log-prob mismatch is then measured on that version's
+        tokens only (older tokens differ because the policy moved)."""
         lc = self.cfg.learner
-        stats = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "rollout_logprob_abs_diff": 0.0}
+        stats = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "rollout_logprob_abs_diff": 0.0,
+                 "stale_token_frac": 0.0}
         if not samples:
             return stats
         n_mb = min(lc.minibatches, len(samples))
@@ -140,7 +144,7 @@ class Learner:
                 stats["loss"] += float(terms.loss.detach()) / n_mb
                 clipped += float(terms.clipped_tokens)
                 toks += float(terms.tokens)
-                d, n = _rollout_diff(logp.detach(), mask, mb)
+                d, n = _rollout_diff(logp.detach(), mask, mb, policy_version)
                 diff_sum += d
                 diff_n += n
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)
@@ -149,6 +153,9 @@ class Learner:
         self.steps += 1
         stats["clip_frac"] = clipped / max(toks, 1.0)
         stats["rollout_logprob_abs_diff"] = diff_sum / max(diff_n, 1)
+        if policy_version is not None:
+            n_all = sum(len(s.versions) for s in samples)
+            stats["stale_token_frac"] = sum(v != policy_version for s in samples for v in s.versions) / max(n_all, 1)
         return stats
 
     def weights_for_sync(self) -> dict[str, torch.Tensor]:
@@ -160,13 +167,18 @@ class Learner:
         return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def _rollout_diff(logp: torch.Tensor, mask: torch.Tensor, batch: list[Sample]) -> tuple[float, int]:
-    """Sum of |log π_learner − log π_rollout| over tokens (engine/learner mismatch)."""
+def _rollout_diff(logp: torch.Tensor, mask: torch.Tensor, batch: list[Sample],
+                  version: int | None = None) -> tuple[float, int]:
+    """Sum of |log π_learner − log π_rollout| over tokens (engine/learner
+    mismatch), over the tokens of `version` only when it is given."""
     total, n = 0.0, 0
     for i, s in enumerate(batch):
         if s.rollout_logprobs is None:
             continue
-        lp = logp[i][mask[i]]
-        total += float((lp - torch.tensor(s.rollout_logprobs, dtype=lp.dtype)).abs().sum())
-        n += len(s.rollout_logprobs)
+        diff = (logp[i][mask[i]] - torch.tensor(s.rollout_logprobs, dtype=logp.dtype)).abs()
+        if version is not None:
+            keep = torch.tensor([v == version for v in s.versions], dtype=torch.bool)
+            diff = diff[keep]
+        total += float(diff.sum())
+        n += diff.numel()
     return total, n
