@@ -203,9 +203,10 @@ def test_buffer_saved_and_restored_continues_its_partials(generator, engine_cfg,
 
 def test_weight_update_in_flight_pauses_and_resumes_every_request(generator, world, sync_to):
     tok, _ = world
-    ids = [f"keep-{uuid.uuid4().hex[:6]}-{i}" for i in range(6)]
-    for r in ids:  # 99 in steps of 1: ~300 tokens, still running at the update
-        generator.submit(RolloutRequest(request_id=r, group_id="k", prompt_ids=tok("99a=").input_ids, max_tokens=300))
+    ids = [f"keep-{uuid.uuid4().hex[:6]}-{i}" for i in range(16)]
+    for i, r in enumerate(ids):  # the 90s in steps of 1: ~300 tokens, most still running at the update
+        generator.submit(RolloutRequest(request_id=r, group_id="k", prompt_ids=tok(f"9{i % 8 + 2}a=").input_ids,
+                                        max_tokens=300))
     chunks, ends = defaultdict(list), {}
     updated = None
     while len(ends) < len(ids):
@@ -213,7 +214,7 @@ def test_weight_update_in_flight_pauses_and_resumes_every_request(generator, wor
         assert msg is not None, "the generator stopped streaming"
         if isinstance(msg, TokenChunk) and msg.request_id in ids:
             chunks[msg.request_id].append(msg)
-            if updated is None and sum(len(c.token_ids) for c in chunks[msg.request_id]) >= 32:
+            if updated is None:  # at the first chunk: the engine is mid-generation
                 before = generator.version
                 updated = sync_to()  # recv() keeps the chunks that arrive meanwhile
         elif isinstance(msg, RolloutFinished) and msg.request_id in ids:
