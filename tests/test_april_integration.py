@@ -203,8 +203,11 @@ def test_buffer_saved_and_restored_continues_its_partials(generator, engine_cfg,
 
 def test_weight_update_in_flight_pauses_and_resumes_every_request(generator, world, sync_to):
     tok, _ = world
-    ids = [f"keep-{uuid.uuid4().hex[:6]}-{i}" for i in range(16)]
-    for i, r in enumerate(ids):  # the 90s in steps of 1: ~300 tokens, most still running at the update
+    # 96 requests counting down from the 90s in steps of 1 (~300 tokens
+    # each) keep the engine busy for seconds: most are still running when the
+    # update arrives, however late the first chunk is seen here.
+    ids = [f"keep-{uuid.uuid4().hex[:6]}-{i}" for i in range(96)]
+    for i, r in enumerate(ids):
         generator.submit(RolloutRequest(request_id=r, group_id="k", prompt_ids=tok(f"9{i % 8 + 2}a=").input_ids,
                                         max_tokens=300))
     chunks, ends = defaultdict(list), {}
