@@ -118,26 +118,14 @@ class RolloutController:
         open_limit = math.ceil(g.overprovision * target_groups) if april else 0
         stats = RolloutStats()
         before = msgspec.structs.replace(self.buffer.stats)
-        t0 = last = time.perf_counter()
+        t0 = time.perf_counter()
         if april:
             self._fill(open_limit)
         else:
             for _ in range(max(0, target_groups - self.buffer.num_ready - self.buffer.num_open_groups)):
                 self._new_group()
-        deadline = time.monotonic() + timeout_s
-        while self.buffer.num_ready < target_groups:
-            if time.monotonic() > deadline:
-                raise GeneratorError(f"rollout step did not finish within {timeout_s:.0f} s")
-            msg = self.client.recv(timeout_ms=1000)
-            now = time.perf_counter()
-            stats.busy_request_s += len(self.buffer.running) * (now - last)
-            last = now
-            if msg is None:
-                self.client.check_alive()
-                continue
-            self._handle(msg, stats)
-            if april:
-                self._fill(open_limit)
+        self._pump(lambda: self.buffer.num_ready >= target_groups, stats, timeout_s, "rollout step did not finish",
+                   after=(lambda: self._fill(open_limit)) if april else None)
         # The batch is ready: everything still generating becomes a partial
         # (its final tokens and abort notice arrive during the next step).
         running = list(self.buffer.running)
@@ -150,17 +138,26 @@ class RolloutController:
     def drain(self, timeout_s: float = 60.0) -> None:
         """Wait until every aborted request has reported its last tokens, so
         the buffer holds them all (before saving it or stopping)."""
-        stats = RolloutStats()
+        self._pump(lambda: not self.buffer.running, RolloutStats(), timeout_s, "aborted requests did not report")
+
+    def _pump(self, done, stats: RolloutStats, timeout_s: float, what: str, after=None) -> None:
+        """Receive and handle stream messages until `done()`; `after` runs
+        after each message. Counts requests in flight over time in `stats`."""
         deadline = time.monotonic() + timeout_s
-        while self.buffer.running:
+        last = time.perf_counter()
+        while not done():
             if time.monotonic() > deadline:
-                raise GeneratorError(f"{len(self.buffer.running)} aborted requests did not report "
-                                     f"within {timeout_s:.0f} s")
+                raise GeneratorError(f"{what} within {timeout_s:.0f} s ({len(self.buffer.running)} requests running)")
             msg = self.client.recv(timeout_ms=1000)
+            now = time.perf_counter()
+            stats.busy_request_s += len(self.buffer.running) * (now - last)
+            last = now
             if msg is None:
                 self.client.check_alive()
-            else:
-                self._handle(msg, stats)
+                continue
+            self._handle(msg, stats)
+            if after is not None:
+                after()
 
     # --- messages in ----------------------------------------------------------
 
@@ -178,12 +175,9 @@ class RolloutController:
                 self.buffer.prune(msg.request_id)
                 self.client.abort([msg.request_id])
         elif isinstance(msg, RolloutFinished):
-            r = self.buffer.running.get(msg.request_id)
-            if r is None:
-                self.buffer.on_finished(msg.request_id, msg.finish_reason)  # counted as late
-                return
             reward = None
-            if (msg.finish_reason != "abort" or r.tokens_left <= 0) and msg.request_id not in self.buffer.pruning:
+            if self.buffer.needs_reward(msg.request_id, msg.finish_reason):
+                r = self.buffer.running[msg.request_id]
                 reward = self._score(r)
                 stats.rollouts_finished += 1
                 stats.truncated += msg.finish_reason != "stop"

@@ -165,12 +165,23 @@ class RecyclingBuffer:
         if request_id in self.pruning:
             self.pruning.discard(request_id)
             reason, reward = "pruned", None
-        elif reason == "abort" and r.tokens_left > 0:
+        elif not self._ends(r, reason):
             self.partials.append(r)
             self.stats.partials_created += 1
             return r
         self.finish(r, "length" if reason == "abort" else reason, reward)
         return r
+
+    def needs_reward(self, request_id: str, reason: str) -> bool:
+        """Whether `on_finished(request_id, reason)` will finish a running
+        rollout that is scored (not pruned, not kept as a partial)."""
+        r = self.running.get(request_id)
+        return r is not None and request_id not in self.pruning and self._ends(r, reason)
+
+    @staticmethod
+    def _ends(r: Rollout, reason: str) -> bool:
+        # An aborted request ends its rollout only when the budget is spent.
+        return reason != "abort" or r.tokens_left <= 0
 
     def finish(self, r: Rollout, reason: str, reward: float | None) -> None:
         """Record a rollout's end; its group moves to `ready` once complete.
