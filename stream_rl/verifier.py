@@ -42,22 +42,22 @@ class MathVerifier:
         # math-verify's timeouts use SIGALRM, which only works in the main
         # thread; elsewhere they are switched off rather than failing.
         timeout = 5 if threading.current_thread() is threading.main_thread() else None
-        configs = [LatexExtractionConfig(), ExprExtractionConfig()]
         gold = _parse_gold(answer, timeout)
-        got = parse(_as_math(pred), extraction_config=configs, parsing_timeout=timeout)
+        got = parse(_as_math(pred), extraction_config=_EXTRACTION, parsing_timeout=timeout)
         if not gold or not got:
             return 0.0
         return 1.0 if verify(gold, got, timeout_seconds=timeout) else 0.0
 
 
+# What math-verify extracts, for the reference and the response alike.
+_EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
 _INT = re.compile(r"[-+]?\d+")
 
 
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(answer: str, timeout):
     # A group's G responses share one reference answer: parse it once.
-    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
-    return parse(_as_math(answer), extraction_config=configs, parsing_timeout=timeout)
+    return parse(_as_math(answer), extraction_config=_EXTRACTION, parsing_timeout=timeout)
 
 
 def _as_math(text: str) -> str:
