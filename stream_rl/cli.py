@@ -32,11 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--id", default="gen0")
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("what", choices=["generation"])
+    p.add_argument("what", choices=["generation", "pruning"])
     _add_config_args(p)
     p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
-    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per mode first")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per mode (generation: timed steps, default 10; pruning: training steps, default 40)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="generation: untimed steps per mode first")
+    p.add_argument("--modes", default="random,arrol", help="pruning: pruner modes to train, in order")
 
     p = sub.add_parser("check-config", help="load and validate a config, print it resolved")
     _add_config_args(p)
@@ -65,12 +67,27 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(cfg, args.id)
     elif args.cmd == "bench":
-        if args.steps < 1 or args.warmup_steps < 0:
+        steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40}[args.what]
+        if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2
-        from stream_rl.bench.generation import main as bench_generation
+        if args.what == "generation":
+            from stream_rl.bench.generation import main as bench_generation
 
-        bench_generation(cfg, args.out_json, args.steps, args.warmup_steps)
+            bench_generation(cfg, args.out_json, steps, args.warmup_steps)
+        else:
+            from stream_rl.bench.pruning import main as bench_pruning
+
+            modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+            unknown = [m for m in modes if m not in ("none", "random", "arrol")]
+            if unknown or not modes:
+                print(f"config error: --modes takes none, random, arrol; got {args.modes!r}", file=sys.stderr)
+                return 2
+            if steps <= cfg.pruner.cold_start_steps:
+                print(f"config error: --steps ({steps}) must exceed pruner.cold_start_steps "
+                      f"({cfg.pruner.cold_start_steps})", file=sys.stderr)
+                return 2
+            bench_pruning(cfg, args.out_json, steps, modes)
     elif args.cmd == "train":
         from stream_rl.train import train
 

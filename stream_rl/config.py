@@ -57,6 +57,9 @@ class DataConfig(_Section):
     # Regex whose first group is the answer to verify; None hands the whole
     # response to math-verify's own extraction (\boxed{...}, last number).
     answer_regex: str | None = None
+    # "math": math-verify equivalence of final answers; "exact": the whole
+    # extracted text must equal the reference (up to whitespace).
+    answer_match: Literal["math", "exact"] = "math"
 
 
 class GeneratorConfig(_Section):
@@ -93,10 +96,11 @@ class GeneratorConfig(_Section):
 
 
 class PrunerConfig(_Section):
-    # "none" passes every rollout through. ARRoL's parameters below are
-    # validated now so run configs can carry them; "random"/"arrol" pruning
-    # arrives with the pruner stage (issue #4).
-    mode: Literal["none"] = "none"
+    # "none" passes every rollout through; "random" keeps a rollout that
+    # reaches l_detect tokens with probability kappa; "arrol" scores it with
+    # the learned quality head and keeps it with ARRoL's survival
+    # probability (mean kappa, steered toward a positive ratio rho).
+    mode: Literal["none", "random", "arrol"] = "none"
     kappa: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
     rho: Prob = 0.5
     lam: NonNegFloat = 0.5
@@ -105,9 +109,27 @@ class PrunerConfig(_Section):
     p_max: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     bins: PosInt = 128
     alpha: PosFloat = 1.0
+    # Steps without pruning while the head and the calibrator collect data
+    # (both modes, so random and arrol prune over the same steps).
     cold_start_steps: NonNegInt = 20
     head_hidden: PosInt = 256
+    # Rollouts never pruned: the unbiased slice the head's quality is measured on.
     exempt_fraction: Prob = 0.05
+    # Labelled scores per class in the calibrator's sliding buffers.
+    calib_window: PosInt = 2048
+    # Recent scores (pruned rollouts included) whose mean survival is kappa.
+    score_window: PosInt = 1024
+    # A group keeps at least this many unpruned members ("keep": the pruner
+    # spares the rest) or is dropped and counted ("drop") and a new prompt
+    # takes its place.
+    min_survivors: PosInt = 2
+    small_groups: Literal["keep", "drop"] = "keep"
+    # Head training: Adam steps per learner step on minibatches drawn from
+    # the most recent labelled features.
+    head_lr: PosFloat = 1e-3
+    head_updates: PosInt = 8
+    head_batch: PosInt = 256
+    head_replay: PosInt = 4096
 
 
 class BufferConfig(_Section):
@@ -193,6 +215,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             f"buffer.max_groups ({cfg.buffer.max_groups}) is below the {in_flight} groups generator.mode="
             f"{g.mode!r} keeps in flight (generator.overprovision x generator.target_groups)")
+    if p.mode != "none" and p.l_detect >= g.max_tokens:
+        raise ConfigError(f"pruner.l_detect ({p.l_detect}) must be below generator.max_tokens ({g.max_tokens}): "
+                          "no rollout could reach it")
+    if p.mode != "none" and p.min_survivors > g.group_size:
+        raise ConfigError(f"pruner.min_survivors ({p.min_survivors}) exceeds generator.group_size ({g.group_size})")
     if cfg.generator.request_addr == cfg.generator.stream_addr:
         raise ConfigError("generator.request_addr and generator.stream_addr must differ")
 

@@ -43,6 +43,7 @@ class RolloutStats:
     rollouts_finished: int = 0
     truncated: int = 0  # finished by the length budget, not by EOS
     pruned: int = 0
+    pruned_groups_dropped: int = 0  # fell below pruner.min_survivors (small_groups: drop)
     rejected: int = 0
     aborted: int = 0  # requests still running at the step's end, aborted
     seconds: float = 0.0
@@ -51,6 +52,7 @@ class RolloutStats:
     busy_request_s: float = 0.0
     response_lens: list[int] = field(default_factory=list)
     buffer: dict = field(default_factory=dict)  # buffer counters' change over the step
+    pruner: dict = field(default_factory=dict)  # the pruner's metrics for the step
 
     @property
     def mean_in_flight(self) -> float:
@@ -90,7 +92,8 @@ class RolloutController:
         self.client.submit(RolloutRequest(request_id=rid, group_id=r.group_id, prompt_ids=r.prompt_ids,
                                           response_ids=r.response_ids, max_tokens=r.tokens_left,
                                           temperature=g.temperature, top_p=g.top_p,
-                                          seed=request_seed(self.cfg.run.seed, rid) if g.seeded else None))
+                                          seed=request_seed(self.cfg.run.seed, rid) if g.seeded else None,
+                                          score_at=self.pruner.score_at(r)))
 
     def _new_group(self) -> None:
         row = self.sampler.next()
@@ -133,7 +136,9 @@ class RolloutController:
         stats.aborted = len(running)
         stats.seconds = time.perf_counter() - t0
         stats.buffer = buffer_delta(before, self.buffer.stats)
-        return self.buffer.take_ready(target_groups), stats
+        groups = self.buffer.take_ready(target_groups)
+        stats.pruner = self.pruner.end_step(groups)
+        return groups, stats
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Wait until every aborted request has reported its last tokens, so
@@ -159,6 +164,13 @@ class RolloutController:
             if after is not None:
                 after()
 
+    def _replace_group(self, group_id: str) -> None:
+        """Drop an open group; a new prompt takes its place (april refills by
+        itself)."""
+        self.client.abort(self.buffer.drop_group(group_id))
+        if self.cfg.generator.mode == "sync":
+            self._new_group()
+
     # --- messages in ----------------------------------------------------------
 
     def _score(self, r: Rollout) -> float:
@@ -170,10 +182,14 @@ class RolloutController:
             if r is None:
                 return  # a late chunk of a dropped group
             stats.tokens_generated += len(msg.token_ids)
-            if not self.pruner.review(r):
+            members = self.buffer.groups[r.group_id]
+            if not self.pruner.review(r, members):
                 stats.pruned += 1
                 self.buffer.prune(msg.request_id)
                 self.client.abort([msg.request_id])
+                if self.pruner.group_too_small(members):
+                    stats.pruned_groups_dropped += 1
+                    self._replace_group(r.group_id)
         elif isinstance(msg, RolloutFinished):
             reward = None
             if self.buffer.needs_reward(msg.request_id, msg.finish_reason):
@@ -190,8 +206,6 @@ class RolloutController:
             stats.rejected += 1
             log.error("generator rejected %s: %s; dropping group %s and drawing a new prompt",
                       msg.request_id, msg.error, group_id)
-            self.client.abort(self.buffer.drop_group(group_id))
-            if self.cfg.generator.mode == "sync":
-                self._new_group()
+            self._replace_group(group_id)
         else:
             log.warning("unexpected message during rollout: %s", type(msg).__name__)

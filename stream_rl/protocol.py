@@ -36,6 +36,9 @@ class RolloutRequest(_Msg):
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    # Evaluate the quality head when the response reaches this many tokens
+    # (the pruner's L_detect); None: the rollout needs no score.
+    score_at: int | None = None
 
 
 class AbortRequests(_Msg):
@@ -68,6 +71,18 @@ class TokenChunk(_Msg):
     token_ids: list[int]
     logprobs: list[float]  # log-prob of each sampled token (empty if not requested)
     versions: list[int]  # policy version that sampled each token
+    score: QualityScore | None = None  # set on the chunk that follows the head's evaluation
+
+
+class QualityScore(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The quality head's verdict on a rollout's first `at_tokens` response
+    tokens, computed inside the engine from the hidden state that predicts
+    token `at_tokens + 1`. `features` is that hidden state (the head's input),
+    float32 little-endian, kept so the learner can train the head on the
+    rollout's final reward."""
+    at_tokens: int
+    logit: float
+    features: bytes
 
 
 class RolloutFinished(_Msg):
@@ -89,6 +104,20 @@ class WeightsUpdated(_Msg):
 class WeightsUpdateFailed(_Msg):
     version: int
     error: str
+
+
+# --- vLLM worker -> generator service (a side channel inside the generator) --
+
+class WorkerScore(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    request_id: str
+    seq_len: int  # prompt + response tokens the hidden state has seen
+    logit: float
+    features: bytes
+
+
+class WorkerScores(_Msg):
+    """The head's scores from one engine step."""
+    scores: list[WorkerScore]
 
 
 ToGenerator = Union[RolloutRequest, AbortRequests, UpdateWeights, Shutdown]
@@ -133,6 +162,12 @@ def _check(msg) -> None:
                 f"logprobs and {len(msg.versions)} versions")
         if msg.offset < 0:
             raise ProtocolError(f"rejected TokenChunk for {msg.request_id}: negative offset")
+        if msg.score is not None and (msg.score.at_tokens < 1 or len(msg.score.features) % 4):
+            raise ProtocolError(f"rejected TokenChunk for {msg.request_id}: score at {msg.score.at_tokens} tokens "
+                                f"with {len(msg.score.features)} feature bytes (float32 expected)")
     elif isinstance(msg, RolloutRequest):
         if msg.max_tokens < 1:
             raise ProtocolError(f"rejected RolloutRequest {msg.request_id}: max_tokens must be >= 1")
+        if msg.score_at is not None and msg.score_at < max(1, len(msg.response_ids)):
+            raise ProtocolError(f"rejected RolloutRequest {msg.request_id}: score_at={msg.score_at} is before the "
+                                f"{len(msg.response_ids)} response tokens it continues (or below 1)")

@@ -18,7 +18,7 @@ from stream_rl.generator.client import GeneratorClient, GeneratorProcess
 from stream_rl.learner.trainer import Learner, samples_from_groups
 from stream_rl.metrics import MetricsLogger
 from stream_rl.pruner.base import make_pruner
-from stream_rl.verifier import MathVerifier
+from stream_rl.verifier import make_verifier
 from stream_rl.weights_sync import make_weight_sender
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
     dataset = PromptDataset.load(cfg.data, tokenizer)
     log.info("loaded %d prompts from %s (%d set aside as too long)", len(dataset.rows), dataset.source,
              len(dataset.overlong))
-    verifier = MathVerifier(cfg.data.answer_regex)
+    verifier = make_verifier(cfg.data)
     learner = Learner(cfg)
     sender = make_weight_sender(cfg, out)
     def sync_weights() -> None:
@@ -77,7 +77,9 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
     owned = generator is None
     if owned:
         generator = GeneratorProcess(cfg, out)
-    else:  # a running generator may serve other weights: start from ours
+    if not owned or learner.head_trainer is not None:
+        # A running generator may serve other weights, and a fresh one has
+        # no quality head yet: start from ours.
         sync_weights()
     log.info("generator ready after %.1f s", time.time() - t_start)
     controller = RolloutController(cfg, generator, PromptSampler(dataset, cfg.data.shuffle, cfg.run.seed),
@@ -99,6 +101,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
             useful = sum(g.num_tokens for g in groups)
             tt = time.perf_counter()
             lstats = learner.step(samples, policy_version=generator.version)
+            lstats.update(learner.train_head(groups))
             train_s = time.perf_counter() - tt
             sync_s = 0.0
             if step % cfg.weights_sync.every_steps == 0 or step == steps:
@@ -126,6 +129,10 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
                 "response_len_mean": _mean(gstats.response_lens),
                 "truncated_frac": gstats.truncated / max(1, gstats.rollouts_finished),
                 "rejected_requests": gstats.rejected,
+                "pruned_requests": gstats.pruned,
+                "pruned_groups_dropped": gstats.pruned_groups_dropped,
+                "tokens_per_kept_rollout": gstats.tokens_generated / max(1, sum(len(g.survivors) for g in groups)),
+                **{f"prune/{k}": v for k, v in gstats.pruner.items()},
                 "version_lag_max": lag_max,
                 "gen_s": gstats.seconds,
                 "train_s": train_s,
@@ -147,6 +154,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
     summary = summarize(records)
     summary["startup_s"] = t0 - t_start
     summary["step_s_median"] = statistics.median(r["step_s"] for r in records) if records else 0.0
+    summary.update({f"prune/{k}": v for k, v in controller.pruner.summary().items()})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     learner.model.save_pretrained(out / "final_model")
     tokenizer.save_pretrained(out / "final_model")

@@ -1,9 +1,12 @@
-"""Verifiable reward: 1.0 if the response's final answer equals the reference.
+"""Verifiable reward: 1.0 if the response's answer equals the reference.
 
-Built on math-verify, so LaTeX, fractions and equivalent forms compare as a
-mathematician would. An optional regex first cuts the answer out of the
-response (the tiny task's `#### 9`, GSM8K's `#### 42`); without it math-verify
-extracts the answer itself (\\boxed{...} or the last expression).
+`match: math` (default) is built on math-verify, so LaTeX, fractions and
+equivalent forms compare as a mathematician would. An optional regex first
+cuts the answer out of the response (GSM8K's `#### 42`); without it
+math-verify extracts the answer itself (\\boxed{...} or the last expression).
+`match: exact` compares the (extracted) text with the reference up to
+whitespace: a reward on the whole worked solution, such as the tiny task's,
+where one slip anywhere fails the rollout.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 
 
 class MathVerifier:
-    def __init__(self, answer_regex: str | None = None):
+    def __init__(self, answer_regex: str | None = None, match: str = "math"):
+        if match not in ("math", "exact"):
+            raise ValueError(f"data.answer_match must be 'math' or 'exact', not {match!r}")
+        self.exact = match == "exact"
         try:
             self._answer_re = re.compile(answer_regex) if answer_regex else None
         except re.error as err:
@@ -35,6 +41,8 @@ class MathVerifier:
         pred = self.extract(response)
         if pred is None or not pred.strip():
             return 0.0
+        if self.exact:
+            return 1.0 if pred.split() == answer.split() else 0.0
         # Plain integers compare as integers ("07" == "7", as math-verify
         # says too) without parsing: scoring sits on the rollout hot path.
         if _INT.fullmatch(pred.strip()) and _INT.fullmatch(answer.strip()):
@@ -47,6 +55,11 @@ class MathVerifier:
         if not gold or not got:
             return 0.0
         return 1.0 if verify(gold, got, timeout_seconds=timeout) else 0.0
+
+
+def make_verifier(data_cfg) -> MathVerifier:
+    """The verifier a `data` config section describes."""
+    return MathVerifier(data_cfg.answer_regex, data_cfg.answer_match)
 
 
 # What math-verify extracts, for the reference and the response alike.

@@ -48,3 +48,27 @@ def generator(engine_cfg, tmp_path_factory):
     gen = GeneratorProcess(engine_cfg, tmp_path_factory.mktemp("generator"))
     yield gen
     gen.stop()
+
+
+def cfg_with(cfg, **changes):
+    """`cfg` with `section__field=value` changes, validated like a file."""
+    import msgspec
+
+    from stream_rl.config import config_from_dict
+
+    raw = msgspec.to_builtins(cfg)
+    for key, value in changes.items():
+        section, name = key.split("__")
+        raw[section][name] = value
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="session")
+def world(engine_cfg):
+    """The tiny tokenizer and training prompts."""
+    from transformers import AutoTokenizer
+
+    from stream_rl.data import PromptDataset
+
+    tok = AutoTokenizer.from_pretrained(engine_cfg.model.path)
+    return tok, PromptDataset.load(engine_cfg.data, tok)

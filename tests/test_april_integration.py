@@ -13,10 +13,12 @@ import pytest
 from stream_rl.buffer.recycling import RecyclingBuffer
 from stream_rl.buffer.rollouts import BufferError
 from stream_rl.controller import RolloutController
-from stream_rl.data import PromptDataset, PromptSampler
+from stream_rl.data import PromptSampler
 from stream_rl.protocol import RolloutFinished, RolloutRequest, TokenChunk
 from stream_rl.pruner.base import make_pruner
-from stream_rl.verifier import MathVerifier
+from stream_rl.verifier import make_verifier
+
+from conftest import cfg_with as _cfg
 
 pytestmark = pytest.mark.engine
 
@@ -60,24 +62,6 @@ class Recorder:
         return ids, vers, lps, [rid for _, rid in attempts]
 
 
-def _cfg(engine_cfg, **changes):
-    raw = msgspec.to_builtins(engine_cfg)
-    for key, value in changes.items():
-        section, name = key.split("__")
-        raw[section][name] = value
-    from stream_rl.config import config_from_dict
-
-    return config_from_dict(raw)
-
-
-@pytest.fixture(scope="module")
-def world(engine_cfg):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(engine_cfg.model.path)
-    return tok, PromptDataset.load(engine_cfg.data, tok)
-
-
 @pytest.fixture
 def sync_to(generator, engine_cfg, tmp_path):
     """Send the model's own weights under a new version (weights unchanged,
@@ -99,7 +83,7 @@ def sync_to(generator, engine_cfg, tmp_path):
 def _controller(cfg, client, world, seed=0, buffer=None):
     tok, dataset = world
     return RolloutController(cfg, client, PromptSampler(dataset, True, seed), tok,
-                             MathVerifier(cfg.data.answer_regex), make_pruner(cfg), buffer=buffer)
+                             make_verifier(cfg.data), make_pruner(cfg), buffer=buffer)
 
 
 def test_april_steps_recycle_partials_without_losing_a_token(generator, engine_cfg, world, sync_to):

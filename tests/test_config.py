@@ -36,7 +36,8 @@ def test_tiny_yaml_loads_with_its_values():
     cfg = load_config(TINY)
     assert isinstance(cfg, Config)
     assert cfg.model.max_model_len == 512
-    assert cfg.data.answer_regex == r"####\s*(-?\d+)\s*$"
+    assert cfg.data.answer_regex is None
+    assert (cfg.data.answer_field, cfg.data.answer_match) == ("solution", "exact")
     assert cfg.data.max_prompt_tokens == 64
     assert cfg.generator.max_tokens == 320
     assert cfg.learner.loss == "grpo"
@@ -125,14 +126,14 @@ def test_overrides_apply_with_yaml_scalar_typing():
         "learner.loss=dapo",
         "generator.group_size=4",
         "run.progress=false",
-        "data.answer_regex=null",
+        "data.answer_regex=Answer=(.*)",
     ])
     assert cfg.learner.lr == pytest.approx(1e-5)
     assert isinstance(cfg.learner.lr, float)
     assert cfg.learner.loss == "dapo"
     assert cfg.generator.group_size == 4
     assert cfg.run.progress is False
-    assert cfg.data.answer_regex is None
+    assert cfg.data.answer_regex == "Answer=(.*)"
     # Values the overrides did not touch come from the file.
     assert cfg.learner.micro_batch_tokens == 16384
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,41 @@ def test_scores_from_a_worker_thread(tiny, free):
     assert not th.is_alive()
     assert not errors, errors
     assert results == [1.0, 0.0, 1.0]
+
+
+# --- exact match (the tiny task's whole-solution reward) ---------------------
+
+def test_exact_match_compares_the_whole_text_up_to_whitespace():
+    v = MathVerifier(match="exact")
+    ref = "70 67 64 #### 1"
+    assert v.score("70 67 64 #### 1", ref) == 1.0
+    assert v.score("  70  67\n64 #### 1 ", ref) == 1.0
+    # A slip that still lands on the right final answer fails the rollout.
+    assert v.score("70 66 64 #### 1", ref) == 0.0
+    assert v.score("70 67 64 #### 1 extra", ref) == 0.0
+    assert v.score("", ref) == 0.0
+
+
+def test_exact_match_applies_after_the_answer_regex():
+    v = MathVerifier(r"<a>(.*)</a>", match="exact")
+    assert v.score("work <a>x = 2</a>", "x =  2") == 1.0
+    assert v.score("work <a>x = 3</a>", "x = 2") == 0.0
+
+
+def test_unknown_match_mode_is_refused_by_name():
+    with pytest.raises(ValueError, match="answer_match"):
+        MathVerifier(match="fuzzy")
+
+
+def test_tiny_config_rewards_the_whole_solution():
+    from stream_rl.config import load_config
+    from stream_rl.tiny.task import _problem
+    from stream_rl.verifier import make_verifier
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    v = make_verifier(cfg.data)
+    p = _problem(73, 3)
+    assert v.score(p.solution, p.solution) == 1.0
+    nums = p.solution.split()
+    nums[3] = "%02d" % ((int(nums[3]) + 10) % 100)  # a tens-digit slip, same last digit
+    assert v.score(" ".join(nums), p.solution) == 0.0

@@ -30,7 +30,6 @@ service, not the engine core and its workers, which poll while waiting).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -40,11 +39,12 @@ from pathlib import Path
 
 import msgspec
 
+from stream_rl.bench.common import emit, free_ports
 from stream_rl.config import Config
 from stream_rl.controller import RolloutController, request_seed
 from stream_rl.data import PromptDataset, PromptSampler
 from stream_rl.pruner.base import make_pruner
-from stream_rl.verifier import MathVerifier
+from stream_rl.verifier import make_verifier
 
 
 class InFlightMeter:
@@ -175,7 +175,7 @@ class PipelineMode:
     def __init__(self, cfg: Config, client, dataset, tokenizer):
         self.cfg, self.client = cfg, client
         self.controller = RolloutController(cfg, client, PromptSampler(dataset, cfg.data.shuffle, cfg.run.seed),
-                                            tokenizer, MathVerifier(cfg.data.answer_regex), make_pruner(cfg))
+                                            tokenizer, make_verifier(cfg.data), make_pruner(cfg))
         self.tally = ModeTally(cfg.generator.max_num_seqs)
         self.before: dict[str, int] | None = None
 
@@ -198,19 +198,6 @@ class PipelineMode:
                            partials_continued=stats.buffer["partials_continued"])
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sk in socks:
-            sk.bind(("127.0.0.1", 0))
-        return [sk.getsockname()[1] for sk in socks]
-    finally:
-        for sk in socks:
-            sk.close()
-
-
 def _with(cfg: Config, **generator) -> Config:
     return msgspec.structs.replace(cfg, generator=msgspec.structs.replace(cfg.generator, **generator))
 
@@ -230,7 +217,7 @@ def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdi
     try:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             for name in ("sync", "april"):
-                ports = _free_ports(2)
+                ports = free_ports(2)
                 gcfg = _with(cfg, mode=name, request_addr=f"tcp://127.0.0.1:{ports[0]}",
                              stream_addr=f"tcp://127.0.0.1:{ports[1]}")
                 cfgs.append(gcfg)
@@ -273,10 +260,4 @@ def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdi
 
 
 def main(cfg: Config, out_json: str | None, steps: int, warmup_steps: int) -> dict:
-    result = bench_generation(cfg, steps, warmup_steps)
-    text = json.dumps(result, indent=2)
-    if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(text + "\n")
-    print(text)
-    return result
+    return emit(bench_generation(cfg, steps, warmup_steps), out_json)

@@ -36,6 +36,19 @@ class Rollout(msgspec.Struct, kw_only=True):
     restarts: int = 0  # times its tokens were discarded as too stale
     finish_reason: str | None = None
     reward: float | None = None
+    # The pruner's view (ARRoL): the quality head's logit and its input
+    # features (float32 bytes) at L_detect tokens, the calibrated posterior
+    # q, and the decision with the probability it was kept with (its
+    # inclusion probability, for importance correction; 1.0 when no draw
+    # could remove it). decision: None (not reached L_detect), "cold"
+    # (cold start), "exempt" (the unpruned measurement slice), "kept",
+    # "spared" (a draw said prune, but the group would fall below its
+    # minimum), "pruned", "unscored" (the score never arrived).
+    score: float | None = None
+    features: bytes | None = None
+    q: float | None = None
+    keep_prob: float = 1.0
+    decision: str | None = None
 
     @property
     def request_id(self) -> str:
@@ -63,12 +76,17 @@ class Rollout(msgspec.Struct, kw_only=True):
         if self.logprobs is not None:
             self.logprobs.extend(chunk.logprobs)
         self.versions.extend(chunk.versions)
+        if chunk.score is not None and self.score is None:
+            self.score, self.features = chunk.score.logit, chunk.score.features
 
     def restart(self) -> int:
         """Discard the generated tokens (they are too stale); returns how many."""
         n = len(self.response_ids)
         self.response_ids, self.versions = [], []
         self.logprobs = [] if self.logprobs is not None else None
+        # The score and the pruning decision were about the discarded tokens.
+        self.score = self.features = self.q = self.decision = None
+        self.keep_prob = 1.0
         self.restarts += 1
         return n
 

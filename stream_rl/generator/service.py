@@ -14,9 +14,10 @@ import time
 
 from stream_rl.config import Config
 from stream_rl.generator.engine import build_engine, sampled_logprobs, token_versions, version_starts
-from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, RequestRejected, RolloutFinished,
-                                RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
-                                WeightsUpdated, WeightsUpdateFailed)
+from stream_rl.generator.quality_scorer import SCORE_KEY
+from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, QualityScore, RequestRejected,
+                                RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
+                                WeightsUpdated, WeightsUpdateFailed, WorkerScores)
 from stream_rl.transport import AsyncZmqChannel
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ class GeneratorService:
         self.version = 0
         self.tasks: dict[str, asyncio.Task] = {}
         self.engine = None
+        # Quality-head scores from the worker, waiting for their request's
+        # next chunk (request id -> score).
+        self.scores: dict[str, QualityScore] = {}
+        self.prompt_lens: dict[str, int] = {}
 
     # --- request validation: reject early, with the reason -----------------
 
@@ -64,6 +69,9 @@ class GeneratorService:
             max_tokens=min(req.max_tokens, self.cfg.model.max_model_len - n_in),
             logprobs=0 if g.return_logprobs else None,
             output_kind=RequestOutputKind.DELTA, detokenize=False,
+            # The worker's quality scorer reads this: score at this sequence length.
+            extra_args={SCORE_KEY: {"len": len(req.prompt_ids) + req.score_at, "id": req.request_id}}
+            if req.score_at is not None else None,
         )
         offset = len(req.response_ids)
         ids: list[int] = []
@@ -83,9 +91,13 @@ class GeneratorService:
                     starts = version_starts(self.engine, req.request_id, c if out.finished else None)
                     vers += token_versions(starts, produced, len(new), self.version)
                     produced += len(new)
-                if ids and (len(ids) >= g.chunk_tokens or out.finished):
+                # A score goes out at once, with the tokens so far: the pruner
+                # decides on it and every token waited for is compute wasted.
+                scored = req.request_id in self.scores
+                if ids and (len(ids) >= g.chunk_tokens or out.finished or scored):
                     await self.outbox.send(TokenChunk(request_id=req.request_id, offset=offset + streamed,
-                                                      token_ids=ids, logprobs=lps, versions=vers))
+                                                      token_ids=ids, logprobs=lps, versions=vers,
+                                                      score=self.scores.pop(req.request_id, None)))
                     streamed += len(ids)
                     ids, lps, vers = [], [], []
                 if out.finished:
@@ -102,6 +114,8 @@ class GeneratorService:
             return
         finally:
             self.tasks.pop(req.request_id, None)
+            self.prompt_lens.pop(req.request_id, None)
+            self.scores.pop(req.request_id, None)
         await self.outbox.send(RolloutFinished(request_id=req.request_id, finish_reason=reason, num_tokens=streamed))
 
     # --- weights ---------------------------------------------------------------
@@ -127,6 +141,30 @@ class GeneratorService:
             await self.engine.resume_generation()
         await self.outbox.send(WeightsUpdated(version=self.version, load_s=time.perf_counter() - t0))
 
+    # --- quality scores (ARRoL) ---------------------------------------------------
+
+    async def _enable_scoring(self) -> None:
+        """Hook the quality head into the worker; it scores with the head
+        weights that arrive with the policy's (`quality_head.*`)."""
+        import os
+        import uuid
+
+        addr = f"ipc:///tmp/stream-rl-scores-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._scores_in = AsyncZmqChannel(addr, send=False, bind=True, hwm=self.cfg.generator.hwm,
+                                          decoder=Decoder(WorkerScores))
+        await self.engine.collective_rpc("stream_rl_enable_scoring", args=(addr,))
+        self._score_task = asyncio.create_task(self._receive_scores())
+
+    async def _receive_scores(self) -> None:
+        while True:
+            msg = await self._scores_in.recv()
+            for s in msg.scores:
+                n_prompt = self.prompt_lens.get(s.request_id)
+                if n_prompt is None:
+                    continue  # the request ended meanwhile: its tokens are all out
+                self.scores[s.request_id] = QualityScore(at_tokens=s.seq_len - n_prompt, logit=s.logit,
+                                                         features=s.features)
+
     # --- main loop -------------------------------------------------------------
 
     async def run(self) -> None:
@@ -135,6 +173,15 @@ class GeneratorService:
         self.engine = build_engine(self.cfg)
         self._vocab_size = self.engine.model_config.get_vocab_size()
         await self.engine.update_weight_version(str(self.version))
+        self._scores_in = self._score_task = None
+        # Always on (it costs nothing until a head is loaded and a request
+        # asks for a score), so one engine serves every pruner mode.
+        try:
+            await self._enable_scoring()
+        except Exception:
+            if self.cfg.pruner.mode == "arrol":
+                raise
+            log.exception("the quality head cannot be hooked into this model; scoring is off")
         self.inbox = AsyncZmqChannel(g.request_addr, send=False, bind=True, hwm=g.hwm, decoder=Decoder(ToGenerator))
         self.outbox = AsyncZmqChannel(g.stream_addr, send=True, bind=True, hwm=g.hwm)
         await self.outbox.send(GeneratorReady(generator_id=self.generator_id, version=self.version,
@@ -147,6 +194,7 @@ class GeneratorService:
                     if error:
                         await self.outbox.send(RequestRejected(request_id=msg.request_id, error=error))
                     else:
+                        self.prompt_lens[msg.request_id] = len(msg.prompt_ids)
                         self.tasks[msg.request_id] = asyncio.create_task(self._generate(msg))
                 elif isinstance(msg, AbortRequests):
                     live = [r for r in msg.request_ids if r in self.tasks]
@@ -167,6 +215,10 @@ class GeneratorService:
             self.engine = None
             self.inbox.close()
             self.outbox.close()
+            if self._score_task is not None:
+                self._score_task.cancel()
+            if self._scores_in is not None:
+                self._scores_in.close()
 
 
 def serve(cfg: Config, generator_id: str = "gen0") -> None:

@@ -6,9 +6,12 @@ the generator with `AsyncLLM.collective_rpc(name, args=...)`.
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterable
 
 import torch
+
+from stream_rl.pruner.head import HEAD_PREFIX
 
 
 def _refresh_cpu_gemm(model: torch.nn.Module) -> int:
@@ -38,17 +41,33 @@ class StreamRLWorkerExtension:
     # `self` is the vLLM worker; `self.model_runner` owns the model.
 
     def stream_rl_load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Reload checkpoint-format weights in place; returns tensors loaded."""
+        """Reload checkpoint-format weights in place; returns tensors loaded.
+        Quality-head tensors (`quality_head.*`) go to the scorer, the rest to
+        the model; a set with only head tensors leaves the model as it is."""
+        head: dict[str, torch.Tensor] = {}
         loaded = 0
 
-        def counting():
+        def policy():
             nonlocal loaded
             for name, tensor in weights:
+                if name.startswith(HEAD_PREFIX):
+                    head[name] = tensor
+                    continue
                 loaded += 1
                 yield name, tensor
 
-        self.model_runner.reload_weights(weights_iterator=counting(), is_checkpoint_format=True)
-        _refresh_cpu_gemm(self.model_runner.get_model())
+        stream = policy()
+        first = next(stream, None)
+        if first is not None:
+            self.model_runner.reload_weights(weights_iterator=itertools.chain([first], stream),
+                                             is_checkpoint_format=True)
+            _refresh_cpu_gemm(self.model_runner.get_model())
+        if head:
+            scorer = getattr(self, "_stream_rl_scorer", None)
+            if scorer is None:
+                raise RuntimeError("quality head weights arrived but scoring is not enabled on this worker")
+            scorer.load_head(head)
+            loaded += len(head)
         return loaded
 
     def stream_rl_load_weights_from_file(self, path: str) -> int:
@@ -56,6 +75,18 @@ class StreamRLWorkerExtension:
 
         with safe_open(path, framework="pt", device="cpu") as f:
             return self.stream_rl_load_weights((k, f.get_tensor(k)) for k in f.keys())
+
+    def stream_rl_enable_scoring(self, addr: str) -> None:
+        """Hook the quality head into the model; scores go to `addr` (ZMQ)."""
+        from stream_rl.generator.quality_scorer import QualityScorer
+
+        if getattr(self, "_stream_rl_scorer", None) is None:
+            self._stream_rl_scorer = QualityScorer(self.model_runner, addr, send=getattr(self, "rank", 0) == 0)
+
+    def stream_rl_scored(self) -> int:
+        """Rollouts scored by the head so far (for tests and diagnostics)."""
+        scorer = getattr(self, "_stream_rl_scorer", None)
+        return scorer.scored if scorer is not None else 0
 
     def stream_rl_param_names(self) -> list[tuple[str, list[int]]]:
         return [(n, list(p.shape)) for n, p in self.model_runner.get_model().named_parameters()]

@@ -102,6 +102,19 @@ class Learner:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
                                      eps=lc.adam_eps, weight_decay=lc.weight_decay)
         self.steps = 0
+        # ARRoL's quality head: trained beside the policy, synced with it.
+        self.head_trainer = None
+        if cfg.pruner.mode == "arrol":
+            from stream_rl.learner.quality_head import QualityHeadTrainer
+
+            self.head_trainer = QualityHeadTrainer(self.model.config.hidden_size, cfg.pruner, cfg.run.seed)
+
+    def train_head(self, groups: list[Group]) -> dict:
+        """One round of quality-head training on the groups' final rewards."""
+        if self.head_trainer is None:
+            return {}
+        added = self.head_trainer.add(groups)
+        return {**self.head_trainer.train(), "head_new_labels": added}
 
     def _logprobs(self, batch: list[Sample], grad: bool):
         ids, attn, mask = pad_batch(batch, self.pad_id)
@@ -164,7 +177,10 @@ class Learner:
         sd = self.model.state_dict()
         if getattr(self.model.config, "tie_word_embeddings", False):
             sd.pop("lm_head.weight", None)
-        return {k: v.detach().contiguous() for k, v in sd.items()}
+        out = {k: v.detach().contiguous() for k, v in sd.items()}
+        if self.head_trainer is not None:
+            out.update(self.head_trainer.head.named_for_sync())
+        return out
 
 
 def _rollout_diff(logp: torch.Tensor, mask: torch.Tensor, batch: list[Sample],

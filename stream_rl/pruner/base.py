@@ -1,21 +1,143 @@
 """The pruner stage: sees every rollout as its tokens stream in.
 
 `review` is called after each chunk is appended and returns whether the
-rollout should keep generating. The pass-through pruner keeps everything;
-ARRoL's learned pruning (issue #4) plugs in behind the same method.
+rollout should keep generating; False aborts it in the engine at once (the
+slot is reused) and it completes its group as "pruned", out of the policy
+samples. `end_step` gets the step's complete groups (final rewards) and
+returns the step's pruning metrics.
+
+Modes (`pruner.mode`): `none` keeps everything; `random` and `arrol` decide
+once, when a rollout reaches `l_detect` tokens, with the same keep rate
+kappa, so the ablation is one flag. What they share lives in
+`SamplingPruner`: cold start, the exempt slice, the draw, the per-group
+minimum, and the metrics.
 """
 
 from __future__ import annotations
 
-from stream_rl.buffer.rollouts import Rollout
+import math
+
+import numpy as np
+
+from stream_rl.buffer.rollouts import Group, Rollout
+from stream_rl.config import PrunerConfig
+from stream_rl.pruner.quality import group_balance
 
 
 class Pruner:
-    def review(self, rollout: Rollout) -> bool:
-        """True to keep generating `rollout`, False to abort it now."""
+    """Keeps every rollout."""
+
+    def score_at(self, rollout: Rollout) -> int | None:
+        """Response length at which the engine should score `rollout` with
+        the quality head (None: no score wanted)."""
+        return None
+
+    def review(self, rollout: Rollout, members: list[Rollout]) -> bool:
+        """True to keep generating `rollout`, False to abort it now.
+        `members`: its whole group (itself included)."""
         return True
+
+    def group_too_small(self, members: list[Rollout]) -> bool:
+        """After a prune: whether the group must be dropped."""
+        return False
+
+    def end_step(self, groups: list[Group]) -> dict:
+        return {}
+
+    def summary(self) -> dict:
+        """Run-level numbers for the job summary."""
+        return {}
+
+
+class SamplingPruner(Pruner):
+    """Decides once per rollout, at its decision point, by a random draw."""
+
+    def __init__(self, cfg: PrunerConfig, seed: int):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)
+        self.steps = 0  # steps ended so far
+        self._counts: dict[str, int] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.steps >= self.cfg.cold_start_steps
+
+    # --- per mode ----------------------------------------------------------------
+
+    def at_decision_point(self, r: Rollout) -> bool:
+        return len(r.response_ids) >= self.cfg.l_detect
+
+    def keep_probability(self, r: Rollout) -> float:
+        """p_i for a rollout at its decision point (may set r.q)."""
+        return self.cfg.kappa
+
+    # --- shared ------------------------------------------------------------------
+
+    def review(self, r: Rollout, members: list[Rollout]) -> bool:
+        if r.decision is not None or not self.at_decision_point(r):
+            return True
+        if not self.active:
+            return self._decide(r, "cold")
+        if self.rng.random() < self.cfg.exempt_fraction:
+            return self._decide(r, "exempt")
+        p = float(self.keep_probability(r))
+        if self.rng.random() < p:
+            return self._decide(r, "kept", p)
+        alive = sum(m.decision != "pruned" for m in members) - 1  # without r
+        if alive < self.cfg.min_survivors and self.cfg.small_groups == "keep":
+            # Given the decisions so far it is kept for sure: inclusion 1.
+            return self._decide(r, "spared")
+        return self._decide(r, "pruned", p)
+
+    def _decide(self, r: Rollout, decision: str, keep_prob: float = 1.0) -> bool:
+        r.decision, r.keep_prob = decision, keep_prob
+        self._counts[decision] = self._counts.get(decision, 0) + 1
+        return decision != "pruned"
+
+    def group_too_small(self, members: list[Rollout]) -> bool:
+        return (self.cfg.small_groups == "drop"
+                and sum(m.decision != "pruned" for m in members) < self.cfg.min_survivors)
+
+    def end_step(self, groups: list[Group]) -> dict:
+        c, self._counts = self._counts, {}
+        drawn = c.get("kept", 0) + c.get("spared", 0) + c.get("pruned", 0)
+        survivors = [r for g in groups for r in g.survivors]
+        pruned = [r for g in groups for r in g.rollouts if r.finish_reason == "pruned"]
+        rho_hat, rho_var = group_balance([[r.reward >= 0.5 for r in g.survivors if r.reward is not None]
+                                          for g in groups])
+        out = {
+            "prune_active": float(self.active),
+            # Of the rollouts that faced a draw this step, the fraction kept.
+            "keep_rate": (c.get("kept", 0) + c.get("spared", 0)) / drawn if drawn else math.nan,
+            "drawn": drawn,
+            "pruned": c.get("pruned", 0),
+            "spared": c.get("spared", 0),
+            "exempt": c.get("exempt", 0),
+            "unscored": c.get("unscored", 0),
+            "reached_l_detect": sum(c.values()),
+            "rho_hat_mean": rho_hat,
+            "rho_var_mean": rho_var,
+            "kept_rollouts": len(survivors),
+            # Tokens a pruned rollout generated past L_detect before its abort took effect.
+            "prune_lag_tokens": (float(np.mean([len(r.response_ids) - self.cfg.l_detect for r in pruned]))
+                                 if pruned else math.nan),
+        }
+        self.steps += 1
+        return out
+
+
+class RandomPruner(SamplingPruner):
+    """Keeps a rollout reaching l_detect tokens with probability kappa."""
 
 
 def make_pruner(cfg) -> Pruner:
-    assert cfg.pruner.mode == "none"  # the only mode the config admits today
-    return Pruner()
+    mode = cfg.pruner.mode
+    if mode == "none":
+        return Pruner()
+    if mode == "random":
+        return RandomPruner(cfg.pruner, cfg.run.seed)
+    if mode == "arrol":
+        from stream_rl.pruner.arrol import ArrolPruner
+
+        return ArrolPruner(cfg.pruner, cfg.run.seed)
+    raise ValueError(f"unknown pruner.mode {mode!r}")

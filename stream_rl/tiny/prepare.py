@@ -2,7 +2,7 @@
 
 Writes, under OUT (default `.cache/tiny`):
   model/            Hugging Face checkpoint (config, safetensors, tokenizer)
-  data/train.jsonl  training prompts  {"prompt", "answer", "level"}
+  data/train.jsonl  training prompts  {"prompt", "solution", "answer", "level"}
   data/eval.jsonl   every held-out prompt (about 1/8 of the task's 810), never trained on
   stats.json        measured warm-start pass rate, length distribution, ...
 A second call with the same recipe returns the cached stats at once.
@@ -24,12 +24,14 @@ from stream_rl.tiny.warmstart import (bake_temperature, calibrate_temperature, e
 from stream_rl.verifier import MathVerifier
 
 RECIPE = {
-    "version": 5,
+    "version": 6,
     "train_prompts": 20000,
     "probe_prompts": 128,
     "samples_per_prompt": 8,
     "sft_steps": 1500,
-    "target_exact": 0.25,
+    # Sampled at temperature 1, the warm start reproduces a probe reference
+    # exactly with this mean probability (the reward is the whole solution).
+    "target_exact": 0.65,
     "seed": 0,
 }
 
@@ -38,7 +40,8 @@ def _write_jsonl(path: Path, problems: list[task.Problem]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for p in problems:
-            f.write(json.dumps({"prompt": p.prompt, "answer": p.answer, "level": p.level}) + "\n")
+            f.write(json.dumps({"prompt": p.prompt, "solution": p.solution, "answer": p.answer,
+                                "level": p.level}) + "\n")
 
 
 def prepare_tiny(out: str | Path = ".cache/tiny", force: bool = False, log=print) -> dict:
@@ -74,9 +77,12 @@ def prepare_tiny(out: str | Path = ".cache/tiny", force: bool = False, log=print
     caps = [2 * len(tokenizer(p.solution).input_ids) + 16 for p in probe]
     samples = sample_responses(model, tokenizer, [tokenizer(p.prompt).input_ids for p in probe], n=k,
                                max_new_tokens=caps, seed=seed)
-    verifier = MathVerifier(task.ANSWER_REGEX)
-    rewards = np.array([[verifier.score(tokenizer.decode(s, skip_special_tokens=True), p.answer) for s in ss]
-                        for ss, p in zip(samples, probe)])
+    # The tiny config's reward: the whole worked solution, exactly.
+    verifier = MathVerifier(match="exact")
+    texts = [[tokenizer.decode(s, skip_special_tokens=True) for s in ss] for ss in samples]
+    rewards = np.array([[verifier.score(t, p.solution) for t in ts] for ts, p in zip(texts, probe)])
+    final_answer = MathVerifier(task.ANSWER_REGEX)
+    answer_rewards = np.array([[final_answer.score(t, p.answer) for t in ts] for ts, p in zip(texts, probe)])
     correct_lens = [len(s) for ss, rs in zip(samples, rewards) for s, r in zip(ss, rs) if r == 1.0]
     per_prompt = rewards.mean(1)
     levels = np.array([p.level for p in probe])
@@ -87,6 +93,8 @@ def prepare_tiny(out: str | Path = ".cache/tiny", force: bool = False, log=print
         "warm_start_greedy_exact": ws.greedy_exact,
         "baked_temperature": tau,
         "pass_rate": float(rewards.mean()),
+        # Final answer only: higher, as the model often recovers from a slip.
+        "final_answer_pass_rate": float(answer_rewards.mean()),
         "pass_rate_by_level": {str(lv): float(rewards[levels == lv].mean()) for lv in sorted(set(levels))},
         "disagreeing_prompt_fraction": float(((per_prompt > 0) & (per_prompt < 1)).mean()),
         "correct_len_p50": percentile(correct_lens, 0.5),

@@ -6,8 +6,11 @@ Response: "70 67 64 ... 04 01 #### 1"
 Each response number is the previous one minus the step (two digits with a
 borrow), a local rule a few-layer model learns in minutes on a CPU; the
 response stops at the first number below the step and states it as the
-answer. One slip anywhere changes the final answer, so the reward is sparse
-and verifiable, and the quality of a partial rollout is visible in its prefix
+answer. The reward checks the whole worked solution (`solution`, matched
+exactly): a model can land on the right final answer after a slip (it
+tracks the last digit's cycle), so a final-answer reward would be decided by
+the last few tokens, while with the whole solution one slip anywhere fails
+the rollout and the quality of a partial rollout is visible in its prefix
 (what ARRoL's quality head needs). The response length is start // step
 numbers: small steps make long responses, which gives the long-tailed length
 distribution APRIL is about. Difficulty levels bucket that length.

@@ -1,0 +1,64 @@
+"""Training ARRoL's quality head on the fly.
+
+Each complete group labels its scored survivors with their final rewards;
+the features are the hidden states the engine captured at L_detect, so the
+head trains with binary cross-entropy without touching the backbone (no
+gradient, not even a forward pass). A replay window of recent labelled
+features smooths the few labels a step brings; its weights are synced to the
+generators with the policy's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+from stream_rl.buffer.rollouts import Group
+from stream_rl.config import PrunerConfig
+from stream_rl.pruner.head import QualityHead, decode_features
+
+
+class QualityHeadTrainer:
+    def __init__(self, hidden_size: int, cfg: PrunerConfig, seed: int):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.head = QualityHead(hidden_size, cfg.head_hidden)
+        self.cfg = cfg
+        self.opt = torch.optim.Adam(self.head.parameters(), lr=cfg.head_lr)
+        self.replay: deque[tuple[bytes, float]] = deque(maxlen=cfg.head_replay)
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def add(self, groups: list[Group]) -> int:
+        """Queue the labelled features of the groups' scored survivors."""
+        n = 0
+        for g in groups:
+            for r in g.survivors:
+                if r.features is not None and r.reward is not None:
+                    if len(r.features) != 4 * self.head.hidden_size:
+                        raise ValueError(f"rollout {r.rollout_id} has {len(r.features) // 4} features; the head "
+                                         f"takes {self.head.hidden_size}")
+                    self.replay.append((r.features, 1.0 if r.reward >= 0.5 else 0.0))
+                    n += 1
+        return n
+
+    def train(self) -> dict:
+        """`head_updates` Adam steps on minibatches from the replay window."""
+        if not self.replay:
+            return {"head_loss": math.nan, "head_train_acc": math.nan, "head_replay": 0}
+        feats = decode_features([f for f, _ in self.replay])
+        labels = torch.tensor([y for _, y in self.replay])
+        self.head.train()
+        loss_sum = 0.0
+        for _ in range(self.cfg.head_updates):
+            idx = torch.randint(len(labels), (min(self.cfg.head_batch, len(labels)),), generator=self._gen)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(self.head(feats[idx]), labels[idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            loss_sum += loss.item()
+        self.head.eval()
+        with torch.no_grad():
+            acc = float(((self.head(feats) >= 0) == (labels >= 0.5)).float().mean())
+        return {"head_loss": loss_sum / self.cfg.head_updates, "head_train_acc": acc, "head_replay": len(labels)}
