@@ -76,18 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
             bench_generation(cfg, args.out_json, steps, args.warmup_steps)
         else:
+            from stream_rl.bench.pruning import BenchSetupError
             from stream_rl.bench.pruning import main as bench_pruning
 
             modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-            unknown = [m for m in modes if m not in ("none", "random", "arrol")]
-            if unknown or not modes:
-                print(f"config error: --modes takes none, random, arrol; got {args.modes!r}", file=sys.stderr)
+            try:
+                bench_pruning(cfg, args.out_json, steps, modes)
+            except BenchSetupError as err:
+                print(f"config error: {err}", file=sys.stderr)
                 return 2
-            if steps <= cfg.pruner.cold_start_steps:
-                print(f"config error: --steps ({steps}) must exceed pruner.cold_start_steps "
-                      f"({cfg.pruner.cold_start_steps})", file=sys.stderr)
-                return 2
-            bench_pruning(cfg, args.out_json, steps, modes)
     elif args.cmd == "train":
         from stream_rl.train import train
 

@@ -110,9 +110,7 @@ class WeightsUpdateFailed(_Msg):
 
 class WorkerScore(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
     request_id: str
-    seq_len: int  # prompt + response tokens the hidden state has seen
-    logit: float
-    features: bytes
+    score: QualityScore
 
 
 class WorkerScores(_Msg):

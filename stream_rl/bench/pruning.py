@@ -22,13 +22,17 @@ import platform
 import statistics
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import msgspec
 
 from stream_rl.bench.common import emit, free_ports
-from stream_rl.config import Config
+from stream_rl.config import Config, PrunerConfig
 from stream_rl.metrics import read_metrics
+
+# The pruner modes, as the config declares them.
+MODES: tuple[str, ...] = typing.get_args(typing.get_type_hints(PrunerConfig)["mode"])
 
 
 def _mean(xs) -> float:
@@ -61,13 +65,19 @@ def mode_result(records: list[dict], summary: dict, cold_start: int) -> dict:
     }
 
 
+class BenchSetupError(ValueError):
+    """The benchmark's own arguments cannot give a result."""
+
+
 def bench_pruning(cfg: Config, steps: int, modes: list[str], workdir: str | None = None) -> dict:
     from stream_rl.generator.client import GeneratorProcess
     from stream_rl.train import train
 
     p = cfg.pruner
+    if not modes or any(m not in MODES for m in modes):
+        raise BenchSetupError(f"--modes takes {', '.join(MODES)}; got {','.join(modes)!r}")
     if steps <= p.cold_start_steps:
-        raise ValueError(f"--steps ({steps}) must exceed pruner.cold_start_steps ({p.cold_start_steps})")
+        raise BenchSetupError(f"--steps ({steps}) must exceed pruner.cold_start_steps ({p.cold_start_steps})")
     ports = free_ports(2)
     cfg = msgspec.structs.replace(cfg, generator=msgspec.structs.replace(
         cfg.generator, request_addr=f"tcp://127.0.0.1:{ports[0]}", stream_addr=f"tcp://127.0.0.1:{ports[1]}"),

@@ -6,8 +6,8 @@ sampler turns into next-token logits (row i is `input_batch.req_ids[i]`), so
 the head costs no second forward pass of the backbone. A request asks to be
 scored through its sampling params' `extra_args` (set by the generator
 service from `RolloutRequest.score_at`): the prompt+response length at
-which to score and the service's request id (the engine renames requests
-internally). When a row's sequence length, after this step's tokens, equals
+which to score, the response length that is, and the service's request id
+(the engine renames requests internally). When a row's sequence length, after this step's tokens, equals
 that length, the head is applied to the row and the score and the row itself
 (the head's input features) are pushed to the service over a ZMQ side
 channel, which puts them on the rollout's token stream.
@@ -20,12 +20,13 @@ import logging
 import numpy as np
 import torch
 
-from stream_rl.protocol import WorkerScore, WorkerScores, encode
+from stream_rl.protocol import QualityScore, WorkerScore, WorkerScores, encode
 from stream_rl.pruner.head import QualityHead, encode_features
 
 log = logging.getLogger(__name__)
 
-# SamplingParams.extra_args key; value: {"len": seq len to score at, "id": request id}.
+# SamplingParams.extra_args key; value: {"len": seq len to score at,
+# "at": response tokens at that length, "id": request id}.
 SCORE_KEY = "stream_rl_score"
 
 
@@ -35,7 +36,6 @@ class QualityScorer:
 
         self.runner = runner
         self.head: QualityHead | None = None
-        self.scored = 0
         # Only one tensor-parallel rank reports (the hidden states are replicated).
         self._sock = None
         if send:
@@ -43,8 +43,9 @@ class QualityScorer:
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.SNDHWM, 100000)
             self._sock.connect(addr)
-        # engine request id -> (seq len to score at, service request id); 0: none
-        self._targets: dict[str, tuple[int, str]] = {}
+        # engine request id -> (seq len to score at, response tokens then,
+        # service request id); seq len 0: no score wanted (or given already)
+        self._targets: dict[str, tuple[int, int, str]] = {}
         model = runner.get_model()
         lp = getattr(model, "logits_processor", None)
         if lp is None:
@@ -62,13 +63,13 @@ class QualityScorer:
         if self._sock is not None:
             self._sock.close()
 
-    def _target(self, req_id: str) -> tuple[int, str]:
+    def _target(self, req_id: str) -> tuple[int, int, str]:
         t = self._targets.get(req_id)
         if t is None:
             state = self.runner.requests.get(req_id)
             extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
             want = extra.get(SCORE_KEY)
-            t = (int(want["len"]), str(want["id"])) if want else (0, "")
+            t = (int(want["len"]), int(want["at"]), str(want["id"])) if want else (0, 0, "")
             self._targets[req_id] = t
         return t
 
@@ -105,10 +106,9 @@ class QualityScorer:
         feats = encode_features(h)
         scores = []
         for k, i in enumerate(rows.tolist()):
-            seq_len, rid = targets[i]
-            self._targets[req_ids[i]] = (0, rid)  # once per request, even if recomputed
-            scores.append(WorkerScore(rid, seq_len, logits[k], feats[k]))
-        self.scored += len(scores)
+            _, at, rid = targets[i]
+            self._targets[req_ids[i]] = (0, at, rid)  # once per request, even if recomputed
+            scores.append(WorkerScore(rid, QualityScore(at_tokens=at, logit=logits[k], features=feats[k])))
         if self._sock is not None:
             import zmq
             try:

@@ -38,7 +38,6 @@ class GeneratorService:
         # Quality-head scores from the worker, waiting for their request's
         # next chunk (request id -> score).
         self.scores: dict[str, QualityScore] = {}
-        self.prompt_lens: dict[str, int] = {}
 
     # --- request validation: reject early, with the reason -----------------
 
@@ -70,7 +69,8 @@ class GeneratorService:
             logprobs=0 if g.return_logprobs else None,
             output_kind=RequestOutputKind.DELTA, detokenize=False,
             # The worker's quality scorer reads this: score at this sequence length.
-            extra_args={SCORE_KEY: {"len": len(req.prompt_ids) + req.score_at, "id": req.request_id}}
+            extra_args={SCORE_KEY: {"len": len(req.prompt_ids) + req.score_at, "at": req.score_at,
+                                    "id": req.request_id}}
             if req.score_at is not None else None,
         )
         offset = len(req.response_ids)
@@ -114,7 +114,6 @@ class GeneratorService:
             return
         finally:
             self.tasks.pop(req.request_id, None)
-            self.prompt_lens.pop(req.request_id, None)
             self.scores.pop(req.request_id, None)
         await self.outbox.send(RolloutFinished(request_id=req.request_id, finish_reason=reason, num_tokens=streamed))
 
@@ -159,11 +158,9 @@ class GeneratorService:
         while True:
             msg = await self._scores_in.recv()
             for s in msg.scores:
-                n_prompt = self.prompt_lens.get(s.request_id)
-                if n_prompt is None:
-                    continue  # the request ended meanwhile: its tokens are all out
-                self.scores[s.request_id] = QualityScore(at_tokens=s.seq_len - n_prompt, logit=s.logit,
-                                                         features=s.features)
+                # A request that ended meanwhile has all its tokens out already.
+                if s.request_id in self.tasks:
+                    self.scores[s.request_id] = s.score
 
     # --- main loop -------------------------------------------------------------
 
@@ -194,7 +191,6 @@ class GeneratorService:
                     if error:
                         await self.outbox.send(RequestRejected(request_id=msg.request_id, error=error))
                     else:
-                        self.prompt_lens[msg.request_id] = len(msg.prompt_ids)
                         self.tasks[msg.request_id] = asyncio.create_task(self._generate(msg))
                 elif isinstance(msg, AbortRequests):
                     live = [r for r in msg.request_ids if r in self.tasks]

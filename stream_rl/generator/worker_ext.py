@@ -83,10 +83,5 @@ class StreamRLWorkerExtension:
         if getattr(self, "_stream_rl_scorer", None) is None:
             self._stream_rl_scorer = QualityScorer(self.model_runner, addr, send=getattr(self, "rank", 0) == 0)
 
-    def stream_rl_scored(self) -> int:
-        """Rollouts scored by the head so far (for tests and diagnostics)."""
-        scorer = getattr(self, "_stream_rl_scorer", None)
-        return scorer.scored if scorer is not None else 0
-
     def stream_rl_param_names(self) -> list[tuple[str, list[int]]]:
         return [(n, list(p.shape)) for n, p in self.model_runner.get_model().named_parameters()]
