@@ -39,6 +39,9 @@ class RolloutRequest(_Msg):
     # Evaluate the quality head when the response reaches this many tokens
     # (the pruner's L_detect); None: the rollout needs no score.
     score_at: int | None = None
+    # Generate exactly max_tokens, past any end-of-sequence token: fixed-length
+    # requests for throughput stress tests (vLLM's benchmarks do the same).
+    ignore_eos: bool = False
 
 
 class AbortRequests(_Msg):

@@ -28,6 +28,10 @@ class GeneratorDied(RuntimeError):
     pass
 
 
+class _AbortedEarly(Exception):
+    """The request was aborted before its task started generating."""
+
+
 class GeneratorService:
     def __init__(self, cfg: Config, generator_id: str = "gen0"):
         self.cfg = cfg
@@ -38,6 +42,10 @@ class GeneratorService:
         # Quality-head scores from the worker, waiting for their request's
         # next chunk (request id -> score).
         self.scores: dict[str, QualityScore] = {}
+        # Aborted requests whose task is still running. An abort can arrive
+        # before the task has registered its request with the engine, where
+        # vLLM would ignore it; the task checks this set and aborts itself.
+        self.aborted: set[str] = set()
 
     # --- request validation: reject early, with the reason -----------------
 
@@ -65,7 +73,7 @@ class GeneratorService:
         n_in = len(req.prompt_ids) + len(req.response_ids)
         params = SamplingParams(
             n=1, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            max_tokens=min(req.max_tokens, self.cfg.model.max_model_len - n_in),
+            max_tokens=min(req.max_tokens, self.cfg.model.max_model_len - n_in), ignore_eos=req.ignore_eos,
             logprobs=0 if g.return_logprobs else None,
             output_kind=RequestOutputKind.DELTA, detokenize=False,
             # The worker's quality scorer reads this: score at this sequence length.
@@ -81,8 +89,15 @@ class GeneratorService:
         produced = 0  # output tokens of this engine request so far
         reason = "abort"
         try:
+            if req.request_id in self.aborted:  # aborted before it reached the engine
+                raise _AbortedEarly
             prompt = TokensPrompt(prompt_token_ids=req.prompt_ids + req.response_ids)
             async for out in self.engine.generate(prompt, params, req.request_id):
+                if req.request_id in self.aborted and not out.finished:
+                    # The abort may have come before the engine knew the
+                    # request; repeating it is harmless (vLLM ignores ids it
+                    # has finished).
+                    await self.engine.abort(req.request_id)
                 c = out.outputs[0]
                 new = list(c.token_ids)
                 if new:
@@ -102,6 +117,8 @@ class GeneratorService:
                     ids, lps, vers = [], [], []
                 if out.finished:
                     reason = c.finish_reason if c.finish_reason in _FINISH_REASONS else "abort"
+        except _AbortedEarly:
+            pass
         except Exception as err:  # the engine refused or failed this request only
             if self.engine is None or self.engine.errored:
                 # A dead engine fails every request: stop serving, so the
@@ -115,6 +132,7 @@ class GeneratorService:
         finally:
             self.tasks.pop(req.request_id, None)
             self.scores.pop(req.request_id, None)
+            self.aborted.discard(req.request_id)
         await self.outbox.send(RolloutFinished(request_id=req.request_id, finish_reason=reason, num_tokens=streamed))
 
     # --- weights ---------------------------------------------------------------
@@ -194,6 +212,7 @@ class GeneratorService:
                         self.tasks[msg.request_id] = asyncio.create_task(self._generate(msg))
                 elif isinstance(msg, AbortRequests):
                     live = [r for r in msg.request_ids if r in self.tasks]
+                    self.aborted.update(live)
                     if live:
                         await self.engine.abort(live)
                 elif isinstance(msg, UpdateWeights):
