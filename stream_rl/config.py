@@ -218,6 +218,9 @@ def _check(cfg: Config) -> None:
     if p.mode != "none" and p.l_detect >= g.max_tokens:
         raise ConfigError(f"pruner.l_detect ({p.l_detect}) must be below generator.max_tokens ({g.max_tokens}): "
                           "no rollout could reach it")
+    if p.mode == "arrol" and not g.return_logprobs:
+        raise ConfigError("pruner.mode=arrol needs generator.return_logprobs=true: a recycled partial carries its "
+                          "tokens' log-probs to the engine for the quality head's confidence features")
     if p.mode != "none" and p.min_survivors > g.group_size:
         raise ConfigError(f"pruner.min_survivors ({p.min_survivors}) exceeds generator.group_size ({g.group_size})")
     if cfg.generator.request_addr == cfg.generator.stream_addr:

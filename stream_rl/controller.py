@@ -87,13 +87,16 @@ class RolloutController:
     def _start(self, r: Rollout) -> None:
         g = self.cfg.generator
         rid = self.buffer.start(r)
+        score_at = self.pruner.score_at(r)
         # Token-in continuation: the engine sees prompt + tokens so far and may
-        # generate only what is left of the rollout's budget.
+        # generate only what is left of the rollout's budget (and, if it is
+        # still to be scored, their log-probs for the head's features).
         self.client.submit(RolloutRequest(request_id=rid, group_id=r.group_id, prompt_ids=r.prompt_ids,
                                           response_ids=r.response_ids, max_tokens=r.tokens_left,
                                           temperature=g.temperature, top_p=g.top_p,
                                           seed=request_seed(self.cfg.run.seed, rid) if g.seeded else None,
-                                          score_at=self.pruner.score_at(r)))
+                                          score_at=score_at,
+                                          response_logprobs=r.logprobs if score_at and r.response_ids else []))
 
     def _new_group(self) -> None:
         row = self.sampler.next()

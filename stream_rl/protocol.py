@@ -39,6 +39,9 @@ class RolloutRequest(_Msg):
     # Evaluate the quality head when the response reaches this many tokens
     # (the pruner's L_detect); None: the rollout needs no score.
     score_at: int | None = None
+    # Sampled log-probs of response_ids; needed when a continuation is still
+    # to be scored (the head's confidence features cover tokens 1..score_at).
+    response_logprobs: list[float] = []
     # Generate exactly max_tokens, past any end-of-sequence token: fixed-length
     # requests for throughput stress tests (vLLM's benchmarks do the same).
     ignore_eos: bool = False
@@ -80,9 +83,10 @@ class TokenChunk(_Msg):
 class QualityScore(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The quality head's verdict on a rollout's first `at_tokens` response
     tokens, computed inside the engine from the hidden state that predicts
-    token `at_tokens + 1`. `features` is that hidden state (the head's input),
-    float32 little-endian, kept so the learner can train the head on the
-    rollout's final reward."""
+    token `at_tokens + 1`. `features` is the head's input (that hidden state
+    and the confidence summary of the first `at_tokens` tokens, see
+    `pruner.head.head_features`), float32 little-endian, kept so the learner
+    can train the head on the rollout's final reward."""
     at_tokens: int
     logit: float
     features: bytes
@@ -172,3 +176,8 @@ def _check(msg) -> None:
         if msg.score_at is not None and msg.score_at < max(1, len(msg.response_ids)):
             raise ProtocolError(f"rejected RolloutRequest {msg.request_id}: score_at={msg.score_at} is before the "
                                 f"{len(msg.response_ids)} response tokens it continues (or below 1)")
+        needed = msg.score_at is not None and msg.response_ids
+        if (msg.response_logprobs or needed) and len(msg.response_logprobs) != len(msg.response_ids):
+            raise ProtocolError(f"rejected RolloutRequest {msg.request_id}: response_logprobs has "
+                                f"{len(msg.response_logprobs)} values for {len(msg.response_ids)} response_ids"
+                                + (" (a continuation still to be scored needs all of them)" if needed else ""))

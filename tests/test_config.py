@@ -268,3 +268,9 @@ def test_missing_file(tmp_path):
 def test_directory_is_not_a_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path)
+
+
+def test_arrol_needs_the_streamed_logprobs():
+    msg = error_of({"pruner": {"mode": "arrol", "l_detect": 32}, "generator": {"return_logprobs": False}})
+    assert "pruner.mode=arrol" in msg and "generator.return_logprobs" in msg
+    config_from_dict({"pruner": {"mode": "random", "l_detect": 32}, "generator": {"return_logprobs": False}})

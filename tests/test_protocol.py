@@ -381,3 +381,15 @@ async def test_async_channel_round_trip_and_skips_garbage():
         rx.close()
         sctx.term()
         actx.term()
+
+
+def test_continuation_to_be_scored_needs_every_response_logprob():
+    def req(**kw):
+        return encode(RolloutRequest(request_id="c", group_id="g", prompt_ids=[1], max_tokens=4,
+                                     response_ids=[2, 3], **kw))
+    assert "response_logprobs has 1 values for 2 response_ids" in rejected(req(score_at=8, response_logprobs=[-1.0]))
+    assert "still to be scored" in rejected(req(score_at=8))
+    assert "response_logprobs has 3 values" in rejected(req(response_logprobs=[-1.0, -2.0, -3.0]))
+    ok = Decoder().decode(req(score_at=8, response_logprobs=[-1.0, -2.0]))
+    assert ok.response_logprobs == [-1.0, -2.0]
+    assert Decoder().decode(req()).response_logprobs == []  # no score wanted: none needed

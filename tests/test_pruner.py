@@ -28,7 +28,8 @@ from stream_rl.protocol import Decoder, QualityScore, TokenChunk, encode
 from stream_rl.pruner.arrol import SCORE_GRACE_TOKENS, ArrolPruner
 from stream_rl.pruner.base import Pruner, RandomPruner, make_pruner
 from stream_rl.pruner.calibration import BinnedCalibrator, binned_posterior, score_bins
-from stream_rl.pruner.head import QualityHead, decode_features, encode_features
+from stream_rl.pruner.head import (CONFIDENCE_FEATURES, QualityHead, decode_features, encode_features, head_features,
+                                   head_input_size, token_confidence)
 from stream_rl.pruner.quality import group_balance, head_accuracy, head_auc, head_spearman
 from stream_rl.pruner.survival import SurvivalPolicy
 
@@ -813,7 +814,7 @@ def test_head_from_synced_identical():
     synced = head.named_for_sync()
     assert all(k.startswith("quality_head.") for k in synced)
     copy = QualityHead.from_synced(synced)
-    assert copy.hidden_size == 12 and copy.net[0].out_features == 5
+    assert copy.in_features == 12 and copy.net[0].out_features == 5
     x = torch.randn(9, 12)
     assert torch.equal(copy(x), head(x)) and head(x).shape == (9,)
     with pytest.raises(ValueError):
@@ -847,7 +848,7 @@ def test_trainer_learns_separable_labels():
     hidden = 6
     t = QualityHeadTrainer(hidden, head_cfg(), seed=0)
     assert t.train()["head_replay"] == 0  # nothing to train on yet
-    groups, _ = separable_groups(24, hidden, seed=1)
+    groups, _ = separable_groups(24, head_input_size(hidden), seed=1)
     assert t.add(groups) == 24 * 8
     for _ in range(40):
         out = t.train()
@@ -875,7 +876,7 @@ def test_trainer_skips_pruned_and_unlabelled():
     """Only scored survivors with a reward feed the replay: pruned rollouts,
     rollouts without features and rollouts without a reward are left out."""
     t = QualityHeadTrainer(4, head_cfg(), seed=0)
-    f = encode_features(torch.ones(4, 4))
+    f = encode_features(torch.ones(4, head_input_size(4)))
     rs = [mk(i, 8, "p", reward=1.0, finish=fin) for i, fin in enumerate(["stop", "pruned", "length", "pruned"])]
     for r, b in zip(rs, f):
         r.features = b
@@ -891,7 +892,7 @@ def test_trainer_skips_pruned_and_unlabelled():
 
 def test_trainer_deterministic_per_seed():
     """Two trainers with the same seed and data end with identical heads."""
-    groups, _ = separable_groups(4, 5, seed=2)
+    groups, _ = separable_groups(4, head_input_size(5), seed=2)
     heads = []
     for _ in range(2):
         t = QualityHeadTrainer(5, head_cfg(), seed=7)
@@ -942,3 +943,31 @@ def test_rollout_restart_clears_pruner_state():
     # A new score is taken after the restart.
     r.append(chunk(0, 8, QualityScore(at_tokens=8, logit=-1.0, features=b"\x00" * 4)))
     assert r.score == -1.0
+
+
+# --- the head's confidence features -------------------------------------------------
+
+def test_token_confidence_summary():
+    lps = [-0.1, -5.0, -0.2, -2.5, -0.3, -0.4]
+    got = token_confidence(lps)
+    want = [np.mean(lps), -5.0, np.mean([-5.0, -2.5, -0.4]), 2 / 6, 1 / 6]
+    assert got.dtype == np.float32 and len(got) == CONFIDENCE_FEATURES
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError):
+        token_confidence([])
+
+
+@given(st.lists(st.floats(-30, 0), min_size=1, max_size=64))
+def test_token_confidence_bounds(lps):
+    mean, low, low3, below2, below4 = token_confidence(lps).tolist()
+    assert low <= low3 + 1e-5 and low <= mean + 1e-5
+    assert 0 <= below4 <= below2 <= 1
+
+
+def test_head_features_and_input_size():
+    hidden = torch.arange(4, dtype=torch.float32)
+    f = head_features(hidden, [-1.0, -3.0])
+    assert f.shape == (head_input_size(4),) and torch.equal(f[:4], hidden)
+    assert f[4:].tolist() == pytest.approx(token_confidence([-1.0, -3.0]).tolist())
+    head = QualityHead(head_input_size(4), 8)
+    assert head(f[None]).shape == (1,)

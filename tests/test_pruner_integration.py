@@ -16,7 +16,7 @@ from stream_rl.controller import RolloutController
 from stream_rl.data import PromptSampler
 from stream_rl.protocol import RolloutFinished, RolloutRequest, TokenChunk
 from stream_rl.pruner.base import make_pruner
-from stream_rl.pruner.head import QualityHead, decode_features
+from stream_rl.pruner.head import CONFIDENCE_FEATURES, decode_features, token_confidence
 from stream_rl.verifier import make_verifier
 
 from conftest import cfg_with
@@ -42,7 +42,8 @@ def head_loaded(generator, engine_cfg, tmp_path_factory):
 def _run(generator, reqs, timeout_s=120.0):
     """Submit `reqs`; return per request: tokens streamed, the score and how
     many tokens had been streamed with it, and the finish notice."""
-    out = {r.request_id: {"ids": list(r.response_ids), "score": None, "seen": None, "end": None} for r in reqs}
+    out = {r.request_id: {"ids": list(r.response_ids), "lps": list(r.response_logprobs), "score": None, "seen": None,
+                          "end": None} for r in reqs}
     for r in reqs:
         generator.submit(r)
     deadline = time.monotonic() + timeout_s
@@ -53,6 +54,7 @@ def _run(generator, reqs, timeout_s=120.0):
             o = out[msg.request_id]
             assert msg.offset == len(o["ids"])
             o["ids"] += msg.token_ids
+            o["lps"] += msg.logprobs
             if msg.score is not None:
                 assert o["score"] is None, "a request is scored once"
                 o["score"], o["seen"] = msg.score, len(o["ids"])
@@ -61,14 +63,25 @@ def _run(generator, reqs, timeout_s=120.0):
     return out
 
 
+def _expected_features(model, prompt, o, L):
+    """The learner's final hidden state at response token L, and the
+    confidence summary of the stream's log-probs of tokens 1..L."""
+    with torch.no_grad():
+        hs = model(torch.tensor([prompt + o["ids"]]), output_hidden_states=True).hidden_states[-1][0]
+    return hs[len(prompt) + L - 1], torch.from_numpy(token_confidence(o["lps"][:L]))
+
+
 def test_head_scores_the_engine_hidden_state_at_l_detect(generator, head_loaded, world):
-    """The score arrives on the stream with at_tokens = score_at, and its
+    """The score arrives on the stream with at_tokens = score_at; its
     features are the learner's final hidden state at that token (no second
-    forward pass: the engine's own), with the logit the synced head gives
-    them. A continuation is scored at the same point, at its prefill when its
-    partial already has exactly score_at tokens."""
+    forward pass: the engine's own) followed by the confidence summary of the
+    log-probs the stream carried for tokens 1..score_at, with the logit the
+    synced head gives them. A continuation is scored at the same point, at
+    its prefill when its partial already has exactly score_at tokens, with
+    the log-probs of its partial taken from the request."""
     tok, _ = world
     model, head = head_loaded.model, head_loaded.head_trainer.head
+    hidden = model.config.hidden_size
     prompts = [tok.encode(p) for p in ("73c=", "99a=", "87a=", "66b=")]
     L = 24
     fresh = _run(generator, [RolloutRequest(request_id=f"hs-{i}", group_id="hs", prompt_ids=p, max_tokens=120,
@@ -79,10 +92,11 @@ def test_head_scores_the_engine_hidden_state_at_l_detect(generator, head_loaded,
         s = o["score"]
         assert s is not None and s.at_tokens == L and o["seen"] >= min(L, len(o["ids"]))
         feats = decode_features([s.features])[0]
+        assert feats.shape == (hidden + CONFIDENCE_FEATURES,)
+        want_h, want_c = _expected_features(model, prompts[i], o, L)
+        assert torch.allclose(feats[:hidden], want_h, atol=1e-4), float((feats[:hidden] - want_h).abs().max())
+        assert torch.allclose(feats[hidden:], want_c, atol=1e-4), (feats[hidden:], want_c)
         with torch.no_grad():
-            hs = model(torch.tensor([prompts[i] + o["ids"]]), output_hidden_states=True).hidden_states[-1][0]
-            want = hs[len(prompts[i]) + L - 1]
-            assert torch.allclose(feats, want, atol=1e-4), float((feats - want).abs().max())
             assert head(feats[None]).item() == pytest.approx(s.logit, abs=1e-4)
     for i, o in fresh.items():
         if len(o["ids"]) <= L - 1:
@@ -91,16 +105,17 @@ def test_head_scores_the_engine_hidden_state_at_l_detect(generator, head_loaded,
     i, o = long_ones[0]
     cont = _run(generator, [
         RolloutRequest(request_id="hs-c1", group_id="hs", prompt_ids=prompts[i], response_ids=o["ids"][:10],
-                       max_tokens=60, score_at=L),
+                       response_logprobs=o["lps"][:10], max_tokens=60, score_at=L),
         RolloutRequest(request_id="hs-c2", group_id="hs", prompt_ids=prompts[i], response_ids=o["ids"][:L],
-                       max_tokens=60, score_at=L)])
+                       response_logprobs=o["lps"][:L], max_tokens=60, score_at=L)])
     assert cont["hs-c2"]["score"].logit == pytest.approx(o["score"].logit, abs=1e-5)
     assert cont["hs-c2"]["score"].at_tokens == L
     c1 = cont["hs-c1"]
     if len(c1["ids"]) > L:
-        with torch.no_grad():
-            hs = model(torch.tensor([prompts[i] + c1["ids"]]), output_hidden_states=True).hidden_states[-1][0]
-        assert torch.allclose(decode_features([c1["score"].features])[0], hs[len(prompts[i]) + L - 1], atol=1e-4)
+        feats = decode_features([c1["score"].features])[0]
+        want_h, want_c = _expected_features(model, prompts[i], c1, L)
+        assert torch.allclose(feats[:hidden], want_h, atol=1e-4)
+        assert torch.allclose(feats[hidden:], want_c, atol=1e-4), (feats[hidden:], want_c)
     # No score_at, no score.
     plain = _run(generator, [RolloutRequest(request_id="hs-none", group_id="hs", prompt_ids=prompts[1],
                                             max_tokens=60)])

@@ -3,14 +3,18 @@
 A forward pre-hook on the model's `logits_processor` sees, every engine step,
 the final hidden state of each running request: exactly the rows the
 sampler turns into next-token logits (row i is `input_batch.req_ids[i]`), so
-the head costs no second forward pass of the backbone. A request asks to be
-scored through its sampling params' `extra_args` (set by the generator
-service from `RolloutRequest.score_at`): the prompt+response length at
-which to score, the response length that is, and the service's request id
-(the engine renames requests internally). When a row's sequence length, after this step's tokens, equals
-that length, the head is applied to the row and the score and the row itself
-(the head's input features) are pushed to the service over a ZMQ side
-channel, which puts them on the rollout's token stream.
+the head costs no second forward pass of the backbone. Hooks on the sampler
+record the raw log-prob of each token a scored request samples until then,
+for the head's confidence features (`pruner.head.token_confidence`).
+
+A request asks to be scored through its sampling params' `extra_args` (set
+by the generator service from `RolloutRequest.score_at`): the prompt+response
+length at which to score, the response length that is, the service's request
+id (the engine renames requests internally) and the log-probs of the response
+tokens it continues. When a row's sequence length, after this step's tokens,
+equals that length, the head is applied to the row's features and the score
+and the features are pushed to the service over a ZMQ side channel, which
+puts them on the rollout's token stream.
 """
 
 from __future__ import annotations
@@ -21,13 +25,30 @@ import numpy as np
 import torch
 
 from stream_rl.protocol import QualityScore, WorkerScore, WorkerScores, encode
-from stream_rl.pruner.head import QualityHead, encode_features
+from stream_rl.pruner.head import QualityHead, encode_features, head_features
 
 log = logging.getLogger(__name__)
 
 # SamplingParams.extra_args key; value: {"len": seq len to score at,
-# "at": response tokens at that length, "id": request id}.
+# "at": response tokens at that length, "id": request id, "lps": log-probs of
+# the response tokens the request continues}.
 SCORE_KEY = "stream_rl_score"
+
+
+class _Target:
+    """What the scorer tracks for one engine request that wants a score."""
+    __slots__ = ("want", "at", "rid", "start", "lps")
+
+    def __init__(self, want: int, at: int, rid: str, lps: list[float]):
+        self.want = want  # sequence length to score at; 0: scored already
+        self.at = at
+        self.rid = rid
+        self.lps = lps  # log-probs of response tokens 1.. so far
+        # Sequence length at which this request's own sampled tokens begin.
+        self.start = want - at + len(lps)
+
+
+_NO_SCORE = _Target(0, 0, "", [])
 
 
 class QualityScorer:
@@ -43,14 +64,21 @@ class QualityScorer:
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.SNDHWM, 100000)
             self._sock.connect(addr)
-        # engine request id -> (seq len to score at, response tokens then,
-        # service request id); seq len 0: no score wanted (or given already)
-        self._targets: dict[str, tuple[int, int, str]] = {}
+        self._targets: dict[str, _Target] = {}
+        # Rows of this step that sample a token whose log-prob a target
+        # needs, and those log-probs once the sampler has the logits.
+        self._lp_rows: list[tuple[int, _Target]] = []
+        self._lp_logits: torch.Tensor | None = None
         model = runner.get_model()
         lp = getattr(model, "logits_processor", None)
         if lp is None:
             raise RuntimeError(f"{type(model).__name__} has no logits_processor to hook the quality head on")
-        self._handle = lp.register_forward_pre_hook(self._hook)
+        sampler = getattr(runner, "sampler", None)
+        if sampler is None:
+            raise RuntimeError(f"{type(runner).__name__} has no sampler to read sampled-token log-probs from")
+        self._handles = [lp.register_forward_pre_hook(self._hook),
+                         sampler.register_forward_pre_hook(self._sampler_in, with_kwargs=True),
+                         sampler.register_forward_hook(self._sampler_out)]
         self._failed = False
 
     def load_head(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -59,62 +87,114 @@ class QualityScorer:
         self.head = head.to(device)
 
     def close(self) -> None:
-        self._handle.remove()
+        for h in self._handles:
+            h.remove()
         if self._sock is not None:
             self._sock.close()
 
-    def _target(self, req_id: str) -> tuple[int, int, str]:
+    def _target(self, req_id: str) -> _Target:
         t = self._targets.get(req_id)
         if t is None:
             state = self.runner.requests.get(req_id)
             extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
             want = extra.get(SCORE_KEY)
-            t = (int(want["len"]), int(want["at"]), str(want["id"])) if want else (0, 0, "")
+            t = _Target(int(want["len"]), int(want["at"]), str(want["id"]), [float(x) for x in want.get("lps", ())]) \
+                if want else _NO_SCORE
             self._targets[req_id] = t
         return t
 
-    def _hook(self, module, args):
-        if self.head is None or self._failed:
-            return None
+    def _guarded(self, fn, *args) -> None:
+        if self._failed:
+            return
         try:
-            self._score(args[1])
+            fn(*args)
         except Exception:  # never take the engine down: stop scoring, loudly
             self._failed = True
+            self._lp_rows, self._lp_logits = [], None
             log.exception("quality head scoring failed; scoring is off for this engine")
+
+    def _hook(self, module, args):
+        self._guarded(self._step, args[1])
         return None
 
-    def _score(self, hidden: torch.Tensor) -> None:
+    def _sampler_in(self, module, args, kwargs):
+        self._guarded(self._keep_logits, kwargs.get("logits", args[0] if args else None))
+        return None
+
+    def _sampler_out(self, module, args, output):
+        self._guarded(self._record_logprobs, output)
+        return None
+
+    def _step(self, hidden: torch.Tensor) -> None:
+        """Score the rows that reach their target length; note the rows whose
+        next sampled token the confidence features need."""
+        self._lp_rows = []
         batch = self.runner.input_batch
         n = batch.num_reqs
         if n == 0 or hidden.shape[0] != n:
             return  # a profiling/dummy run, or a call that is not the sampling rows
         req_ids = batch.req_ids[:n]
         targets = [self._target(r) for r in req_ids]
-        want = np.fromiter((t[0] for t in targets), dtype=np.int64, count=n)
-        if not want.any():
+        if not any(t.want for t in targets):
             return
         # Sequence length once this step's tokens are in: the row is the
-        # hidden state of that length's last token.
-        seq_lens = self.runner.optimistic_seq_lens_cpu[:n].numpy()
-        rows = np.nonzero((want > 0) & (want == seq_lens))[0]
-        if len(rows) == 0:
+        # hidden state of that length's last token, and the token sampled
+        # from it is response token seq_len - prompt_len + 1.
+        seq_lens = self.runner.optimistic_seq_lens_cpu[:n].tolist()
+        scored = []
+        for i, (t, sl) in enumerate(zip(targets, seq_lens)):
+            if not t.want:
+                continue
+            if sl == t.want:
+                scored.append(i)
+            elif t.start <= sl < t.want:
+                self._lp_rows.append((i, t))
+        if scored and self.head is not None:
+            self._score(hidden, [(i, targets[i]) for i in scored])
+        if len(self._targets) > 8 * max(n, 64):  # forget finished requests
+            live = self.runner.requests
+            self._targets = {k: v for k, v in self._targets.items() if k in live}
+
+    def _keep_logits(self, logits: torch.Tensor | None) -> None:
+        self._lp_logits = None
+        if self._lp_rows and logits is not None and logits.shape[0] == self.runner.input_batch.num_reqs:
+            idx = torch.tensor([i for i, _ in self._lp_rows], device=logits.device)
+            # Raw log-probs, before temperature: what vLLM reports as logprobs.
+            self._lp_logits = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+
+    def _record_logprobs(self, output) -> None:
+        rows, lps = self._lp_rows, self._lp_logits
+        self._lp_rows, self._lp_logits = [], None
+        if not rows or lps is None:
             return
-        idx = torch.from_numpy(rows).to(hidden.device)
-        h = hidden.index_select(0, idx)
+        sampled = output.sampled_token_ids[:, 0]
+        idx = torch.tensor([i for i, _ in rows], device=sampled.device)
+        toks = sampled.index_select(0, idx).to(lps.device).long()
+        values = lps.gather(1, toks[:, None]).squeeze(1).tolist()
+        for (_, t), v in zip(rows, values):
+            t.lps.append(v)
+
+    def _score(self, hidden: torch.Tensor, rows: list[tuple[int, _Target]]) -> None:
+        feats, done = [], []
+        for i, t in rows:
+            if len(t.lps) < t.at:
+                # Its earlier tokens were sampled while scoring was off.
+                log.warning("request %s reached its score with %d of %d log-probs; left unscored",
+                            t.rid, len(t.lps), t.at)
+            else:
+                feats.append(head_features(hidden[i], t.lps[:t.at]))
+                done.append(t)
+            t.want = 0  # once per request, even if the step is recomputed
+        if not feats:
+            return
+        x = torch.stack(feats)
         with torch.no_grad():
-            logits = self.head(h).float().cpu().tolist()
-        feats = encode_features(h)
-        scores = []
-        for k, i in enumerate(rows.tolist()):
-            _, at, rid = targets[i]
-            self._targets[req_ids[i]] = (0, at, rid)  # once per request, even if recomputed
-            scores.append(WorkerScore(rid, QualityScore(at_tokens=at, logit=logits[k], features=feats[k])))
+            logits = self.head(x).float().cpu().tolist()
+        scores = [WorkerScore(t.rid, QualityScore(at_tokens=t.at, logit=lg, features=f))
+                  for t, lg, f in zip(done, logits, encode_features(x))]
         if self._sock is not None:
             import zmq
             try:
                 self._sock.send(encode(WorkerScores(scores=scores)), zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("score channel full; %d scores dropped", len(scores))
-        if len(self._targets) > 8 * max(n, 64):  # forget finished requests
-            live = self.runner.requests
-            self._targets = {k: v for k, v in self._targets.items() if k in live}

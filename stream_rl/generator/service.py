@@ -78,7 +78,7 @@ class GeneratorService:
             output_kind=RequestOutputKind.DELTA, detokenize=False,
             # The worker's quality scorer reads this: score at this sequence length.
             extra_args={SCORE_KEY: {"len": len(req.prompt_ids) + req.score_at, "at": req.score_at,
-                                    "id": req.request_id}}
+                                    "id": req.request_id, "lps": req.response_logprobs}}
             if req.score_at is not None else None,
         )
         offset = len(req.response_ids)

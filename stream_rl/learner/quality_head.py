@@ -1,9 +1,10 @@
 """Training ARRoL's quality head on the fly.
 
 Each complete group labels its scored survivors with their final rewards;
-the features are the hidden states the engine captured at L_detect, so the
-head trains with binary cross-entropy without touching the backbone (no
-gradient, not even a forward pass). A replay window of recent labelled
+the features are what the engine captured at L_detect (hidden state and
+token confidence, see `pruner.head`), so the head trains with binary
+cross-entropy without touching the backbone (no gradient, not even a forward
+pass). A replay window of recent labelled
 features smooths the few labels a step brings; its weights are synced to the
 generators with the policy's.
 """
@@ -17,14 +18,14 @@ import torch
 
 from stream_rl.buffer.rollouts import Group
 from stream_rl.config import PrunerConfig
-from stream_rl.pruner.head import QualityHead, decode_features
+from stream_rl.pruner.head import QualityHead, decode_features, head_input_size
 
 
 class QualityHeadTrainer:
     def __init__(self, hidden_size: int, cfg: PrunerConfig, seed: int):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.head = QualityHead(hidden_size, cfg.head_hidden)
+            self.head = QualityHead(head_input_size(hidden_size), cfg.head_hidden)
         self.cfg = cfg
         self.opt = torch.optim.Adam(self.head.parameters(), lr=cfg.head_lr)
         self.replay: deque[tuple[bytes, float]] = deque(maxlen=cfg.head_replay)
@@ -36,9 +37,9 @@ class QualityHeadTrainer:
         for g in groups:
             for r in g.survivors:
                 if r.features is not None and r.reward is not None:
-                    if len(r.features) != 4 * self.head.hidden_size:
+                    if len(r.features) != 4 * self.head.in_features:
                         raise ValueError(f"rollout {r.rollout_id} has {len(r.features) // 4} features; the head "
-                                         f"takes {self.head.hidden_size}")
+                                         f"takes {self.head.in_features}")
                     self.replay.append((r.features, 1.0 if r.reward >= 0.5 else 0.0))
                     n += 1
         return n

@@ -1,5 +1,12 @@
 """ARRoL's quality head: a 2-layer MLP on the policy's hidden state.
 
+Its input is the final hidden state at L_detect followed by a summary of how
+confident the policy was in the L_detect tokens it sampled
+(`token_confidence`, after DeepConf): on the tiny task the hidden state alone
+ranked held-out prompts' rollouts at AUC ~0.72 (within a group ~0.58), with
+the confidence summary at ~0.94 (within a group ~0.88), because a sampled
+slip shows as one improbable token that the hidden state barely keeps.
+
 One module, two homes: the learner trains it (binary cross-entropy against
 final rewards, on features the engine captured, so no gradient ever reaches
 the backbone) and the generator's vLLM worker evaluates it when a rollout
@@ -14,20 +21,43 @@ import torch
 from torch import nn
 
 HEAD_PREFIX = "quality_head."
+# Length of the `token_confidence` summary appended to the hidden state.
+CONFIDENCE_FEATURES = 5
+
+
+def token_confidence(logprobs) -> np.ndarray:
+    """Summary of sampled-token log-probs (raw, before temperature): mean,
+    minimum, mean of the 3 lowest, and the fractions below -2 and -4."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    if lp.size == 0:
+        raise ValueError("token_confidence needs at least one log-prob")
+    low = np.sort(lp)[:3]
+    return np.array([lp.mean(), lp.min(), low.mean(), (lp < -2).mean(), (lp < -4).mean()], dtype=np.float32)
+
+
+def head_input_size(hidden_size: int) -> int:
+    """Width of the head's input for a model with this hidden size."""
+    return hidden_size + CONFIDENCE_FEATURES
+
+
+def head_features(hidden: torch.Tensor, logprobs) -> torch.Tensor:
+    """The head's input for one rollout: hidden state [hidden] + confidence."""
+    conf = torch.from_numpy(token_confidence(logprobs)).to(hidden.device)
+    return torch.cat([hidden.float(), conf])
 
 
 class QualityHead(nn.Module):
-    def __init__(self, hidden_size: int, width: int):
+    def __init__(self, in_features: int, width: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Linear(width, 1))
+        self.net = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, 1))
 
     @property
-    def hidden_size(self) -> int:
+    def in_features(self) -> int:
         return self.net[0].in_features
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits s_i, one per row of `hidden` [N, hidden_size]."""
-        return self.net(hidden.float()).squeeze(-1)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits s_i, one per row of `features` [N, in_features] (`head_features` rows)."""
+        return self.net(features.float()).squeeze(-1)
 
     def named_for_sync(self) -> dict[str, torch.Tensor]:
         return {HEAD_PREFIX + k: v.detach().contiguous() for k, v in self.state_dict().items()}
