@@ -42,7 +42,6 @@ class RolloutStats:
     tokens_generated: int = 0
     rollouts_finished: int = 0
     truncated: int = 0  # finished by the length budget, not by EOS
-    pruned: int = 0
     pruned_groups_dropped: int = 0  # fell below pruner.min_survivors (small_groups: drop)
     rejected: int = 0
     aborted: int = 0  # requests still running at the step's end, aborted
@@ -186,8 +185,7 @@ class RolloutController:
                 return  # a late chunk of a dropped group
             stats.tokens_generated += len(msg.token_ids)
             members = self.buffer.groups[r.group_id]
-            if not self.pruner.review(r, members):
-                stats.pruned += 1
+            if not self.pruner.review(r, members):  # the pruner counts its decisions
                 self.buffer.prune(msg.request_id)
                 self.client.abort([msg.request_id])
                 if self.pruner.group_too_small(members):

@@ -18,6 +18,7 @@ from stream_rl.generator.client import GeneratorClient, GeneratorProcess
 from stream_rl.learner.trainer import Learner, samples_from_groups
 from stream_rl.metrics import MetricsLogger
 from stream_rl.pruner.base import make_pruner
+from stream_rl.pruner.quality import inclusion_weighted_mean
 from stream_rl.verifier import make_verifier
 from stream_rl.weights_sync import make_weight_sender
 
@@ -33,8 +34,8 @@ def summarize(records: list[dict]) -> dict:
     """Reward of the first and last 20% of steps, and run totals."""
     n = len(records)
     k = max(1, n // 5)
-    first = _mean(r["reward_mean"] for r in records[:k])
-    last = _mean(r["reward_mean"] for r in records[-k:])
+    first = _mean(r["reward_policy_mean"] for r in records[:k])
+    last = _mean(r["reward_policy_mean"] for r in records[-k:])
     return {
         "steps": n,
         "policy_version": records[-1]["policy_version"] if records else 0,
@@ -92,6 +93,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
             ts = time.perf_counter()
             groups, gstats = controller.collect(cfg.generator.target_groups)
             rewards = [r for g in groups for r in g.rewards]
+            kept = [r for g in groups for r in g.survivors if r.reward is not None]
             samples, dropped = samples_from_groups(groups, cfg.learner.adv_eps,
                                                    cfg.learner.drop_zero_variance_groups,
                                                    cfg.learner.mask_truncated)
@@ -112,6 +114,8 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
                 "step": step,
                 "policy_version": generator.version,
                 "reward_mean": _mean(rewards),
+                # The policy's, not the survivors': pruning may bias the kept set.
+                "reward_policy_mean": inclusion_weighted_mean([r.reward for r in kept], [r.keep_prob for r in kept]),
                 "groups": len(groups),
                 "zero_variance_groups": sum(len(set(g.rewards)) == 1 for g in groups),
                 "groups_dropped": dropped,
@@ -129,7 +133,6 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
                 "response_len_mean": _mean(gstats.response_lens),
                 "truncated_frac": gstats.truncated / max(1, gstats.rollouts_finished),
                 "rejected_requests": gstats.rejected,
-                "pruned_requests": gstats.pruned,
                 "pruned_groups_dropped": gstats.pruned_groups_dropped,
                 "tokens_per_kept_rollout": gstats.tokens_generated / max(1, sum(len(g.survivors) for g in groups)),
                 **{f"prune/{k}": v for k, v in gstats.pruner.items()},

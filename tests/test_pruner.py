@@ -883,11 +883,26 @@ def test_trainer_skips_pruned_and_unlabelled():
     rs[2].reward = None
     extra = mk(4, 8, "p", reward=0.0, finish="stop")  # no features
     assert t.add([Group(group_id="p", rollouts=rs + [extra])]) == 1
-    assert list(t.replay) == [(f[0], 1.0)]
+    x, y = t.replay()
+    assert torch.equal(x, decode_features([f[0]])) and y.tolist() == [1.0]
     # A pruned rollout with features of the wrong size is not even looked at.
     bad = mk(5, 8, "q", reward=1.0, finish="pruned")
     bad.features = b"\x00" * 12
     assert t.add([Group(group_id="q", rollouts=[bad])]) == 0
+
+
+def test_trainer_replay_keeps_the_latest_window():
+    """The replay holds the last head_replay labelled rows, oldest overwritten first."""
+    t = QualityHeadTrainer(1, head_cfg(head_replay=5), seed=0)
+    width = head_input_size(1)
+    for start in (0, 3, 6):  # 9 rows in three adds
+        rs = [mk(i, 8, f"w{start}", reward=float(i % 2), finish="stop") for i in range(3)]
+        for k, r in enumerate(rs):
+            r.features = encode_features(torch.full((1, width), float(start + k)))[0]
+        assert t.add([Group(group_id=f"w{start}", rollouts=rs)]) == 3
+    x, y = t.replay()
+    assert sorted(x[:, 0].tolist()) == [4.0, 5.0, 6.0, 7.0, 8.0]
+    assert len(y) == 5 and t.train()["head_replay"] == 5
 
 
 def test_trainer_deterministic_per_seed():
@@ -971,3 +986,25 @@ def test_head_features_and_input_size():
     assert f[4:].tolist() == pytest.approx(token_confidence([-1.0, -3.0]).tolist())
     head = QualityHead(head_input_size(4), 8)
     assert head(f[None]).shape == (1,)
+
+
+def test_inclusion_weighted_mean():
+    from stream_rl.pruner.quality import inclusion_weighted_mean
+
+    # Kept with p = 0.5, a negative stands for two: the policy's rate is 1/3.
+    assert inclusion_weighted_mean([1.0, 0.0], [1.0, 0.5]) == pytest.approx(1 / 3)
+    assert inclusion_weighted_mean([1.0, 0.0, 1.0], [1.0, 1.0, 1.0]) == pytest.approx(2 / 3)
+    assert math.isnan(inclusion_weighted_mean([], []))
+    with pytest.raises(ValueError):
+        inclusion_weighted_mean([1.0], [0.0])
+    with pytest.raises(ValueError):
+        inclusion_weighted_mean([1.0, 0.0], [1.0])
+
+
+@given(st.lists(st.tuples(st.booleans(), st.floats(0.05, 1.0)), min_size=1, max_size=50))
+def test_inclusion_weighted_mean_is_a_mean(pairs):
+    from stream_rl.pruner.quality import inclusion_weighted_mean
+
+    v = [float(b) for b, _ in pairs]
+    m = inclusion_weighted_mean(v, [p for _, p in pairs])
+    assert min(v) - 1e-12 <= m <= max(v) + 1e-12

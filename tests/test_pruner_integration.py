@@ -184,3 +184,7 @@ def test_train_with_arrol_trains_and_syncs_the_head(generator, engine_cfg, tmp_p
                 "tokens_per_kept_rollout"):
         assert key in records[-1]
     assert "prune/head_auc" in summary
+    # Cold start keeps everything: the policy's reward is the kept one; later
+    # it is the kept rewards weighted by 1/keep_prob, still a mean of 0/1.
+    assert records[0]["reward_policy_mean"] == pytest.approx(records[0]["reward_mean"])
+    assert all(0.0 <= r["reward_policy_mean"] <= 1.0 for r in records)

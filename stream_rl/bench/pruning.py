@@ -59,8 +59,11 @@ def mode_result(records: list[dict], summary: dict, cold_start: int) -> dict:
         "kept_rollouts_per_step": _mean(r.get("prune/kept_rollouts") for r in after),
         "tokens_per_kept_rollout": _mean(r["tokens_per_kept_rollout"] for r in after),
         "prune_lag_tokens": _mean(r.get("prune/prune_lag_tokens") for r in after),
-        "final_reward": _mean(r["reward_mean"] for r in records[-k:]),
-        "reward_first_20pct": _mean(r["reward_mean"] for r in records[:k]),
+        # The policy's pass rate (survivors weighted by 1/keep_prob), and the
+        # survivors' own, which pruning biases by design.
+        "final_reward": _mean(r["reward_policy_mean"] for r in records[-k:]),
+        "reward_first_20pct": _mean(r["reward_policy_mean"] for r in records[:k]),
+        "final_kept_reward": _mean(r["reward_mean"] for r in records[-k:]),
         "step_s_median": statistics.median(r["step_s"] for r in after) if after else math.nan,
     }
 

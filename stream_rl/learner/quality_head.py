@@ -12,7 +12,6 @@ generators with the policy's.
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import torch
 
@@ -28,28 +27,40 @@ class QualityHeadTrainer:
             self.head = QualityHead(head_input_size(hidden_size), cfg.head_hidden)
         self.cfg = cfg
         self.opt = torch.optim.Adam(self.head.parameters(), lr=cfg.head_lr)
-        self.replay: deque[tuple[bytes, float]] = deque(maxlen=cfg.head_replay)
+        # Replay window as a ring of decoded rows: each row is decoded once.
+        self._x = torch.zeros(cfg.head_replay, self.head.in_features)
+        self._y = torch.zeros(cfg.head_replay)
+        self._added = 0
         self._gen = torch.Generator().manual_seed(seed)
+
+    def replay(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window's features [N, in_features] and 0/1 labels [N] (ring order)."""
+        n = min(self._added, len(self._y))
+        return self._x[:n], self._y[:n]
 
     def add(self, groups: list[Group]) -> int:
         """Queue the labelled features of the groups' scored survivors."""
-        n = 0
+        feats, labels = [], []
         for g in groups:
             for r in g.survivors:
                 if r.features is not None and r.reward is not None:
                     if len(r.features) != 4 * self.head.in_features:
                         raise ValueError(f"rollout {r.rollout_id} has {len(r.features) // 4} features; the head "
                                          f"takes {self.head.in_features}")
-                    self.replay.append((r.features, 1.0 if r.reward >= 0.5 else 0.0))
-                    n += 1
-        return n
+                    feats.append(r.features)
+                    labels.append(1.0 if r.reward >= 0.5 else 0.0)
+        cap = len(self._y)
+        for x, y in zip(decode_features(feats[-cap:]), labels[-cap:]):
+            i = self._added % cap
+            self._x[i], self._y[i] = x, y
+            self._added += 1
+        return len(feats)
 
     def train(self) -> dict:
         """`head_updates` Adam steps on minibatches from the replay window."""
-        if not self.replay:
+        feats, labels = self.replay()
+        if not len(labels):
             return {"head_loss": math.nan, "head_train_acc": math.nan, "head_replay": 0}
-        feats = decode_features([f for f, _ in self.replay])
-        labels = torch.tensor([y for _, y in self.replay])
         self.head.train()
         loss_sum = 0.0
         for _ in range(self.cfg.head_updates):

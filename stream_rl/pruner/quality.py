@@ -60,3 +60,20 @@ def group_balance(positives_per_group: list[list[bool]]) -> tuple[float, float]:
     if fracs.size == 0:
         return math.nan, math.nan
     return float(fracs.mean()), float((fracs * (1 - fracs)).mean())
+
+
+def inclusion_weighted_mean(values, inclusion_probs) -> float:
+    """Self-normalised Horvitz-Thompson mean: each kept sample weighs 1/p.
+    Survivors of pruning are a biased sample of the policy (ARRoL keeps more
+    likely-negatives when the pass rate is above ρ); this estimates the mean
+    over everything the policy sampled. NaN without samples."""
+    v = np.asarray(values, dtype=np.float64)
+    p = np.asarray(inclusion_probs, dtype=np.float64)
+    if v.shape != p.shape:
+        raise ValueError(f"{v.size} values but {p.size} inclusion probabilities")
+    if v.size == 0:
+        return math.nan
+    if (p <= 0).any() or (p > 1).any():
+        raise ValueError("inclusion probabilities must lie in (0, 1]")
+    w = 1.0 / p
+    return float((w * v).sum() / w.sum())
