@@ -60,6 +60,11 @@ class DataConfig(_Section):
     # "math": math-verify equivalence of final answers; "exact": the whole
     # extracted text must equal the reference (up to whitespace).
     answer_match: Literal["math", "exact"] = "math"
+    # DPPO's prompt-level pruning: after the first epoch, a prompt whose
+    # history score (mean |A| when last trained) is in the lowest half is
+    # skipped with this probability (0: off). The learner's
+    # pruning_correction=ht reweights the prompts kept.
+    dppo_prompt_rate: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.0
 
 
 class GeneratorConfig(_Section):
@@ -169,6 +174,24 @@ class LearnerConfig(_Section):
     # no verdict on its reasoning, so it is left out of the loss (it still
     # counts, with its reward, in its group's advantage baseline).
     mask_truncated: bool = False
+    # Pruning correction (DPPO's Horvitz-Thompson weights from each sample's
+    # inclusion probability); "none" trains on survivors as they are (ARRoL's
+    # balancing, biased on purpose).
+    pruning_correction: Literal["none", "ht"] = "none"
+    # DPPO's completion pruning in the learner: completions with |A| below
+    # their group's mean |A| are dropped with this probability (0: off).
+    dppo_completion_rate: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.0
+    # Off-policy correction of tokens sampled by older policy versions or by
+    # the engine's numerics (ALGORITHMS.md §5).
+    offpolicy: Literal["none", "mask_stale", "tis", "decoupled"] = "none"
+    tis_cap: PosFloat = 2.0
+    behave_cap: PosFloat = 5.0  # decoupled: tokens whose behaviour weight exceeds it are masked
+    # KL to the initial policy (k3 estimator); 0 loads no reference model.
+    kl_beta: NonNegFloat = 0.0
+    # Dense packing: sequences share rows of pack_row_tokens (position ids
+    # restart per sequence, no attention across them) instead of padding.
+    packing: bool = True
+    pack_row_tokens: PosInt = 1024
     device: str = "cpu"
 
 
@@ -218,6 +241,9 @@ def _check(cfg: Config) -> None:
     if p.mode != "none" and p.l_detect >= g.max_tokens:
         raise ConfigError(f"pruner.l_detect ({p.l_detect}) must be below generator.max_tokens ({g.max_tokens}): "
                           "no rollout could reach it")
+    if cfg.learner.offpolicy in ("tis", "decoupled") and not g.return_logprobs:
+        raise ConfigError(f"learner.offpolicy={cfg.learner.offpolicy} needs generator.return_logprobs=true: its "
+                          "weights compare the learner's log-probs with the rollout's")
     if p.mode == "arrol" and not g.return_logprobs:
         raise ConfigError("pruner.mode=arrol needs generator.return_logprobs=true: a recycled partial carries its "
                           "tokens' log-probs to the engine for the quality head's confidence features")

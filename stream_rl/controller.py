@@ -100,6 +100,7 @@ class RolloutController:
     def _new_group(self) -> None:
         row = self.sampler.next()
         for r in self.buffer.new_group(row.prompt_ids, row.answer, self.cfg.generator.max_tokens):
+            r.prompt_inclusion = row.inclusion
             self._start(r)
 
     def _fill(self, open_limit: int) -> None:

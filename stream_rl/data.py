@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stream_rl.config import DataConfig
@@ -29,6 +30,8 @@ class PromptRow:
     prompt: str
     answer: str
     prompt_ids: tuple[int, ...]
+    # Probability this prompt survived prompt-level pruning (DPPO).
+    inclusion: float = 1.0
 
 
 def _read_rows(cfg: DataConfig) -> tuple[list[dict], str]:
@@ -140,3 +143,50 @@ class PromptSampler:
         row = self.rows[self._order[self._pos]]
         self._pos += 1
         return row
+
+
+class DppoPromptSampler:
+    """DPPO's prompt-level pruning in front of a `PromptSampler`.
+
+    A prompt's history score is the mean |A| of its group when last trained
+    (carried forward while it is skipped). From the second epoch, a prompt
+    in the lowest half of the known scores is skipped with probability
+    `rate`; one that passes that draw is returned with inclusion probability
+    1 − rate, for the learner's Horvitz–Thompson weights.
+    """
+
+    def __init__(self, sampler: PromptSampler, rate: float, seed: int):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"data.dppo_prompt_rate must lie in [0, 1), got {rate}")
+        self.sampler = sampler
+        self.rate = rate
+        self.rng = random.Random(seed ^ 0x5EED)
+        self.history: dict[tuple[int, ...], float] = {}
+        self.skipped = 0
+        self._threshold: float | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def record(self, prompt_ids, score: float) -> None:
+        """The mean |A| of a prompt's group in the latest update."""
+        self.history[tuple(prompt_ids)] = float(score)
+        self._threshold = None
+
+    def _median(self) -> float | None:
+        if self._threshold is None and self.history:
+            self._threshold = statistics.median(self.history.values())
+        return self._threshold
+
+    def next(self) -> PromptRow:
+        while True:
+            row = self.sampler.next()
+            score = self.history.get(row.prompt_ids)
+            at_risk = (self.rate > 0 and self.sampler.epoch > 1 and score is not None
+                       and score < self._median())
+            if not at_risk:
+                return row
+            if self.rng.random() >= self.rate:
+                return replace(row, inclusion=1.0 - self.rate)
+            self.skipped += 1

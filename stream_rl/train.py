@@ -13,7 +13,7 @@ import torch
 
 from stream_rl.config import Config
 from stream_rl.controller import RolloutController
-from stream_rl.data import PromptDataset, PromptSampler
+from stream_rl.data import DppoPromptSampler, PromptDataset, PromptSampler
 from stream_rl.generator.client import GeneratorClient, GeneratorProcess
 from stream_rl.learner.trainer import Learner, samples_from_groups
 from stream_rl.metrics import MetricsLogger
@@ -83,7 +83,10 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
         # no quality head yet: start from ours.
         sync_weights()
     log.info("generator ready after %.1f s", time.time() - t_start)
-    controller = RolloutController(cfg, generator, PromptSampler(dataset, cfg.data.shuffle, cfg.run.seed),
+    sampler = PromptSampler(dataset, cfg.data.shuffle, cfg.run.seed)
+    if cfg.data.dppo_prompt_rate > 0:
+        sampler = DppoPromptSampler(sampler, cfg.data.dppo_prompt_rate, cfg.run.seed)
+    controller = RolloutController(cfg, generator, sampler,
                                    tokenizer, verifier, make_pruner(cfg))
     metrics = MetricsLogger(out, steps, cfg.run.progress)
     records: list[dict] = []
@@ -94,14 +97,24 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
             groups, gstats = controller.collect(cfg.generator.target_groups)
             rewards = [r for g in groups for r in g.rewards]
             kept = [r for g in groups for r in g.survivors if r.reward is not None]
-            samples, dropped = samples_from_groups(groups, cfg.learner.adv_eps,
-                                                   cfg.learner.drop_zero_variance_groups,
-                                                   cfg.learner.mask_truncated)
+            batch = samples_from_groups(groups, cfg.learner.adv_eps, cfg.learner.drop_zero_variance_groups,
+                                        cfg.learner.mask_truncated)
             # Versions the learner's batch lags the policy it updates.
             versions = [v for g in groups for r in g.survivors for v in r.versions]
             lag_max = generator.version - min(versions) if versions else 0
             useful = sum(g.num_tokens for g in groups)
             tt = time.perf_counter()
+            samples = batch.samples
+            if isinstance(sampler, DppoPromptSampler):
+                # History score: the group's mean |A| (0 for a zero-variance group left out).
+                adv: dict[str, list[float]] = {}
+                for s in samples:
+                    adv.setdefault(s.group_id, []).append(abs(s.advantage))
+                for g in groups:
+                    a = adv.get(g.group_id, [0.0])
+                    sampler.record(g.rollouts[0].prompt_ids, sum(a) / len(a))
+            for why in batch.rejected:  # the rest of the batch trains
+                log.warning("left out of the update: %s", why)
             lstats = learner.step(samples, policy_version=generator.version)
             lstats.update(learner.train_head(groups))
             train_s = time.perf_counter() - tt
@@ -118,7 +131,9 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
                 "reward_policy_mean": inclusion_weighted_mean([r.reward for r in kept], [r.keep_prob for r in kept]),
                 "groups": len(groups),
                 "zero_variance_groups": sum(len(set(g.rewards)) == 1 for g in groups),
-                "groups_dropped": dropped,
+                "groups_dropped": batch.dropped_groups,
+                "samples_rejected": len(batch.rejected),
+                "dppo_prompts_skipped": getattr(sampler, "skipped", 0),
                 "tokens_generated": gstats.tokens_generated,
                 "tokens_in_batch": useful,
                 "gen_tokens_per_s": useful / gstats.seconds if gstats.seconds else 0.0,

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from stream_rl.buffer.rollouts import Group, Rollout
 from stream_rl.learner.advantages import group_advantages
 from stream_rl.learner.losses import policy_loss
-from stream_rl.learner.trainer import BadSampleError, Sample, pad_batch, micro_batches, samples_from_groups
+from stream_rl.learner.samples import Sample, samples_from_groups
+from stream_rl.learner.trainer import micro_batches, pad_batch
 
 EPS = 1e-6
 
@@ -270,8 +271,9 @@ def group(gid: str, rewards, **kw) -> Group:
 
 def test_samples_carry_group_advantages_in_order():
     g1, g2 = group("a", [1.0, 0.0, 0.0, 1.0]), group("b", [0.0, 1.0])
-    samples, dropped = samples_from_groups([g1, g2], EPS, drop_zero_variance=False)
-    assert dropped == 0
+    batch = samples_from_groups([g1, g2], EPS, drop_zero_variance=False)
+    samples = batch.samples
+    assert batch.dropped_groups == 0 and batch.rejected == []
     assert len(samples) == 6
     assert [s.advantage for s in samples] == pytest.approx(
         group_advantages([1.0, 0.0, 0.0, 1.0], EPS) + group_advantages([0.0, 1.0], EPS))
@@ -282,38 +284,45 @@ def test_samples_carry_group_advantages_in_order():
 
 def test_zero_variance_groups_dropped_and_counted():
     groups = [group("a", [1.0, 1.0]), group("b", [0.0, 1.0]), group("c", [0.0, 0.0])]
-    samples, dropped = samples_from_groups(groups, EPS, drop_zero_variance=True)
-    assert dropped == 2
+    batch = samples_from_groups(groups, EPS, drop_zero_variance=True)
+    samples = batch.samples
+    assert batch.dropped_groups == 2
     assert len(samples) == 2
     assert [s.advantage for s in samples] == pytest.approx(group_advantages([0.0, 1.0], EPS))
 
 
 def test_zero_variance_groups_kept_with_zero_advantage_when_not_dropping():
-    samples, dropped = samples_from_groups([group("a", [1.0, 1.0, 1.0])], EPS, drop_zero_variance=False)
+    batch = samples_from_groups([group("a", [1.0, 1.0, 1.0])], EPS, drop_zero_variance=False)
+    samples, dropped = batch.samples, batch.dropped_groups
     assert dropped == 0
     assert [s.advantage for s in samples] == [0.0, 0.0, 0.0]
 
 
 def test_missing_logprobs_allowed():
-    samples, _ = samples_from_groups([group("a", [0.0, 1.0], logprobs=None)], EPS, False)
+    samples = samples_from_groups([group("a", [0.0, 1.0], logprobs=None)], EPS, False).samples
     assert all(s.rollout_logprobs is None for s in samples)
 
 
 @pytest.mark.parametrize("drop", [False, True])
-@pytest.mark.parametrize("bad", [
-    dict(response=()),
-    dict(reward=float("nan")),
-    dict(reward=None),
-    dict(reward=float("inf")),
-    dict(logprobs=[-0.1]),
+@pytest.mark.parametrize("bad,why", [
+    (dict(response=()), "empty response"),
+    (dict(reward=float("nan")), "reward nan"),
+    (dict(reward=None), "reward None"),
+    (dict(reward=float("inf")), "reward inf"),
+    (dict(logprobs=[-0.1]), "1 logprobs for 2 tokens"),
 ])
-def test_bad_sample_names_the_rollout(bad, drop):
-    g = group("grp", [1.0, 1.0])
+def test_bad_sample_is_left_out_by_name_and_nothing_else_is_lost(bad, why, drop):
+    g = group("grp", [1.0, 0.0, 1.0])
     kw = dict(reward=1.0)
     kw.update(bad)
     g.rollouts[1] = rollout("grp-bad", group="grp", **kw)
-    with pytest.raises(BadSampleError, match="grp-bad"):
-        samples_from_groups([g], EPS, drop_zero_variance=drop)
+    other = group("ok", [0.0, 1.0])
+    batch = samples_from_groups([g, other], EPS, drop_zero_variance=drop)
+    assert len(batch.rejected) == 1 and "grp-bad" in batch.rejected[0] and why in batch.rejected[0]
+    # The bad rollout's group mates and the other group all train; the
+    # baseline is over the valid members (both reward 1: zero advantage).
+    assert {s.sample_id for s in batch.samples} == ({"ok-0", "ok-1"} if drop else {"grp-0", "grp-2", "ok-0", "ok-1"})
+    assert all(s.advantage == 0.0 for s in batch.samples if s.group_id == "grp")
 
 
 # --- micro_batches and pad_batch ---------------------------------------------------------------------
@@ -355,7 +364,9 @@ def test_pad_layout():
 def test_pruned_members_are_not_samples_and_not_in_the_baseline():
     g = group("p", [1.0, 0.0, 0.0, 1.0])
     g.rollouts[1].finish_reason, g.rollouts[1].reward = "pruned", None
-    samples, dropped = samples_from_groups([g], EPS, drop_zero_variance=False)
-    assert dropped == 0 and len(samples) == 3
+    batch = samples_from_groups([g], EPS, drop_zero_variance=False)
+    samples = batch.samples
+    assert batch.dropped_groups == 0 and len(samples) == 3
+    assert all(s.group_size == 4 for s in samples)  # N before pruning
     expected = group_advantages([1.0, 0.0, 1.0], EPS)
     assert [s.advantage for s in samples] == pytest.approx(expected)

@@ -194,3 +194,39 @@ def test_sampler_deterministic_per_seed(dataset):
 
 def test_sampler_without_shuffle_is_in_order(dataset):
     assert draw(PromptSampler(dataset, shuffle=False, seed=0), 14) == list(range(7)) * 2
+
+
+# --- DPPO's prompt-level pruning ---------------------------------------------------------------
+
+def test_dppo_prompt_sampler_prunes_low_history_prompts_after_the_first_epoch(dataset):
+    from stream_rl.data import DppoPromptSampler
+
+    s = DppoPromptSampler(PromptSampler(dataset, shuffle=True, seed=0), rate=0.6, seed=1)
+    first = [s.next() for _ in range(7)]  # first epoch: nothing pruned, even with history
+    assert sorted(r.index for r in first) == list(range(7)) and all(r.inclusion == 1.0 for r in first)
+    for r in first:
+        s.record(r.prompt_ids, float(r.index))  # rows 0-2 score below the median (3)
+    seen = {i: 0 for i in range(7)}
+    for _ in range(3000):
+        r = s.next()
+        seen[r.index] += 1
+        assert r.inclusion == (pytest.approx(0.4) if r.index < 3 else 1.0)
+    # Each epoch offers every row once; a low one survives with probability 0.4.
+    epochs = s.epoch - 1
+    for i in range(3, 7):
+        assert abs(seen[i] - epochs) <= 1
+    for i in range(3):
+        assert seen[i] == pytest.approx(0.4 * epochs, rel=0.15)
+    assert s.skipped == pytest.approx(3 * 0.6 * epochs, rel=0.1)
+
+
+def test_dppo_prompt_sampler_rate_zero_is_the_plain_sampler(dataset):
+    from stream_rl.data import DppoPromptSampler
+
+    plain = draw(PromptSampler(dataset, shuffle=True, seed=5), 30)
+    s = DppoPromptSampler(PromptSampler(dataset, shuffle=True, seed=5), rate=0.0, seed=1)
+    for i in range(7):
+        s.record(dataset.rows[i].prompt_ids, float(i))
+    assert draw(s, 30) == plain
+    with pytest.raises(ValueError, match="dppo_prompt_rate"):
+        DppoPromptSampler(PromptSampler(dataset, shuffle=True, seed=5), rate=1.0, seed=1)

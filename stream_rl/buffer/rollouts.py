@@ -49,6 +49,9 @@ class Rollout(msgspec.Struct, kw_only=True):
     q: float | None = None
     keep_prob: float = 1.0
     decision: str | None = None
+    # Probability its prompt survived prompt-level pruning (DPPO); 1.0 when
+    # prompts are not pruned.
+    prompt_inclusion: float = 1.0
 
     @property
     def request_id(self) -> str:

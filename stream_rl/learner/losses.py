@@ -29,26 +29,53 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Ten
     return -torch.minimum(unclipped, clipped), (clipped < unclipped)
 
 
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(π_θ || π_ref) estimate k3 = exp(ref − logp) − (ref − logp) − 1
+    (non-negative, unbiased on samples from π_θ; verl's "low_var_kl")."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
 def policy_loss(kind: str, logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                *, clip_low: float, clip_high: float, num_seqs: int, num_tokens: int) -> LossTerms:
-    """GRPO: token-mean per sequence, then mean over the batch's sequences.
-    DAPO: token-level mean over every response token of the batch.
+                *, clip_low: float, clip_high: float, num_seqs: float, num_tokens: float,
+                tok_weight: torch.Tensor | None = None, seq_weight: torch.Tensor | None = None,
+                ref_logp: torch.Tensor | None = None, kl_beta: float = 0.0) -> LossTerms:
+    """GRPO: token-mean per sequence, then summed over sequences / num_seqs.
+    DAPO: summed over every response token / num_tokens.
     GSPO: sequence ratio = exp(mean token log-ratio), clipped per sequence.
 
-    `num_seqs`/`num_tokens` are the full batch's counts (not the micro-batch's).
+    `num_seqs`/`num_tokens` are the full batch's normalisers (not the
+    micro-batch's), so micro-batch losses add up to the batch loss.
+    `tok_weight` [B, T] multiplies each token's term (off-policy correction:
+    IS weights, 0 masks a token); for GSPO a masked token leaves the sequence
+    mean and the sequence term takes the mean weight of its tokens.
+    `seq_weight` [B] multiplies each sequence's terms (pruning correction).
+    With `kl_beta` > 0, β·k3(π_θ, π_ref) joins every token's term.
     """
     mask = mask.to(logp.dtype)
+    w_tok = mask if tok_weight is None else mask * tok_weight.to(logp.dtype)
+    live = mask if tok_weight is None else mask * (tok_weight > 0).to(logp.dtype)
+    w_seq = torch.ones(logp.shape[0], dtype=logp.dtype, device=logp.device) if seq_weight is None \
+        else seq_weight.to(logp.dtype)
+    kl = kl_beta * kl_k3(logp, ref_logp) if kl_beta > 0 and ref_logp is not None else None
     if kind == "gspo":
-        seq_logratio = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+        n = live.sum(-1)
+        seq_logratio = ((logp - old_logp) * live).sum(-1) / n.clamp_min(1.0)
         per_seq, flag = clipped_surrogate(seq_logratio, torch.zeros_like(seq_logratio), adv,
                                           clip_low, clip_high)
-        return LossTerms(per_seq.sum() / num_seqs, (flag.unsqueeze(-1) * mask).sum(), mask.sum())
+        if tok_weight is not None:
+            per_seq = per_seq * w_tok.sum(-1) / n.clamp_min(1.0)
+        if kl is not None:
+            per_seq = per_seq + (kl * live).sum(-1) / n.clamp_min(1.0)
+        return LossTerms((w_seq * per_seq).sum() / num_seqs, (flag.unsqueeze(-1) * live).sum(), live.sum())
     per_tok, flag = clipped_surrogate(logp, old_logp, adv, clip_low, clip_high)
-    per_tok = per_tok * mask
+    per_tok = per_tok * w_tok
+    if kl is not None:
+        per_tok = per_tok + kl * live
     if kind == "grpo":
-        loss = (per_tok.sum(-1) / mask.sum(-1).clamp_min(1.0)).sum() / num_seqs
+        loss = (w_seq * per_tok.sum(-1) / live.sum(-1).clamp_min(1.0)).sum() / num_seqs
     elif kind == "dapo":
-        loss = per_tok.sum() / num_tokens
+        loss = (w_seq * per_tok.sum(-1)).sum() / num_tokens
     else:
         raise ValueError(f"unknown learner.loss {kind!r}; allowed: 'grpo', 'dapo', 'gspo'")
-    return LossTerms(loss, (flag * mask.bool()).sum(), mask.sum())
+    return LossTerms(loss, (flag * live.bool()).sum(), live.sum())

@@ -1,53 +1,20 @@
-"""The learner: a Hugging Face causal LM trained with a group-relative loss."""
+"""The learner: a Hugging Face causal LM trained with a group-relative loss,
+with pruning and off-policy corrections, dense packing and data parallelism
+over torch.distributed ranks."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import random
 
 import torch
 
 from stream_rl.buffer.rollouts import Group
 from stream_rl.config import Config
-from stream_rl.learner.advantages import group_advantages
+from stream_rl.learner.correction import (dppo_prune_completions, loss_normalisers, offpolicy_stats,
+                                          offpolicy_weights, pruning_weights)
 from stream_rl.learner.losses import policy_loss
-
-
-@dataclass
-class Sample:
-    prompt_ids: list[int]
-    response_ids: list[int]
-    advantage: float
-    rollout_logprobs: list[float] | None
-    versions: list[int]
-
-
-class BadSampleError(ValueError):
-    pass
-
-
-def samples_from_groups(groups: list[Group], eps: float, drop_zero_variance: bool,
-                        mask_truncated: bool = False) -> tuple[list[Sample], int]:
-    """Advantages per group; returns the samples and the groups dropped."""
-    out, dropped = [], 0
-    for g in groups:
-        rewards, survivors = g.rewards, g.survivors
-        for r in survivors:
-            if not r.response_ids:
-                raise BadSampleError(f"rollout {r.rollout_id} of group {g.group_id} has an empty response")
-            if r.reward is None or not math.isfinite(r.reward):
-                raise BadSampleError(f"rollout {r.rollout_id} of group {g.group_id} has reward {r.reward}")
-            if r.logprobs is not None and len(r.logprobs) != len(r.response_ids):
-                raise BadSampleError(f"rollout {r.rollout_id}: {len(r.logprobs)} logprobs for "
-                                     f"{len(r.response_ids)} tokens")
-        if drop_zero_variance and len(set(rewards)) == 1:
-            dropped += 1
-            continue
-        for r, a in zip(survivors, group_advantages(rewards, eps)):
-            if mask_truncated and r.finish_reason == "length":
-                continue
-            out.append(Sample(r.prompt_ids, r.response_ids, a, r.logprobs, r.versions))
-    return out, dropped
+from stream_rl.learner.packing import Layout, pack_layout, pad_layout, response_logprobs, split_by_budget
+from stream_rl.learner.samples import Sample, SampleSet, samples_from_groups  # noqa: F401 (re-exported)
 
 
 def pad_batch(samples: list[Sample], pad_id: int):
@@ -73,35 +40,46 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor
     return (torch.gather(logits, 2, target).squeeze(-1) - torch.logsumexp(logits, -1))
 
 
-def micro_batches(samples: list[Sample], max_tokens: int) -> list[list[Sample]]:
-    """Length-sorted micro-batches whose padded size stays within max_tokens."""
-    order = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.response_ids))
-    batches, cur = [], []
-    for s in order:
-        n = len(s.prompt_ids) + len(s.response_ids)
-        if cur and (len(cur) + 1) * n > max_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(s)
-    if cur:
-        batches.append(cur)
-    return batches
+def micro_batches(samples: list[Sample], max_tokens: int, packing: bool = False,
+                  row_tokens: int = 1024) -> list[list[Sample]]:
+    """Samples split so each forward pass stays within max_tokens (see
+    `packing.split_by_budget`)."""
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    return [[samples[i] for i in mb] for mb in split_by_budget(lengths, max_tokens, packing, row_tokens)]
+
+
+def as_rows(flat: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat per-token values -> [S, max len] right-padded, and its mask."""
+    width = max(lengths) if lengths else 0
+    out = flat.new_zeros((len(lengths), width))
+    mask = torch.zeros((len(lengths), width), dtype=torch.bool, device=flat.device)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    out = out.masked_scatter(mask, flat) if flat.numel() else out
+    return out, mask
 
 
 class Learner:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1):
         from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
         lc = cfg.learner
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(
-            cfg.model.path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code).to(lc.device)
+        load = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **load).to(lc.device)
         self.model.train()
+        self.ref_model = None
+        if lc.kl_beta > 0:  # the initial policy, frozen
+            self.ref_model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **load).to(lc.device).eval()
+            self.ref_model.requires_grad_(False)
         self.pad_id = self.model.config.pad_token_id or self.model.config.eos_token_id or 0
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
                                      eps=lc.adam_eps, weight_decay=lc.weight_decay)
         self.steps = 0
+        # DPPO's completion pruning draws; seeded, the same on every rank.
+        self.rng = random.Random(cfg.run.seed)
         # ARRoL's quality head: trained beside the policy, synced with it.
         self.head_trainer = None
         if cfg.pruner.mode == "arrol":
@@ -116,60 +94,138 @@ class Learner:
         added = self.head_trainer.add(groups)
         return {**self.head_trainer.train(), "head_new_labels": added}
 
-    def _logprobs(self, batch: list[Sample], grad: bool):
-        ids, attn, mask = pad_batch(batch, self.pad_id)
-        ids, attn, mask = ids.to(self.cfg.learner.device), attn.to(self.cfg.learner.device), mask.to(self.cfg.learner.device)
-        with torch.set_grad_enabled(grad):
-            return token_logprobs(self.model, ids, attn), mask
+    # --- passes --------------------------------------------------------------------
+
+    def _layout(self, batch: list[Sample]) -> Layout:
+        seqs = [(s.prompt_ids, s.response_ids) for s in batch]
+        lc = self.cfg.learner
+        lay = pack_layout(seqs, lc.pack_row_tokens, self.pad_id) if lc.packing else pad_layout(seqs, self.pad_id)
+        return lay.to(lc.device)
+
+    def _micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
+        lc = self.cfg.learner
+        return micro_batches(samples, lc.micro_batch_tokens, lc.packing, lc.pack_row_tokens)
+
+    def logprobs(self, samples: list[Sample], model=None) -> tuple[dict[int, torch.Tensor], float]:
+        """The log-prob pass: log π(response tokens) per sample (keyed by
+        id(sample)), without gradients; and the padding fraction."""
+        model = model or self.model
+        out, real, total = {}, 0, 0
+        with torch.no_grad():
+            for mb in self._micro_batches(samples):
+                lay = self._layout(mb)
+                for s, lp in zip(mb, response_logprobs(model, lay).split(lay.lengths)):
+                    out[id(s)] = lp
+                real, total = real + lay.real_tokens, total + lay.ids.numel()
+        return out, 1.0 - real / total if total else 0.0
+
+    # --- the update --------------------------------------------------------------------
 
     def step(self, samples: list[Sample], policy_version: int | None = None) -> dict:
-        """One policy update (or `minibatches` of them) on a batch of samples.
-        `policy_version`: the version of the learner's current weights; the
-        engine/learner log-prob mismatch is then measured on that version's
-        tokens only (older tokens differ because the policy moved)."""
+        """One policy update (or `minibatches` of them) on the global batch.
+
+        Every rank gets the same `samples`; rank k trains on samples[k::world]
+        with the global batch's normalisers, and the summed gradients equal a
+        single rank's on the whole batch. `policy_version`: the version of the
+        learner's current weights (token lag = it minus the token's version).
+        """
         lc = self.cfg.learner
+        samples = dppo_prune_completions(samples, lc.dppo_completion_rate, self.rng)
         stats = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "rollout_logprob_abs_diff": 0.0,
-                 "stale_token_frac": 0.0}
+                 "stale_token_frac": 0.0, "samples_trained": len(samples)}
         if not samples:
             return stats
+        weights = pruning_weights(samples, lc.pruning_correction)
+        stats["ht_weight_max"] = max(weights)
+        stats["ht_weight_mean"] = sum(weights) / len(weights)
+        w_of = {id(s): w for s, w in zip(samples, weights)}
         n_mb = min(lc.minibatches, len(samples))
         minibatches = [samples[i::n_mb] for i in range(n_mb)]
-        old: dict[int, torch.Tensor] = {}
-        if n_mb > 1:  # π_old must be fixed before the first update
-            for mb in micro_batches(samples, lc.micro_batch_tokens):
-                lp, mask = self._logprobs(mb, grad=False)
-                for s, row, m in zip(mb, lp, mask):
-                    old[id(s)] = row[m]  # response tokens only
-        diff_sum, diff_n, clipped, toks = 0.0, 0, 0.0, 0.0
+        mine = lambda xs: xs[self.rank::self.world_size]  # noqa: E731
+        # π_old must be fixed before the first update when there are several.
+        old, _ = self.logprobs(mine(samples)) if n_mb > 1 else ({}, 0.0)
+        # Sums reduced over ranks at the end: loss, clipped, tokens, |Δlogp|, n(Δ), real, total.
+        acc = torch.zeros(7, dtype=torch.float64)
+        offp = []
         for mb_samples in minibatches:
-            num_seqs = len(mb_samples)
-            num_tokens = sum(len(s.response_ids) for s in mb_samples)
+            num_seqs, num_tokens = loss_normalisers(mb_samples, lc.pruning_correction)
             self.opt.zero_grad(set_to_none=True)
-            for mb in micro_batches(mb_samples, lc.micro_batch_tokens):
-                logp, mask = self._logprobs(mb, grad=True)
-                old_lp = logp.detach().clone()
-                if old:  # row-major mask order matches the samples' order
-                    old_lp[mask] = torch.cat([old[id(s)] for s in mb])
-                adv = torch.tensor([s.advantage for s in mb], dtype=logp.dtype, device=logp.device)
-                terms = policy_loss(lc.loss, logp, old_lp, adv, mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
-                                    num_seqs=num_seqs, num_tokens=num_tokens)
+            for mb in self._micro_batches(mine(mb_samples)):
+                lay = self._layout(mb)
+                logp = response_logprobs(self.model, lay)
+                old_flat = torch.cat([old[id(s)] for s in mb]) if old else logp.detach()
+                dev = logp.device
+                rollout = None
+                if all(s.rollout_logprobs is not None for s in mb):
+                    rollout = torch.tensor([x for s in mb for x in s.rollout_logprobs], dtype=logp.dtype, device=dev)
+                lag = torch.tensor([(policy_version - v) if policy_version is not None else 0
+                                    for s in mb for v in s.versions], dtype=torch.long, device=dev)
+                tok_w = offpolicy_weights(lc.offpolicy, old_flat, rollout, lag, tis_cap=lc.tis_cap,
+                                          behave_cap=lc.behave_cap)
+                offp.append((tok_w, old_flat, rollout, lag))
+                ref = None
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref = response_logprobs(self.ref_model, lay)
+                lengths = lay.lengths
+                rows = lambda x: as_rows(x, lengths)[0]  # noqa: E731
+                lp_rows, mask = as_rows(logp, lengths)
+                adv = torch.tensor([s.advantage for s in mb], dtype=logp.dtype, device=dev)
+                seq_w = torch.tensor([w_of[id(s)] for s in mb], dtype=logp.dtype, device=dev)
+                terms = policy_loss(lc.loss, lp_rows, rows(old_flat), adv, mask, clip_low=lc.clip_low,
+                                    clip_high=lc.clip_high, num_seqs=num_seqs, num_tokens=num_tokens,
+                                    tok_weight=None if lc.offpolicy == "none" else rows(tok_w),
+                                    seq_weight=seq_w, ref_logp=None if ref is None else rows(ref),
+                                    kl_beta=lc.kl_beta)
                 terms.loss.backward()
-                stats["loss"] += float(terms.loss.detach()) / n_mb
-                clipped += float(terms.clipped_tokens)
-                toks += float(terms.tokens)
-                d, n = _rollout_diff(logp.detach(), mask, mb, policy_version)
-                diff_sum += d
-                diff_n += n
+                acc[0] += float(terms.loss.detach()) / n_mb
+                acc[1] += float(terms.clipped_tokens)
+                acc[2] += float(terms.tokens)
+                if rollout is not None:
+                    # Engine/learner mismatch on the tokens of the learner's own version.
+                    same = lag == 0
+                    acc[3] += float((logp.detach() - rollout).abs()[same].sum())
+                    acc[4] += float(same.sum())
+                acc[5] += lay.real_tokens
+                acc[6] += lay.ids.numel()
+            self._reduce_grads()
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)
             self.opt.step()
             stats["grad_norm"] = max(stats["grad_norm"], float(gn))
         self.steps += 1
-        stats["clip_frac"] = clipped / max(toks, 1.0)
-        stats["rollout_logprob_abs_diff"] = diff_sum / max(diff_n, 1)
-        if policy_version is not None:
-            n_all = sum(len(s.versions) for s in samples)
-            stats["stale_token_frac"] = sum(v != policy_version for s in samples for v in s.versions) / max(n_all, 1)
+        acc = self._reduce_sum(acc)
+        stats["loss"] = float(acc[0])
+        stats["clip_frac"] = float(acc[1] / max(acc[2], 1.0))
+        stats["rollout_logprob_abs_diff"] = float(acc[3] / max(acc[4], 1.0))
+        stats["padding_fraction"] = float(1.0 - acc[5] / max(acc[6], 1.0))
+        if offp:
+            cat = lambda k: torch.cat([o[k] for o in offp])  # noqa: E731
+            rollout_all = cat(2) if all(o[2] is not None for o in offp) else None
+            stats.update(offpolicy_stats(lc.offpolicy, cat(0), cat(1), rollout_all, cat(3)))
+            stats["stale_token_frac"] = stats["offpolicy_token_frac"]
         return stats
+
+    # --- torch.distributed ----------------------------------------------------------
+
+    def _reduce_grads(self) -> None:
+        """Sum gradients over ranks: each rank's loss carries the global
+        normalisers, so the sum is the whole batch's gradient."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
 
     def weights_for_sync(self) -> dict[str, torch.Tensor]:
         """Checkpoint-format weights; a tied lm_head is the embedding, so it is
@@ -181,20 +237,3 @@ class Learner:
         if self.head_trainer is not None:
             out.update(self.head_trainer.head.named_for_sync())
         return out
-
-
-def _rollout_diff(logp: torch.Tensor, mask: torch.Tensor, batch: list[Sample],
-                  version: int | None = None) -> tuple[float, int]:
-    """Sum of |log π_learner − log π_rollout| over tokens (engine/learner
-    mismatch), over the tokens of `version` only when it is given."""
-    total, n = 0.0, 0
-    for i, s in enumerate(batch):
-        if s.rollout_logprobs is None:
-            continue
-        diff = (logp[i][mask[i]] - torch.tensor(s.rollout_logprobs, dtype=logp.dtype)).abs()
-        if version is not None:
-            keep = torch.tensor([v == version for v in s.versions], dtype=torch.bool)
-            diff = diff[keep]
-        total += float(diff.sum())
-        n += diff.numel()
-    return total, n

@@ -1,0 +1,142 @@
+"""How samples become model inputs: padded rows or densely packed rows.
+
+Either layout gives the log-prob of every response token as one flat vector
+in sample order (`ResponseTokens`), so the losses never see the layout.
+
+Packing puts several sequences in one row with position ids that restart at
+0 for each; with no 2-D attention mask, Hugging Face models build a
+block-causal mask from those restarts (`masking_utils.find_packed_sequence_indices`),
+so no token attends across sequences. Rows are filled first-fit-decreasing
+to a row width, so the forward pass costs the surviving tokens, not the
+padding up to the longest sequence. Rows are kept moderate (`row_tokens`),
+not one row per micro-batch: without a variable-length attention kernel the
+attention over a row costs its width squared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Layout:
+    """Model inputs for some sequences, and where their response tokens sit."""
+    ids: torch.Tensor  # [rows, width]
+    attention_mask: torch.Tensor | None  # [rows, width] when padded; None when packed
+    position_ids: torch.Tensor | None  # [rows, width] when packed
+    # Response token k of sequence j is predicted at logits[row, col] (and is
+    # ids[row, col + 1]); flat, sequences in order, tokens in order.
+    rows: torch.Tensor
+    cols: torch.Tensor
+    lengths: list[int]  # response tokens per sequence
+    real_tokens: int  # prompt + response tokens, padding excluded
+
+    @property
+    def padding_fraction(self) -> float:
+        total = self.ids.numel()
+        return 1.0 - self.real_tokens / total if total else 0.0
+
+    def to(self, device) -> "Layout":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Layout(move(self.ids), move(self.attention_mask), move(self.position_ids), move(self.rows),
+                      move(self.cols), self.lengths, self.real_tokens)
+
+
+def _targets(starts: list[tuple[int, int]], seqs: list[tuple[list[int], list[int]]]):
+    rows, cols = [], []
+    for (row, offset), (prompt, response) in zip(starts, seqs):
+        first = offset + len(prompt) - 1  # position predicting response token 0
+        rows += [row] * len(response)
+        cols += range(first, first + len(response))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
+def pad_layout(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Layout:
+    """One right-padded row per (prompt_ids, response_ids)."""
+    width = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (p, r) in enumerate(seqs):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        attn[i, : len(p) + len(r)] = 1
+    rows, cols = _targets([(i, 0) for i in range(len(seqs))], seqs)
+    return Layout(ids, attn, None, rows, cols, [len(r) for _, r in seqs], int(attn.sum()))
+
+
+def pack_rows(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of sequences per row, first-fit decreasing: every row holds at
+    most `budget` tokens, except a row holding one sequence longer than it."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for k, room in enumerate(free):
+            if n <= room:
+                rows[k].append(i)
+                free[k] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(max(budget - n, 0))
+    return rows
+
+
+def pack_layout(seqs: list[tuple[list[int], list[int]]], row_tokens: int, pad_id: int) -> Layout:
+    """Sequences packed into rows of up to `row_tokens` tokens (or the
+    longest sequence); the flat response tokens keep the input order."""
+    lengths = [len(p) + len(r) for p, r in seqs]
+    groups = pack_rows(lengths, max(row_tokens, max(lengths)))
+    width = max(sum(lengths[i] for i in g) for g in groups)
+    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(groups), width), dtype=torch.long)
+    starts: list[tuple[int, int]] = [(0, 0)] * len(seqs)
+    for row, g in enumerate(groups):
+        offset = 0
+        for i in g:
+            p, r = seqs[i]
+            n = lengths[i]
+            ids[row, offset: offset + n] = torch.tensor(p + r)
+            pos[row, offset: offset + n] = torch.arange(n)
+            starts[i] = (row, offset)
+            offset += n
+        # The padding tail is one more sequence of its own (positions restart),
+        # so it attends only to itself and nothing attends to it.
+        pos[row, offset:] = torch.arange(width - offset)
+    rows, cols = _targets(starts, seqs)
+    return Layout(ids, None, pos, rows, cols, [len(r) for _, r in seqs], sum(lengths))
+
+
+def response_logprobs(model, layout: Layout) -> torch.Tensor:
+    """log π(response token) for every response token of the layout, flat."""
+    # use_cache=False: with a cache, HF does not look for packed sequences.
+    out = model(input_ids=layout.ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
+                use_cache=False)
+    logits = out.logits[layout.rows, layout.cols].float()  # only the rows we need
+    target = layout.ids[layout.rows, layout.cols + 1]
+    return logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+
+
+def split_by_budget(lengths: list[int], budget: int, packing: bool, row_tokens: int) -> list[list[int]]:
+    """Micro-batches (sample indices) whose forward pass stays within
+    `budget` tokens. Packed: rows of `row_tokens` (or the longest sequence)
+    from `pack_rows`, as many rows a micro-batch as the budget holds; padded:
+    length-sorted groups whose padded size stays within it."""
+    if not lengths:
+        return []
+    if packing:
+        width = max(row_tokens, max(lengths))
+        rows = pack_rows(lengths, width)
+        per = max(1, budget // width)
+        return [sorted(i for g in rows[k:k + per] for i in g) for k in range(0, len(rows), per)]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[i] > budget:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    batches.append(cur)
+    return batches
