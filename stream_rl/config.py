@@ -205,6 +205,9 @@ class RunConfig(_Section):
     max_steps: PosInt = 100
     seed: int = 0
     progress: bool = True
+    # Save the learner's full state (policy, optimizer, head, pruner, step,
+    # version) to OUT/checkpoint every this many steps; 0: at the end only.
+    checkpoint_every: NonNegInt = 0
 
 
 class Config(_Section):

@@ -15,6 +15,9 @@ from stream_rl.config import Config
 from stream_rl.controller import RolloutController
 from stream_rl.data import DppoPromptSampler, PromptDataset, PromptSampler
 from stream_rl.generator.client import GeneratorClient, GeneratorProcess
+from stream_rl.learner.checkpoint import save_checkpoint
+from stream_rl.learner.distributed import broadcast_batch, init_from_env
+from stream_rl.learner.distributed import close as close_distributed
 from stream_rl.learner.trainer import Learner, samples_from_groups
 from stream_rl.metrics import MetricsLogger
 from stream_rl.pruner.base import make_pruner
@@ -51,7 +54,35 @@ def summarize(records: list[dict]) -> dict:
 def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None = None,
           generator: GeneratorClient | None = None) -> dict:
     """Run the job; `generator` reuses a running generator (tests share one
-    engine) instead of starting one. Its weights must be cfg.model.path's."""
+    engine) instead of starting one. Its weights must be cfg.model.path's.
+
+    Under torchrun, rank 0 runs the whole job and the other ranks only join
+    the learner's updates (data parallel): rank 0 broadcasts each batch."""
+    rank, world = init_from_env(cfg.learner.device)
+    if rank > 0:
+        return _follow(cfg, rank, world)
+    try:
+        return _train(cfg, out_dir, max_steps, generator, world)
+    finally:
+        broadcast_batch(None)  # releases the other ranks, also after a failure
+        close_distributed()
+
+
+def _follow(cfg: Config, rank: int, world: int) -> dict:
+    """A learner rank other than 0: updates on rank 0's batches until told to stop."""
+    learner = Learner(cfg, rank, world)
+    steps = 0
+    try:
+        while (msg := broadcast_batch(None)) is not None:
+            samples, version = msg
+            learner.step(samples, policy_version=version)
+            steps += 1
+    finally:
+        close_distributed()
+    return {"rank": rank, "steps": steps}
+
+
+def _train(cfg: Config, out_dir, max_steps, generator, world: int) -> dict:
     from transformers import AutoTokenizer
 
     out = Path(out_dir or cfg.run.out_dir)
@@ -67,7 +98,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
     log.info("loaded %d prompts from %s (%d set aside as too long)", len(dataset.rows), dataset.source,
              len(dataset.overlong))
     verifier = make_verifier(cfg.data)
-    learner = Learner(cfg)
+    learner = Learner(cfg, 0, world)
     sender = make_weight_sender(cfg, out)
     def sync_weights() -> None:
         version = generator.version + 1  # versions are monotonic
@@ -115,6 +146,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
                     sampler.record(g.rollouts[0].prompt_ids, sum(a) / len(a))
             for why in batch.rejected:  # the rest of the batch trains
                 log.warning("left out of the update: %s", why)
+            broadcast_batch([samples, generator.version])  # to the other learner ranks, if any
             lstats = learner.step(samples, policy_version=generator.version)
             lstats.update(learner.train_head(groups))
             train_s = time.perf_counter() - tt
@@ -161,10 +193,15 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
             }
             records.append(rec)
             metrics.log(rec)
+            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < steps:
+                save_checkpoint(out / "checkpoint", learner, step=step, version=generator.version,
+                                pruner=controller.pruner)
         # Partials left in the buffer are kept, with their last tokens, for a
         # later run to continue (resume).
         controller.drain()
         controller.buffer.save(out / "buffer.msgpack")
+        save_checkpoint(out / "checkpoint", learner, step=len(records), version=generator.version,
+                        pruner=controller.pruner)
     finally:
         metrics.close()
         if owned:

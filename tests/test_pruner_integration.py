@@ -188,3 +188,9 @@ def test_train_with_arrol_trains_and_syncs_the_head(generator, engine_cfg, tmp_p
     # it is the kept rewards weighted by 1/keep_prob, still a mean of 0/1.
     assert records[0]["reward_policy_mean"] == pytest.approx(records[0]["reward_mean"])
     assert all(0.0 <= r["reward_policy_mean"] <= 1.0 for r in records)
+    # The run ends with a checkpoint a fresh learner and pruner restore.
+    from stream_rl.learner.checkpoint import load_checkpoint
+    from stream_rl.learner.trainer import Learner
+
+    meta = load_checkpoint(tmp_path / "checkpoint", Learner(cfg), make_pruner(cfg))
+    assert meta["step"] == 3 and meta["version"] == records[-1]["policy_version"]

@@ -20,6 +20,7 @@ proximal policy of AReaL's decoupled objective) and the rollout log-prob.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import torch
 
@@ -37,13 +38,21 @@ def pruning_weights(samples: list[Sample], correction: str) -> list[float]:
     return [1.0 / s.inclusion for s in samples]
 
 
-def loss_normalisers(samples: list[Sample], correction: str) -> tuple[float, float]:
-    """(num_seqs, num_tokens) that divide the batch's summed loss terms."""
+def loss_normalisers(samples: list[Sample], correction: str,
+                     batch: list[Sample] | None = None) -> tuple[float, float]:
+    """(num_seqs, num_tokens) that divide the summed loss terms of `samples`,
+    a mini-batch of `batch` (default: the whole batch). Under `ht` each kept
+    member of a group stands for its share of the group's members before
+    pruning (N_g / p_q over the group's kept members in the batch), so the
+    mini-batches of one batch split N between them."""
     if correction == "none":
         return float(len(samples)), float(sum(len(s.response_ids) for s in samples))
+    kept: dict[str, int] = {}
+    for s in samples if batch is None else batch:
+        kept[s.group_id] = kept.get(s.group_id, 0) + 1
     # Prompt-level pruning: a kept group stands for 1/p_q groups' members.
-    sizes = {s.group_id: s.group_size / s.prompt_inclusion for s in samples}
-    return float(sum(sizes.values())), sum(len(s.response_ids) / s.inclusion for s in samples)
+    num_seqs = sum(s.group_size / s.prompt_inclusion / kept[s.group_id] for s in samples)
+    return float(num_seqs), sum(len(s.response_ids) / s.inclusion for s in samples)
 
 
 def dppo_prune_completions(samples: list[Sample], rate: float, rng: random.Random) -> list[Sample]:
@@ -62,7 +71,7 @@ def dppo_prune_completions(samples: list[Sample], rate: float, rng: random.Rando
             if abs(s.advantage) < mean_abs:
                 if rng.random() < rate:
                     continue
-                s.inclusion *= 1.0 - rate
+                s = replace(s, inclusion=s.inclusion * (1.0 - rate))  # the caller's sample stays as it was
             kept.append(s)
     return kept
 
@@ -90,17 +99,37 @@ def offpolicy_weights(mode: str, old_logp: torch.Tensor, rollout_logp: torch.Ten
     return torch.where(w > behave_cap, torch.zeros_like(w), w)
 
 
+def offpolicy_counts(weights: torch.Tensor, old_logp: torch.Tensor, rollout_logp: torch.Tensor | None,
+                     lag: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Sums that add over ranks: [tokens, off-policy, masked, lag buckets...,
+    Σ raw IS weight, tokens with one], and the largest raw IS weight."""
+    n_b = len(LAG_BUCKETS)
+    sums = torch.zeros(3 + n_b + 2, dtype=torch.float64)
+    sums[0], sums[1], sums[2] = lag.numel(), float((lag > 0).sum()), float((weights == 0).sum())
+    if lag.numel():
+        sums[3:3 + n_b] = torch.bincount(lag.clamp(0, n_b - 1), minlength=n_b).double()
+    w_max = 0.0
+    if rollout_logp is not None and lag.numel():
+        raw = torch.exp(old_logp - rollout_logp)  # before the cap/mask
+        sums[3 + n_b], sums[4 + n_b] = float(raw.sum()), raw.numel()
+        w_max = float(raw.max())
+    return sums, w_max
+
+
+def offpolicy_stats_from(sums: torch.Tensor, w_max: float) -> dict:
+    """Off-policy token fraction, version-lag histogram, IS weights, mask."""
+    n_b = len(LAG_BUCKETS)
+    n = max(float(sums[0]), 1.0)
+    stats = {"offpolicy_token_frac": float(sums[1]) / n, "masked_token_frac": float(sums[2]) / n}
+    for k, name in enumerate(LAG_BUCKETS):
+        stats[f"version_lag/{name}"] = float(sums[3 + k]) / n
+    if sums[4 + n_b] > 0:
+        stats["is_weight_mean"] = float(sums[3 + n_b] / sums[4 + n_b])
+        stats["is_weight_max"] = w_max
+    return stats
+
+
 def offpolicy_stats(mode: str, weights: torch.Tensor, old_logp: torch.Tensor, rollout_logp: torch.Tensor | None,
                     lag: torch.Tensor) -> dict:
     """Off-policy token fraction, version-lag histogram, IS weights, mask."""
-    n = max(lag.numel(), 1)
-    stats = {"offpolicy_token_frac": float((lag > 0).sum()) / n,
-             "masked_token_frac": float((weights == 0).sum()) / n}
-    clipped = lag.clamp(max=len(LAG_BUCKETS) - 1)
-    for k, name in enumerate(LAG_BUCKETS):
-        stats[f"version_lag/{name}"] = float((clipped == k).sum()) / n
-    if rollout_logp is not None and lag.numel():
-        raw = torch.exp(old_logp - rollout_logp)  # before the cap/mask
-        stats["is_weight_mean"] = float(raw.mean())
-        stats["is_weight_max"] = float(raw.max())
-    return stats
+    return offpolicy_stats_from(*offpolicy_counts(weights, old_logp, rollout_logp, lag))

@@ -10,8 +10,8 @@ import torch
 
 from stream_rl.buffer.rollouts import Group
 from stream_rl.config import Config
-from stream_rl.learner.correction import (dppo_prune_completions, loss_normalisers, offpolicy_stats,
-                                          offpolicy_weights, pruning_weights)
+from stream_rl.learner.correction import (dppo_prune_completions, loss_normalisers, offpolicy_counts,
+                                          offpolicy_stats_from, offpolicy_weights, pruning_weights)
 from stream_rl.learner.losses import policy_loss
 from stream_rl.learner.packing import Layout, pack_layout, pad_layout, response_logprobs, split_by_budget
 from stream_rl.learner.samples import Sample, SampleSet, samples_from_groups  # noqa: F401 (re-exported)
@@ -143,12 +143,12 @@ class Learner:
         minibatches = [samples[i::n_mb] for i in range(n_mb)]
         mine = lambda xs: xs[self.rank::self.world_size]  # noqa: E731
         # π_old must be fixed before the first update when there are several.
-        old, _ = self.logprobs(mine(samples)) if n_mb > 1 else ({}, 0.0)
+        old, _ = self.logprobs([s for mb in minibatches for s in mine(mb)]) if n_mb > 1 else ({}, 0.0)
         # Sums reduced over ranks at the end: loss, clipped, tokens, |Δlogp|, n(Δ), real, total.
         acc = torch.zeros(7, dtype=torch.float64)
         offp = []
         for mb_samples in minibatches:
-            num_seqs, num_tokens = loss_normalisers(mb_samples, lc.pruning_correction)
+            num_seqs, num_tokens = loss_normalisers(mb_samples, lc.pruning_correction, samples)
             self.opt.zero_grad(set_to_none=True)
             for mb in self._micro_batches(mine(mb_samples)):
                 lay = self._layout(mb)
@@ -198,33 +198,52 @@ class Learner:
         stats["clip_frac"] = float(acc[1] / max(acc[2], 1.0))
         stats["rollout_logprob_abs_diff"] = float(acc[3] / max(acc[4], 1.0))
         stats["padding_fraction"] = float(1.0 - acc[5] / max(acc[6], 1.0))
-        if offp:
-            cat = lambda k: torch.cat([o[k] for o in offp])  # noqa: E731
-            rollout_all = cat(2) if all(o[2] is not None for o in offp) else None
-            stats.update(offpolicy_stats(lc.offpolicy, cat(0), cat(1), rollout_all, cat(3)))
-            stats["stale_token_frac"] = stats["offpolicy_token_frac"]
+        # Off-policy statistics over every rank's tokens.
+        cat = lambda k: torch.cat([o[k] for o in offp]) if offp else torch.zeros(0)  # noqa: E731
+        has_rollout = bool(offp) and all(o[2] is not None for o in offp)
+        sums, w_max = offpolicy_counts(cat(0), cat(1), cat(2) if has_rollout else None, cat(3).long())
+        sums = self._reduce_sum(sums)
+        w_max = self._reduce_max(torch.tensor([w_max], dtype=torch.float64))
+        stats.update(offpolicy_stats_from(sums, float(w_max[0])))
+        stats["stale_token_frac"] = stats["offpolicy_token_frac"]
         return stats
 
     # --- torch.distributed ----------------------------------------------------------
 
     def _reduce_grads(self) -> None:
         """Sum gradients over ranks: each rank's loss carries the global
-        normalisers, so the sum is the whole batch's gradient."""
+        normalisers, so the sum is the whole batch's gradient. One flat
+        buffer per dtype: one collective instead of one per parameter."""
         if self.world_size == 1:
             return
         import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        for p in self.model.parameters():
+        params = list(self.model.parameters())
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            for g, v in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(v)
 
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, "SUM")
+
+    def _reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, "MAX")
+
+    def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
         if self.world_size == 1:
             return t
         import torch.distributed as dist
 
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t
 
     def weights_for_sync(self) -> dict[str, torch.Tensor]:

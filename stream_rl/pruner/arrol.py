@@ -97,6 +97,19 @@ class ArrolPruner(SamplingPruner):
         })
         return out
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "calibrator": self.calibrator.state_dict(),
+                "policy": self.policy.state_dict(), "recent_scores": [float(s) for s in self.recent_scores],
+                "unbiased": [[float(s), bool(y), bool(e), int(k)] for s, y, e, k in self.unbiased]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.calibrator.load_state_dict(state["calibrator"])
+        self.policy.load_state_dict(state["policy"])
+        self.recent_scores.clear()
+        self.recent_scores.extend(float(s) for s in state["recent_scores"])
+        self.unbiased = [(float(s), bool(y), bool(e), int(k)) for s, y, e, k in state["unbiased"]]
+
     def summary(self) -> dict:
         """The head's quality over the whole run's exempt slice after cold start."""
         after = [u for u in self.unbiased if u[2]]

@@ -48,6 +48,15 @@ class Pruner:
         """Run-level numbers for the job summary."""
         return {}
 
+    # --- checkpoints: plain JSON-able state ------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"kind": type(self).__name__}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != type(self).__name__:
+            raise ValueError(f"pruner state is a {state.get('kind')}'s; this pruner is a {type(self).__name__}")
+
 
 class SamplingPruner(Pruner):
     """Decides once per rollout, at its decision point, by a random draw."""
@@ -124,6 +133,15 @@ class SamplingPruner(Pruner):
         }
         self.steps += 1
         return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "steps": self.steps, "counts": dict(self._counts),
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.steps, self._counts = int(state["steps"]), {k: int(v) for k, v in state["counts"].items()}
+        self.rng.bit_generator.state = state["rng"]
 
 
 class RandomPruner(SamplingPruner):

@@ -83,3 +83,22 @@ class BinnedCalibrator:
 
     def counts(self) -> tuple[np.ndarray, np.ndarray]:
         return self._counts[True].copy(), self._counts[False].copy()
+
+    def state_dict(self) -> dict:
+        """The windows (bin indices and labels, oldest first), JSON-able."""
+        return {"bins": self.bins, "pos": [int(b) for b in self._scores[True]],
+                "neg": [int(b) for b in self._scores[False]], "labels": [bool(y) for y in self._labels]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Windows from `state_dict` (a smaller window keeps the newest); the
+        counts are the windows' bin counts, as `observe` keeps them."""
+        if state["bins"] != self.bins:
+            raise ValueError(f"calibrator state has {state['bins']} bins; this calibrator has {self.bins}")
+        for label, key in ((True, "pos"), (False, "neg")):
+            self._scores[label].clear()
+            self._scores[label].extend(int(b) for b in state[key])
+            self._counts[label] = np.bincount(np.asarray(self._scores[label], dtype=np.int64),
+                                              minlength=self.bins).astype(np.int64)
+        self._labels.clear()
+        self._labels.extend(bool(y) for y in state["labels"])
+        self._table = None

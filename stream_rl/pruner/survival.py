@@ -23,6 +23,12 @@ class SurvivalPolicy:
         self.kappa, self.rho, self.lam, self.p_min, self.p_max = kappa, rho, lam, p_min, p_max
         self.delta = 0.0
 
+    def state_dict(self) -> dict:
+        return {"delta": float(self.delta)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.delta = float(state["delta"])
+
     def probs(self, q: np.ndarray | float, delta: float | None = None) -> np.ndarray:
         d = self.delta if delta is None else delta
         return np.clip(self.kappa + d + self.lam * (self.rho - np.asarray(q, dtype=np.float64)),

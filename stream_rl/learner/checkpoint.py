@@ -1,0 +1,172 @@
+"""Learner (and pruner) checkpoints that resume a run exactly.
+
+A checkpoint is a directory:
+
+  model/model.safetensors, model/config.json   policy weights (a tied weight
+                                               once), loadable by Hugging Face
+  optimizer.pt                                 AdamW state
+  trainer.pt                                   learner.steps, its python RNG,
+                                               torch's RNG(s), step, version, extra
+  head.pt                                      ARRoL's quality head, its Adam state,
+                                               replay ring and torch Generator
+  pruner.json                                  the pruner's `state_dict()`
+  meta.json                                    step, version, config hash (written last)
+
+It is written to `<path>.tmp` and renamed into place, so a crash leaves the
+previous checkpoint (or none), never half of one. Every rank holds the same
+state, so rank 0 saves and every rank loads. The reference model (KL) is the
+initial policy and is rebuilt from `model.path`, not saved. `extra` must be
+plain data (it is loaded with `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import msgspec
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT = 1
+MODEL_FILE = Path("model") / "model.safetensors"
+
+
+def config_hash(cfg) -> str:
+    return hashlib.sha256(msgspec.json.encode(cfg)).hexdigest()[:16]
+
+
+def _unique_state(model) -> dict[str, torch.Tensor]:
+    """The model's state dict with each tied tensor once (first name kept:
+    embed_tokens before lm_head, as `save_pretrained` does)."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            out[k] = v.detach().contiguous().cpu()
+    return out
+
+
+def _rng_state() -> dict:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(path, learner, *, step: int, version: int, pruner=None, extra: dict | None = None) -> Path:
+    """Write the learner's (and `pruner`'s) full state to the directory `path`."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / MODEL_FILE.parent).mkdir(parents=True)
+    save_file(_unique_state(learner.model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    learner.model.config.save_pretrained(tmp / MODEL_FILE.parent)
+    torch.save(learner.opt.state_dict(), tmp / "optimizer.pt")
+    torch.save({"steps": learner.steps, "py_rng": learner.rng.getstate(), "rng": _rng_state(),
+                "step": step, "version": version, "extra": extra or {}}, tmp / "trainer.pt")
+    ht = learner.head_trainer
+    if ht is not None:
+        torch.save({"head": ht.head.state_dict(), "opt": ht.opt.state_dict(), "x": ht._x, "y": ht._y,
+                    "added": ht._added, "gen": ht._gen.get_state()}, tmp / "head.pt")
+    if pruner is not None:
+        _write_json(tmp / "pruner.json", pruner.state_dict())
+    mc = learner.model.config
+    _write_json(tmp / "meta.json", {
+        "format": FORMAT, "step": step, "version": version, "config_hash": config_hash(learner.cfg),
+        "learner_steps": learner.steps, "has_head": ht is not None, "has_pruner": pruner is not None,
+        "model": {k: getattr(mc, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")},
+    })
+    # Swap in: the old checkpoint stays whole until the new one is in place.
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _check_model(path: Path, model, meta: dict) -> None:
+    """Every model tensor is in the file (or tied to one that is), with the
+    same shape; else a ValueError saying how the models differ."""
+    with safe_open(str(path / MODEL_FILE), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    state = model.state_dict()
+    ptr = {(v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)): k for k, v in state.items()
+           if k in saved}
+    problems = [f"{k}: checkpoint {saved[k]}, model {tuple(v.shape)}" for k, v in state.items()
+                if k in saved and saved[k] != tuple(v.shape)]
+    problems += [f"{k}: not in the checkpoint" for k, v in state.items() if k not in saved
+                 and (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) not in ptr]
+    problems += [f"{k}: in the checkpoint, not in the model" for k in saved if k not in state]
+    if problems:
+        mc = model.config
+        here = {k: getattr(mc, k, None) for k in meta.get("model", {})}
+        raise ValueError(f"checkpoint {path} does not fit this model (checkpoint {meta.get('model')}, model {here}): "
+                         + "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
+
+
+def load_checkpoint(path, learner, pruner=None) -> dict:
+    """Restore what `save_checkpoint` wrote into `learner` (and `pruner`);
+    returns {step, version, extra, config_changed}."""
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"no checkpoint at {path} (no meta.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path} has format {meta.get('format')}; this code reads {FORMAT}")
+    ht = learner.head_trainer
+    if meta["has_head"] != (ht is not None):
+        raise ValueError(f"checkpoint {path} {'has' if meta['has_head'] else 'has no'} quality head; the learner "
+                         f"{'has' if ht is not None else 'has no'} one (pruner.mode)")
+    if pruner is not None and not meta["has_pruner"]:
+        raise ValueError(f"checkpoint {path} holds no pruner state")
+    # Everything is read and checked before anything is changed.
+    _check_model(path, learner.model, meta)
+    weights = load_file(str(path / MODEL_FILE))
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    tr = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    h = torch.load(path / "head.pt", map_location="cpu", weights_only=True) if ht is not None else None
+    if h is not None:
+        got = {k: tuple(v.shape) for k, v in h["head"].items()} | {"replay": tuple(h["x"].shape)}
+        want = {k: tuple(v.shape) for k, v in ht.head.state_dict().items()} | {"replay": tuple(ht._x.shape)}
+        if got != want:
+            raise ValueError(f"checkpoint {path}: quality head shapes {got}, this learner's {want} "
+                             "(pruner.head_hidden, pruner.head_replay, the model's hidden size)")
+    pstate = json.loads((path / "pruner.json").read_text()) if pruner is not None else None
+    if pstate is not None and pstate.get("kind") != type(pruner).__name__:
+        raise ValueError(f"checkpoint {path} holds a {pstate.get('kind')}'s state; the pruner is a "
+                         f"{type(pruner).__name__} (pruner.mode)")
+
+    with torch.no_grad():
+        learner.model.load_state_dict(weights, strict=False)  # a tied tensor comes with its twin
+    learner.opt.load_state_dict(opt)
+    learner.steps = tr["steps"]
+    learner.rng.setstate(tr["py_rng"])
+    torch.set_rng_state(tr["rng"]["torch"])
+    if "cuda" in tr["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tr["rng"]["cuda"])
+    if h is not None:
+        ht.head.load_state_dict(h["head"])
+        ht.opt.load_state_dict(h["opt"])
+        ht._x.copy_(h["x"])
+        ht._y.copy_(h["y"])
+        ht._added = int(h["added"])
+        ht._gen.set_state(h["gen"])
+    if pstate is not None:
+        pruner.load_state_dict(pstate)
+    return {"step": tr["step"], "version": tr["version"], "extra": tr["extra"],
+            "config_changed": meta["config_hash"] != config_hash(learner.cfg)}
