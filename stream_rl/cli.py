@@ -32,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--id", default="gen0")
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("what", choices=["generation", "pruning"])
+    p.add_argument("what", choices=["generation", "pruning", "learner"])
     _add_config_args(p)
     p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
     p.add_argument("--steps", type=int, default=None,
-                   help="steps per mode (generation: timed steps, default 10; pruning: training steps, default 40)")
+                   help="steps per mode (generation: timed steps, default 10; pruning: training steps, default 40; "
+                        "learner: timed repeats per configuration after 1 warm-up, default 3)")
     p.add_argument("--warmup-steps", type=int, default=2, help="generation: untimed steps per mode first")
     p.add_argument("--modes", default="random,arrol", help="pruning: pruner modes to train, in order")
 
@@ -67,24 +68,29 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(cfg, args.id)
     elif args.cmd == "bench":
-        steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40}[args.what]
+        steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40, "learner": 3}[args.what]
         if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2
-        if args.what == "generation":
-            from stream_rl.bench.generation import main as bench_generation
+        from stream_rl.bench.common import BenchSetupError
 
-            bench_generation(cfg, args.out_json, steps, args.warmup_steps)
-        else:
-            from stream_rl.bench.pruning import BenchSetupError
-            from stream_rl.bench.pruning import main as bench_pruning
+        try:
+            if args.what == "generation":
+                from stream_rl.bench.generation import main as bench_generation
 
-            modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-            try:
+                bench_generation(cfg, args.out_json, steps, args.warmup_steps)
+            elif args.what == "learner":
+                from stream_rl.bench.learner import main as bench_learner
+
+                bench_learner(cfg, args.out_json, steps)
+            else:
+                from stream_rl.bench.pruning import main as bench_pruning
+
+                modes = [m.strip() for m in args.modes.split(",") if m.strip()]
                 bench_pruning(cfg, args.out_json, steps, modes)
-            except BenchSetupError as err:
-                print(f"config error: {err}", file=sys.stderr)
-                return 2
+        except BenchSetupError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
     elif args.cmd == "train":
         from stream_rl.train import train
 

@@ -1,10 +1,14 @@
-"""What the benchmarks share: free ports for their own generators, JSON out."""
+"""What the benchmarks share: setup errors, free ports for their own generators, JSON out."""
 
 from __future__ import annotations
 
 import json
 import socket
 from pathlib import Path
+
+
+class BenchSetupError(ValueError):
+    """The benchmark's own arguments cannot give a result."""
 
 
 def free_ports(n: int) -> list[int]:

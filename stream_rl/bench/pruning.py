@@ -27,7 +27,7 @@ from pathlib import Path
 
 import msgspec
 
-from stream_rl.bench.common import emit, free_ports
+from stream_rl.bench.common import BenchSetupError, emit, free_ports
 from stream_rl.config import Config, PrunerConfig
 from stream_rl.metrics import read_metrics
 
@@ -66,10 +66,6 @@ def mode_result(records: list[dict], summary: dict, cold_start: int) -> dict:
         "final_kept_reward": _mean(r["reward_mean"] for r in records[-k:]),
         "step_s_median": statistics.median(r["step_s"] for r in after) if after else math.nan,
     }
-
-
-class BenchSetupError(ValueError):
-    """The benchmark's own arguments cannot give a result."""
 
 
 def bench_pruning(cfg: Config, steps: int, modes: list[str], workdir: str | None = None) -> dict:

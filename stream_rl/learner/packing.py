@@ -110,11 +110,23 @@ def pack_layout(seqs: list[tuple[list[int], list[int]]], row_tokens: int, pad_id
 
 
 def response_logprobs(model, layout: Layout) -> torch.Tensor:
-    """log π(response token) for every response token of the layout, flat."""
-    # use_cache=False: with a cache, HF does not look for packed sequences.
-    out = model(input_ids=layout.ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
-                use_cache=False)
-    logits = out.logits[layout.rows, layout.cols].float()  # only the rows we need
+    """log π(response token) for every response token of the layout, flat.
+
+    The output layer runs on the response positions only: the full
+    [rows, width, vocab] logits of a 150k-vocabulary model would be the
+    memory peak of the pass. Models whose logits are more than the output
+    layer of the last hidden state (soft-capping, a logit scale) take the
+    full path."""
+    kw = dict(input_ids=layout.ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
+              use_cache=False)  # with a cache, HF does not look for packed sequences
+    backbone, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    plain = (backbone is not None and backbone is not model and head is not None
+             and not getattr(model.config, "final_logit_softcapping", None) and not hasattr(model, "logit_scale"))
+    if plain:
+        hidden = backbone(**kw).last_hidden_state[layout.rows, layout.cols]
+        logits = head(hidden).float()
+    else:
+        logits = model(**kw).logits[layout.rows, layout.cols].float()
     target = layout.ids[layout.rows, layout.cols + 1]
     return logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
 
