@@ -157,17 +157,22 @@ def test_grpo_dapo_gspo_differ_in_normalisation():
     assert float(run_loss("gspo", logp, logp, adv, mask)[0].loss.detach()) == pytest.approx(0.0)
 
 
+def random_spans(rng: random.Random, B: int, T: int, min_len: int = 0) -> list[list[int]]:
+    """A response mask per row: one contiguous span of min_len..T tokens."""
+    mask = []
+    for _ in range(B):
+        n = rng.randint(min_len, T)
+        start = rng.randint(0, T - n)
+        mask.append([1 if start <= t < start + n else 0 for t in range(T)])
+    return mask
+
+
 def random_batch(rng: random.Random, B: int, T: int):
     logp = [[rng.uniform(-3, 0) for _ in range(T)] for _ in range(B)]
     # Ratios spread from ~0.5 to ~2 so both clip sides are exercised.
     old = [[x + rng.uniform(-0.7, 0.7) for x in row] for row in logp]
     adv = [rng.uniform(-2, 2) for _ in range(B)]
-    mask = []
-    for _ in range(B):
-        n = rng.randint(0, T)
-        start = rng.randint(0, T - n)
-        mask.append([1 if start <= t < start + n else 0 for t in range(T)])
-    return logp, old, adv, mask
+    return logp, old, adv, random_spans(rng, B, T)
 
 
 @pytest.mark.parametrize("kind", KINDS)

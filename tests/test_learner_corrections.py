@@ -23,6 +23,7 @@ import random
 import pytest
 import torch
 from conftest import cfg_with
+from test_advantages_losses import random_spans
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -103,11 +104,7 @@ def weighted_batch(seed: int, B: int = 6, T: int = 7):
     old = [[x + rng.uniform(-0.6, 0.6) for x in row] for row in logp]
     ref = [[x + rng.uniform(-0.8, 0.8) for x in row] for row in logp]
     adv = [rng.uniform(-2, 2) for _ in range(B)]
-    mask = []
-    for _ in range(B):
-        n = rng.randint(1, T)
-        start = rng.randint(0, T - n)
-        mask.append([1 if start <= t < start + n else 0 for t in range(T)])
+    mask = random_spans(rng, B, T, min_len=1)
     # Token weights: a third masked (0), the rest IS-like weights in [0.2, 2.5].
     tokw = [[0.0 if rng.random() < 0.33 else rng.uniform(0.2, 2.5) for _ in range(T)] for _ in range(B)]
     tokw[1] = [0.0] * T  # a fully masked sequence contributes nothing
