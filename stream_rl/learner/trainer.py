@@ -182,9 +182,10 @@ class Learner:
                 acc[1] += float(terms.clipped_tokens)
                 acc[2] += float(terms.tokens)
                 if rollout is not None:
-                    # Engine/learner mismatch on the tokens of the learner's own version.
+                    # Engine/learner mismatch on the tokens of the learner's own
+                    # version, before this step's first update (π_old).
                     same = lag == 0
-                    acc[3] += float((logp.detach() - rollout).abs()[same].sum())
+                    acc[3] += float((old_flat - rollout).abs()[same].sum())
                     acc[4] += float(same.sum())
                 acc[5] += lay.real_tokens
                 acc[6] += lay.ids.numel()
