@@ -196,8 +196,12 @@ class LearnerConfig(_Section):
 
 
 class WeightsSyncConfig(_Section):
-    backend: Literal["file"] = "file"
+    # torch_dist: broadcast over a process group with the vLLM workers (gloo
+    # on CPU, NCCL on GPU) while generation goes on; shm: safetensors in
+    # /dev/shm; file: safetensors in the run directory.
+    backend: Literal["torch_dist", "shm", "file"] = "torch_dist"
     every_steps: PosInt = 1
+    bucket_mb: PosInt = 256  # torch_dist: bytes per collective
 
 
 class RunConfig(_Section):

@@ -105,7 +105,8 @@ class RequestRejected(_Msg):
 
 class WeightsUpdated(_Msg):
     version: int
-    load_s: float
+    load_s: float  # from the request to serving the new version
+    pause_s: float = 0.0  # of which generation was paused (loading the staged weights)
 
 
 class WeightsUpdateFailed(_Msg):

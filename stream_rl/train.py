@@ -204,6 +204,7 @@ def _train(cfg: Config, out_dir, max_steps, generator, world: int) -> dict:
                         pruner=controller.pruner)
     finally:
         metrics.close()
+        sender.close()
         if owned:
             generator.stop()
     summary = summarize(records)

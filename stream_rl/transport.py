@@ -9,6 +9,7 @@ foreign or corrupt sender cannot crash a service.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from abc import ABC, abstractmethod
 
@@ -114,3 +115,14 @@ class AsyncZmqChannel(_Decoding):
 
     def close(self) -> None:
         self._sock.close(0)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sk in socks:
+            sk.bind(("127.0.0.1", 0))
+        return [sk.getsockname()[1] for sk in socks]
+    finally:
+        for sk in socks:
+            sk.close()

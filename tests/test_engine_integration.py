@@ -172,19 +172,24 @@ def _learner_logprobs(model, prompt, response):
     return lp[len(prompt) - 1:]
 
 
-def test_weight_sync_generator_logprobs_match_learner(generator, tokenizer, engine_cfg, tmp_path):
+@pytest.mark.parametrize("backend", ["torch_dist", "shm", "file"])
+def test_weight_sync_generator_logprobs_match_learner(generator, tokenizer, engine_cfg, tmp_path, backend):
     from stream_rl.config import config_from_dict, config_to_dict
     from stream_rl.learner.trainer import Learner, Sample
-    from stream_rl.weights_sync.file import FileWeightSender
+    from stream_rl.weights_sync import make_weight_sender
 
     raw = config_to_dict(engine_cfg)
     raw["learner"]["lr"] = 5e-3  # move the weights far enough to see a stale copy
+    raw["weights_sync"]["backend"] = backend
+    raw["weights_sync"]["bucket_mb"] = 1  # several buckets even for the tiny model
     learner = Learner(config_from_dict(raw))
-    sender = FileWeightSender(tmp_path)
+    sender = make_weight_sender(config_from_dict(raw), tmp_path)
 
     def sync():
         v = generator.version + 1
-        generator.update_weights(v, sender.stage(learner.weights_for_sync(), v))
+        done = generator.update_weights(v, sender.stage(learner.weights_for_sync(), v))
+        sender.release(v)
+        assert done.pause_s <= done.load_s
         return v
 
     def sample(tag):
@@ -211,6 +216,45 @@ def test_weight_sync_generator_logprobs_match_learner(generator, tokenizer, engi
     assert set(versions) == {v2} and v2 == v + 1
     diff = (_learner_logprobs(learner.model, prompt, toks) - torch.tensor(gen_lp)).abs().max()
     assert diff < 1e-3, f"generator and learner disagree by {diff:.2e} after syncing version {v2}"
+    sender.close()
+
+
+def test_weight_sync_refuses_mismatched_or_stale_weights_and_keeps_serving(generator, tokenizer, engine_cfg,
+                                                                           tmp_path):
+    """All or nothing: weights with a wrong shape or an unknown name, or an
+    old version, are refused with a clear error before the model is touched;
+    the serving version and its outputs stay as they were."""
+    from stream_rl.generator.client import GeneratorError
+    from stream_rl.learner.trainer import Learner
+    from stream_rl.weights_sync.file import FileWeightSender
+    from stream_rl.weights_sync.torch_dist import TorchDistWeightSender
+
+    learner = Learner(engine_cfg)
+    good = learner.weights_for_sync()
+    before = generator.version
+
+    def greedy():
+        r = _rid("same")
+        generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=_prompt(tokenizer, "83d="),
+                                        max_tokens=20, temperature=0.0))
+        chunks, _ = collect(generator, [r])
+        return [t for c in chunks[r] for t in c.token_ids], {v for c in chunks[r] for v in c.versions}
+
+    ref, versions = greedy()
+    name = next(k for k in good if k.endswith("q_proj.weight"))
+    wrong_shape = {**good, name: torch.zeros(good[name].shape[0] + 1, good[name].shape[1])}
+    unknown = {**good, "model.layers.0.not_a_weight": torch.zeros(3)}
+    for sender in (FileWeightSender(tmp_path), TorchDistWeightSender(1, 1)):
+        for bad, why in ((wrong_shape, name), (unknown, "unknown name")):
+            v = generator.version + 1
+            with pytest.raises(GeneratorError, match=why):
+                generator.update_weights(v, sender.stage(bad, v))
+            sender.release(v)
+        sender.close()
+    with pytest.raises(GeneratorError, match="not above"):
+        generator.update_weights(generator.version, FileWeightSender(tmp_path).stage(good, generator.version))
+    assert generator.version == before
+    assert greedy() == (ref, versions)
 
 
 def test_train_runs_end_to_end(generator, engine_cfg, tmp_path):

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
+
+from stream_rl.transport import free_ports  # noqa: F401 (the benchmarks' generators take free ports)
 
 
 class BenchSetupError(ValueError):
     """The benchmark's own arguments cannot give a result."""
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sk in socks:
-            sk.bind(("127.0.0.1", 0))
-        return [sk.getsockname()[1] for sk in socks]
-    finally:
-        for sk in socks:
-            sk.close()
 
 
 def emit(result: dict, out_json: str | None) -> dict:

@@ -19,6 +19,7 @@ from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, QualityS
                                 RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
                                 WeightsUpdated, WeightsUpdateFailed, WorkerScores)
 from stream_rl.transport import AsyncZmqChannel
+from stream_rl.weights_sync.buckets import SCHEME as TORCH_DIST
 
 log = logging.getLogger(__name__)
 _FINISH_REASONS = ("stop", "length", "abort")
@@ -139,11 +140,35 @@ class GeneratorService:
 
     async def _update_weights(self, msg: UpdateWeights) -> None:
         t0 = time.perf_counter()
+        try:
+            if msg.version <= self.version:
+                raise ValueError(f"version {msg.version} is not above the serving version {self.version}")
+            if msg.uri.startswith(TORCH_DIST):
+                # The workers receive in the background while generation
+                # goes on; only loading the staged weights pauses it.
+                await self.engine.collective_rpc("stream_rl_stage_weights", args=(msg.uri,))
+                while True:
+                    states = await self.engine.collective_rpc("stream_rl_staging_state")
+                    errors = [s for s in states if s.startswith("error")]
+                    if errors:
+                        raise RuntimeError(f"weight transfer failed: {errors[0]}")
+                    if all(s == "done" for s in states):
+                        break
+                    await asyncio.sleep(0.005)
+                load = ("stream_rl_apply_staged", ())
+            else:
+                load = ("stream_rl_load_weights_from_file", (msg.uri,))
+        except Exception as err:
+            log.exception("weight update to version %d failed before loading; version %d serves on",
+                          msg.version, self.version)
+            await self.outbox.send(WeightsUpdateFailed(version=msg.version, error=f"{type(err).__name__}: {err}"))
+            return
+        t_pause = time.perf_counter()
         # "keep" freezes running requests in place; they continue on the new
         # weights after resume, and their later tokens carry the new version.
         await self.engine.pause_generation(mode="keep", clear_cache=False)
         try:
-            await self.engine.collective_rpc("stream_rl_load_weights_from_file", args=(msg.uri,))
+            await self.engine.collective_rpc(load[0], args=load[1])
             # The engine labels every later step with this version; tokens
             # take their version from that label (see token_versions).
             await self.engine.update_weight_version(str(msg.version))
@@ -156,7 +181,9 @@ class GeneratorService:
             return
         finally:
             await self.engine.resume_generation()
-        await self.outbox.send(WeightsUpdated(version=self.version, load_s=time.perf_counter() - t0))
+            pause_s = time.perf_counter() - t_pause
+        await self.outbox.send(WeightsUpdated(version=self.version, load_s=time.perf_counter() - t0,
+                                              pause_s=pause_s))
 
     # --- quality scores (ARRoL) ---------------------------------------------------
 
@@ -188,7 +215,7 @@ class GeneratorService:
         self.engine = build_engine(self.cfg)
         self._vocab_size = self.engine.model_config.get_vocab_size()
         await self.engine.update_weight_version(str(self.version))
-        self._scores_in = self._score_task = None
+        self._scores_in = self._score_task = self._sync_task = None
         # Always on (it costs nothing until a head is loaded and a request
         # asks for a score), so one engine serves every pruner mode.
         try:
@@ -216,14 +243,19 @@ class GeneratorService:
                     if live:
                         await self.engine.abort(live)
                 elif isinstance(msg, UpdateWeights):
-                    await self._update_weights(msg)
+                    # A task: requests and aborts keep being served while the
+                    # weights travel; updates run one after the other.
+                    if self._sync_task is not None:
+                        await self._sync_task
+                    self._sync_task = asyncio.create_task(self._update_weights(msg))
                 elif isinstance(msg, Shutdown):
                     break
         except asyncio.CancelledError:
             raise GeneratorDied("the vLLM engine died; see the traceback above") from None
         finally:
-            for t in list(self.tasks.values()):
-                t.cancel()
+            for t in list(self.tasks.values()) + [self._sync_task]:
+                if t is not None:
+                    t.cancel()
             self.engine.shutdown()
             # Dropped here, not at interpreter exit, where vLLM's __del__
             # finds its module globals already gone and prints a traceback.

@@ -7,6 +7,8 @@ the generator with `AsyncLLM.collective_rpc(name, args=...)`.
 from __future__ import annotations
 
 import itertools
+import threading
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -70,11 +72,90 @@ class StreamRLWorkerExtension:
             loaded += len(head)
         return loaded
 
+    def _stream_rl_check(self, entries: Iterable[tuple[str, list[int]]]) -> None:
+        """Refuse, before touching the model, weights whose names or shapes
+        are not the checkpoint's the engine was started from (quality-head
+        tensors aside): a reload that fails halfway would leave a mix."""
+        expected = getattr(self, "_stream_rl_expected", None)
+        if expected is None:
+            from safetensors import safe_open
+
+            expected = {}
+            path = Path(self.model_runner.model_config.model)
+            for f in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+                with safe_open(str(f), framework="pt", device="cpu") as st:
+                    expected.update({k: list(st.get_slice(k).get_shape()) for k in st.keys()})
+            self._stream_rl_expected = expected
+        if not expected:
+            return  # not a local safetensors checkpoint: nothing to check against
+        bad = [f"{n} {list(s)}" + (f" (expected {expected[n]})" if n in expected else " (unknown name)")
+               for n, s in entries if not n.startswith(HEAD_PREFIX) and expected.get(n) != list(s)]
+        if bad:
+            raise ValueError(f"{len(bad)} tensor(s) do not match the model: {', '.join(bad[:5])}"
+                             + (" ..." if len(bad) > 5 else ""))
+
     def stream_rl_load_weights_from_file(self, path: str) -> int:
         from safetensors import safe_open
 
         with safe_open(path, framework="pt", device="cpu") as f:
+            self._stream_rl_check((k, f.get_slice(k).get_shape()) for k in f.keys())
             return self.stream_rl_load_weights((k, f.get_tensor(k)) for k in f.keys())
+
+    # --- torch_dist: receive in the background, load while paused ----------------
+
+    def stream_rl_stage_weights(self, uri: str) -> None:
+        """Start receiving the weights `uri` describes into staging buffers,
+        in a background thread: generation goes on meanwhile."""
+        from stream_rl.weights_sync.buckets import decode_uri
+
+        meta = decode_uri(uri)
+        prev = getattr(self, "_stream_rl_stage", None)
+        if prev is not None and prev["thread"].is_alive():
+            raise RuntimeError("a weight transfer is still being received")
+        state = {"error": None, "tensors": [], "meta": meta}
+        state["thread"] = threading.Thread(target=self._stream_rl_receive, args=(state,), daemon=True)
+        self._stream_rl_stage = state
+        state["thread"].start()
+
+    def _stream_rl_receive(self, state: dict) -> None:
+        from stream_rl.weights_sync.buckets import bucket_nbytes, unpack_bucket
+        from stream_rl.weights_sync.group import weight_group
+
+        try:
+            g = state["meta"]["group"]
+            key = (g["host"], g["port"])
+            if getattr(self, "_stream_rl_group_key", None) != key:
+                rank = 1 + int(getattr(self, "rank", 0))
+                self._stream_rl_group = weight_group(g["host"], g["port"], rank, g["world_size"], g["backend"],
+                                                     g["timeout_s"])
+                self._stream_rl_group_key = key
+            pg = self._stream_rl_group[0]
+            dev = torch.device("cuda", torch.cuda.current_device()) if g["backend"] == "nccl" else "cpu"
+            for bucket in state["meta"]["buckets"]:
+                buf = torch.empty(bucket_nbytes(bucket), dtype=torch.uint8, device=dev)
+                pg.broadcast(buf, 0).wait()
+                # Every bucket is received, even after a bad one, so the
+                # sender never waits for a receiver that gave up.
+                state["tensors"] += unpack_bucket(buf, bucket)
+        except BaseException as err:
+            state["error"] = f"{type(err).__name__}: {err}"
+
+    def stream_rl_staging_state(self) -> str:
+        state = getattr(self, "_stream_rl_stage", None)
+        if state is None:
+            return "error: nothing is being received"
+        if state["thread"].is_alive():
+            return "receiving"
+        return f"error: {state['error']}" if state["error"] else "done"
+
+    def stream_rl_apply_staged(self) -> int:
+        """Load the received weights in place (generation is paused)."""
+        state, self._stream_rl_stage = getattr(self, "_stream_rl_stage", None), None
+        if state is None or state["thread"].is_alive() or state["error"]:
+            raise RuntimeError(f"no complete weight transfer to load ({state and state['error']})")
+        tensors = state["tensors"]
+        self._stream_rl_check((n, t.shape) for n, t in tensors)
+        return self.stream_rl_load_weights(tensors)
 
     def stream_rl_enable_scoring(self, addr: str) -> None:
         """Hook the quality head into the model; scores go to `addr` (ZMQ)."""

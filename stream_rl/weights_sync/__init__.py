@@ -2,7 +2,15 @@ from stream_rl.weights_sync.base import WeightSender
 
 
 def make_weight_sender(cfg, run_dir) -> WeightSender:
+    """The configured backend (`weights_sync.backend`)."""
+    backend = cfg.weights_sync.backend
+    if backend == "torch_dist":
+        from stream_rl.weights_sync.torch_dist import TorchDistWeightSender
+
+        return TorchDistWeightSender(cfg.generator.tensor_parallel_size, cfg.weights_sync.bucket_mb,
+                                     cfg.learner.device)
     from stream_rl.weights_sync.file import FileWeightSender
 
-    assert cfg.weights_sync.backend == "file"  # the only backend the config admits today
+    if backend == "shm":
+        return FileWeightSender(FileWeightSender.shm_dir(run_dir))
     return FileWeightSender(f"{run_dir}/weights")

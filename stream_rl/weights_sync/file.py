@@ -1,4 +1,5 @@
-"""File backend: safetensors written atomically, loaded in place by vLLM."""
+"""File and shm backends: safetensors written atomically (to the run
+directory, or to /dev/shm: memory, no disk), loaded in place by vLLM."""
 
 from __future__ import annotations
 
@@ -15,6 +16,19 @@ class FileWeightSender(WeightSender):
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def shm_dir(run_dir) -> Path:
+        """A directory in shared memory for this run (the disk if there is none)."""
+        import hashlib
+
+        base = Path("/dev/shm")
+        tag = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+        return (base if base.is_dir() else Path(run_dir)) / f"stream-rl-weights-{tag}"
+
+    def close(self) -> None:
+        for f in self.dir.glob("weights-v*.safetensors"):
+            f.unlink(missing_ok=True)
 
     def path(self, version: int) -> Path:
         return self.dir / f"weights-v{version:06d}.safetensors"

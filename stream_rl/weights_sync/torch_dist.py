@@ -1,0 +1,72 @@
+"""torch_dist backend: the learner broadcasts the weights to the vLLM workers
+over a process group of their own, in buckets, while generation goes on.
+
+`stage` copies the weights into bucket buffers (so the learner may update
+its model at once) and broadcasts them from a background thread; the URI it
+returns describes the group and the bucket layout. The generator has its
+workers receive into staging buffers, also in the background, and pauses
+generation only to load the staged weights in place (see the generator
+service). The group (rank 0: the learner; rank 1 + i: tensor-parallel worker
+i of the one generator) is built on the first sync.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from stream_rl.transport import free_ports
+from stream_rl.weights_sync.base import WeightSender
+from stream_rl.weights_sync.buckets import encode_uri, pack_bucket, plan_buckets
+from stream_rl.weights_sync.group import weight_group
+
+
+class TorchDistWeightSender(WeightSender):
+    def __init__(self, n_workers: int, bucket_mb: int, device: str = "cpu", host: str = "127.0.0.1",
+                 timeout_s: float = 300.0):
+        self.group = {"host": host, "port": free_ports(1)[0], "world_size": 1 + n_workers,
+                      "backend": "nccl" if device.startswith("cuda") else "gloo", "timeout_s": timeout_s}
+        self.bucket_bytes = bucket_mb * 2 ** 20
+        self.device = device
+        self._pg = self._store = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def stage(self, weights: dict[str, torch.Tensor], version: int) -> str:
+        self._finish()  # one transfer at a time
+        buckets = plan_buckets(weights, self.bucket_bytes)
+        # Copied now: the learner may change its weights while they travel.
+        data = [pack_bucket(weights, b) for b in buckets]
+        self._thread = threading.Thread(target=self._send, args=(data,), name=f"weights-v{version}", daemon=True)
+        self._thread.start()
+        return encode_uri(self.group, buckets)
+
+    def _send(self, data: list[torch.Tensor]) -> None:
+        try:
+            if self._pg is None:
+                g = self.group
+                self._pg, self._store = weight_group(g["host"], g["port"], 0, g["world_size"], g["backend"],
+                                                     g["timeout_s"])
+            for buf in data:
+                if self.group["backend"] == "nccl":
+                    buf = buf.to(self.device)
+                self._pg.broadcast(buf, 0).wait()
+        except BaseException as err:  # reported by release()/the next stage()
+            self._error = err
+
+    def _finish(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"weight broadcast failed: {type(err).__name__}: {err}") from err
+
+    def release(self, version: int) -> None:
+        self._finish()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        self._pg = self._store = None
