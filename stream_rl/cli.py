@@ -32,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--id", default="gen0")
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("what", choices=["generation", "pruning", "learner"])
+    p.add_argument("what", choices=["generation", "pruning", "learner", "weight-sync"])
     _add_config_args(p)
     p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
     p.add_argument("--steps", type=int, default=None,
                    help="steps per mode (generation: timed steps, default 10; pruning: training steps, default 40; "
-                        "learner: timed repeats per configuration after 1 warm-up, default 3)")
+                        "learner: timed repeats per configuration after 1 warm-up, default 3; "
+                        "weight-sync: timed syncs per backend after 1 warm-up, default 5)")
     p.add_argument("--warmup-steps", type=int, default=2, help="generation: untimed steps per mode first")
     p.add_argument("--modes", default="random,arrol", help="pruning: pruner modes to train, in order")
 
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(cfg, args.id)
     elif args.cmd == "bench":
-        steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40, "learner": 3}[args.what]
+        steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40, "learner": 3,
+                                                              "weight-sync": 5}[args.what]
         if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2
@@ -83,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                 from stream_rl.bench.learner import main as bench_learner
 
                 bench_learner(cfg, args.out_json, steps)
+            elif args.what == "weight-sync":
+                from stream_rl.bench.weight_sync import main as bench_weight_sync
+
+                bench_weight_sync(cfg, args.out_json, steps)
             else:
                 from stream_rl.bench.pruning import main as bench_pruning
 

@@ -131,8 +131,12 @@ class StreamRLWorkerExtension:
                 self._stream_rl_group_key = key
             pg = self._stream_rl_group[0]
             dev = torch.device("cuda", torch.cuda.current_device()) if g["backend"] == "nccl" else "cpu"
-            for bucket in state["meta"]["buckets"]:
-                buf = torch.empty(bucket_nbytes(bucket), dtype=torch.uint8, device=dev)
+            sizes = [bucket_nbytes(b) for b in state["meta"]["buckets"]]
+            # Reused from sync to sync (the last load copied out of them).
+            bufs = getattr(self, "_stream_rl_bufs", [])
+            if [b.numel() for b in bufs] != sizes:
+                bufs = self._stream_rl_bufs = [torch.empty(n, dtype=torch.uint8, device=dev) for n in sizes]
+            for bucket, buf in zip(state["meta"]["buckets"], bufs):
                 pg.broadcast(buf, 0).wait()
                 # Every bucket is received, even after a bad one, so the
                 # sender never waits for a receiver that gave up.

@@ -37,12 +37,14 @@ def bucket_nbytes(bucket: list[dict]) -> int:
     return bucket[-1]["offset"] + bucket[-1]["nbytes"]
 
 
-def pack_bucket(weights: dict[str, torch.Tensor], bucket: list[dict]) -> torch.Tensor:
-    """The bucket's tensors as one contiguous uint8 buffer."""
-    out = torch.zeros(bucket_nbytes(bucket), dtype=torch.uint8)
+def pack_bucket(weights: dict[str, torch.Tensor], bucket: list[dict], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The bucket's tensors as one contiguous uint8 buffer (`out`, reused
+    when given: writing into fresh memory costs more than the copy)."""
+    if out is None:
+        out = torch.zeros(bucket_nbytes(bucket), dtype=torch.uint8)
     for e in bucket:
-        t = weights[e["name"]].detach().contiguous().cpu()
-        out[e["offset"]: e["offset"] + e["nbytes"]] = t.view(-1).view(torch.uint8)
+        t = weights[e["name"]].detach().contiguous()
+        out[e["offset"]: e["offset"] + e["nbytes"]] = t.view(-1).view(torch.uint8).to(out.device)
     return out
 
 

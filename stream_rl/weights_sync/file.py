@@ -29,6 +29,10 @@ class FileWeightSender(WeightSender):
     def close(self) -> None:
         for f in self.dir.glob("weights-v*.safetensors"):
             f.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()  # only if nothing else is in it
+        except OSError:
+            pass
 
     def path(self, version: int) -> Path:
         return self.dir / f"weights-v{version:06d}.safetensors"

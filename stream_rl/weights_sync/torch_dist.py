@@ -1,9 +1,10 @@
 """torch_dist backend: the learner broadcasts the weights to the vLLM workers
 over a process group of their own, in buckets, while generation goes on.
 
-`stage` copies the weights into bucket buffers (so the learner may update
-its model at once) and broadcasts them from a background thread; the URI it
-returns describes the group and the bucket layout. The generator has its
+`stage` returns at once with a URI that describes the group and the bucket
+layout; a background thread packs each bucket into a reused buffer and
+broadcasts it while packing the next. The weights must therefore stay as
+they are until `release` returns (the training loop syncs between steps). The generator has its
 workers receive into staging buffers, also in the background, and pauses
 generation only to load the staged weights in place (see the generator
 service). The group (rank 0: the learner; rank 1 + i: tensor-parallel worker
@@ -18,7 +19,7 @@ import torch
 
 from stream_rl.transport import free_ports
 from stream_rl.weights_sync.base import WeightSender
-from stream_rl.weights_sync.buckets import encode_uri, pack_bucket, plan_buckets
+from stream_rl.weights_sync.buckets import bucket_nbytes, encode_uri, pack_bucket, plan_buckets
 from stream_rl.weights_sync.group import weight_group
 
 
@@ -31,27 +32,35 @@ class TorchDistWeightSender(WeightSender):
         self.device = device
         self._pg = self._store = None
         self._thread: threading.Thread | None = None
+        self._buffers: list[torch.Tensor] = []  # reused from sync to sync
         self._error: BaseException | None = None
 
     def stage(self, weights: dict[str, torch.Tensor], version: int) -> str:
         self._finish()  # one transfer at a time
         buckets = plan_buckets(weights, self.bucket_bytes)
-        # Copied now: the learner may change its weights while they travel.
-        data = [pack_bucket(weights, b) for b in buckets]
-        self._thread = threading.Thread(target=self._send, args=(data,), name=f"weights-v{version}", daemon=True)
+        self._thread = threading.Thread(target=self._send, args=(weights, buckets), name=f"weights-v{version}",
+                                        daemon=True)
         self._thread.start()
         return encode_uri(self.group, buckets)
 
-    def _send(self, data: list[torch.Tensor]) -> None:
+    def _send(self, weights: dict[str, torch.Tensor], buckets: list[list[dict]]) -> None:
         try:
             if self._pg is None:
                 g = self.group
                 self._pg, self._store = weight_group(g["host"], g["port"], 0, g["world_size"], g["backend"],
                                                      g["timeout_s"])
-            for buf in data:
-                if self.group["backend"] == "nccl":
-                    buf = buf.to(self.device)
-                self._pg.broadcast(buf, 0).wait()
+            sizes = [bucket_nbytes(b) for b in buckets]
+            if [b.numel() for b in self._buffers] != sizes:
+                dev = self.device if self.group["backend"] == "nccl" else "cpu"
+                self._buffers = [torch.zeros(n, dtype=torch.uint8, device=dev) for n in sizes]
+            work = None
+            for bucket, buf in zip(buckets, self._buffers):
+                pack_bucket(weights, bucket, buf)  # while the previous bucket travels
+                if work is not None:
+                    work.wait()
+                work = self._pg.broadcast(buf, 0)
+            if work is not None:
+                work.wait()
         except BaseException as err:  # reported by release()/the next stage()
             self._error = err
 
@@ -70,3 +79,4 @@ class TorchDistWeightSender(WeightSender):
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         self._pg = self._store = None
+        self._buffers = []
