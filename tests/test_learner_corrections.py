@@ -842,3 +842,17 @@ def test_step_kl_zero_at_the_reference(engine_cfg):
     _, d_kl = step_delta(make_learner(engine_cfg, sgd=True, learner__kl_beta=0.5, learner__grad_clip=1e6), samples)
     _, d_0 = step_delta(make_learner(engine_cfg, sgd=True, learner__grad_clip=1e6), samples)
     assert_same_update(d_kl, d_0, atol=1e-7)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=80), budget=st.integers(50, 700))
+def test_pack_rows_balances_rows_without_adding_any(lengths, budget):
+    """The rows share the fullest row's width: pack_rows never needs more rows
+    than plain first-fit decreasing, nor a wider fullest row."""
+    from stream_rl.learner.packing import _first_fit_decreasing
+
+    plain, balanced = _first_fit_decreasing(lengths, budget), pack_rows(lengths, budget)
+    width = lambda rows: max(sum(lengths[i] for i in r) for r in rows)  # noqa: E731
+    assert sorted(i for r in balanced for i in r) == list(range(len(lengths)))
+    assert len(balanced) <= len(plain)
+    assert width(balanced) <= width(plain)

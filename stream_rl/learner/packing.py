@@ -67,7 +67,23 @@ def pad_layout(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Layout:
 
 def pack_rows(lengths: list[int], budget: int) -> list[list[int]]:
     """Indices of sequences per row, first-fit decreasing: every row holds at
-    most `budget` tokens, except a row holding one sequence longer than it."""
+    most `budget` tokens, except a row holding one sequence longer than it.
+
+    Rows share one width (the fullest row's), so a nearly empty last row
+    would be padded to it: among budgets from the even share total/rows up
+    to `budget`, the smallest that needs no more rows is used."""
+    rows = _first_fit_decreasing(lengths, budget)
+    if len(rows) > 1:
+        width = max(sum(lengths[i] for i in r) for r in rows)
+        low = max(max(lengths), -(-sum(lengths) // len(rows)))
+        for b in range(low, width, max(1, (width - low) // 16)):
+            tighter = _first_fit_decreasing(lengths, b)
+            if len(tighter) <= len(rows):
+                return tighter  # every row within b < width
+    return rows
+
+
+def _first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows: list[list[int]] = []
     free: list[int] = []
