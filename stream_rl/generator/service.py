@@ -93,31 +93,35 @@ class GeneratorService:
             if req.request_id in self.aborted:  # aborted before it reached the engine
                 raise _AbortedEarly
             prompt = TokensPrompt(prompt_token_ids=req.prompt_ids + req.response_ids)
-            async for out in self.engine.generate(prompt, params, req.request_id):
-                if req.request_id in self.aborted and not out.finished:
-                    # The abort may have come before the engine knew the
-                    # request; repeating it is harmless (vLLM ignores ids it
-                    # has finished).
-                    await self.engine.abort(req.request_id)
-                c = out.outputs[0]
-                new = list(c.token_ids)
-                if new:
-                    ids += new
-                    lps += sampled_logprobs(new, c.logprobs)
-                    starts = version_starts(self.engine, req.request_id, c if out.finished else None)
-                    vers += token_versions(starts, produced, len(new), self.version)
-                    produced += len(new)
-                # A score goes out at once, with the tokens so far: the pruner
-                # decides on it and every token waited for is compute wasted.
-                scored = req.request_id in self.scores
-                if ids and (len(ids) >= g.chunk_tokens or out.finished or scored):
-                    await self.outbox.send(TokenChunk(request_id=req.request_id, offset=offset + streamed,
-                                                      token_ids=ids, logprobs=lps, versions=vers,
-                                                      score=self.scores.pop(req.request_id, None)))
-                    streamed += len(ids)
-                    ids, lps, vers = [], [], []
-                if out.finished:
-                    reason = c.finish_reason if c.finish_reason in _FINISH_REASONS else "abort"
+            stream = self.engine.generate(prompt, params, req.request_id)
+            try:
+                async for out in stream:
+                    if req.request_id in self.aborted and not out.finished:
+                        # The abort came while vLLM was still taking the
+                        # request in, where it can miss it: stop here;
+                        # closing the stream aborts it by its internal id.
+                        break
+                    c = out.outputs[0]
+                    new = list(c.token_ids)
+                    if new:
+                        ids += new
+                        lps += sampled_logprobs(new, c.logprobs)
+                        starts = version_starts(self.engine, req.request_id, c if out.finished else None)
+                        vers += token_versions(starts, produced, len(new), self.version)
+                        produced += len(new)
+                    # A score goes out at once, with the tokens so far: the pruner
+                    # decides on it and every token waited for is compute wasted.
+                    scored = req.request_id in self.scores
+                    if ids and (len(ids) >= g.chunk_tokens or out.finished or scored):
+                        await self.outbox.send(TokenChunk(request_id=req.request_id, offset=offset + streamed,
+                                                          token_ids=ids, logprobs=lps, versions=vers,
+                                                          score=self.scores.pop(req.request_id, None)))
+                        streamed += len(ids)
+                        ids, lps, vers = [], [], []
+                    if out.finished:
+                        reason = c.finish_reason if c.finish_reason in _FINISH_REASONS else "abort"
+            finally:
+                await stream.aclose()
         except _AbortedEarly:
             pass
         except Exception as err:  # the engine refused or failed this request only
