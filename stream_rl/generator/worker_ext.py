@@ -138,8 +138,9 @@ class StreamRLWorkerExtension:
                 bufs = self._stream_rl_bufs = [torch.empty(n, dtype=torch.uint8, device=dev) for n in sizes]
             for bucket, buf in zip(state["meta"]["buckets"], bufs):
                 pg.broadcast(buf, 0).wait()
-                # Every bucket is received, even after a bad one, so the
-                # sender never waits for a receiver that gave up.
+                # Names and shapes are checked at load, after every bucket
+                # has arrived: the sender never waits for a receiver that
+                # gave up on a bad tensor.
                 state["tensors"] += unpack_bucket(buf, bucket)
         except BaseException as err:
             state["error"] = f"{type(err).__name__}: {err}"

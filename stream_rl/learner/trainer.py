@@ -106,15 +106,14 @@ class Learner:
         lc = self.cfg.learner
         return micro_batches(samples, lc.micro_batch_tokens, lc.packing, lc.pack_row_tokens)
 
-    def logprobs(self, samples: list[Sample], model=None) -> tuple[dict[int, torch.Tensor], float]:
+    def logprobs(self, samples: list[Sample]) -> tuple[dict[int, torch.Tensor], float]:
         """The log-prob pass: log π(response tokens) per sample (keyed by
         id(sample)), without gradients; and the padding fraction."""
-        model = model or self.model
         out, real, total = {}, 0, 0
         with torch.no_grad():
             for mb in self._micro_batches(samples):
                 lay = self._layout(mb)
-                for s, lp in zip(mb, response_logprobs(model, lay).split(lay.lengths)):
+                for s, lp in zip(mb, response_logprobs(self.model, lay).split(lay.lengths)):
                     out[id(s)] = lp
                 real, total = real + lay.real_tokens, total + lay.ids.numel()
         return out, 1.0 - real / total if total else 0.0
