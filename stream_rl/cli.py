@@ -26,21 +26,41 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p)
     p.add_argument("--out", default=None, help="run directory (default: run.out_dir)")
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
 
     p = sub.add_parser("generator", help="run a generator service (vLLM engine behind ZMQ)")
     _add_config_args(p)
-    p.add_argument("--id", default="gen0")
+    p.add_argument("--index", type=int, default=0, help="which of generator.count (its addresses follow)")
+
+    p = sub.add_parser("learner", help="run the learner (under torchrun for several ranks)")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="run directory (default: run.out_dir)")
+    p.add_argument("--resume", default=None, help="checkpoint directory to start from")
+
+    p = sub.add_parser("controller", help="run the controller (pruner, buffer, the job) against running "
+                                          "generators and learner")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="run directory (default: run.out_dir)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT "
+                                                          "(start the learner with --resume OUT/checkpoint)")
+
+    p = sub.add_parser("plot", help="PNG charts of a run's metrics (OUT/plots)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="where to write the charts (default: RUN_DIR/plots)")
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("what", choices=["generation", "pruning", "learner", "weight-sync"])
+    p.add_argument("what", choices=["generation", "pruning", "learner", "weight-sync", "e2e"])
     _add_config_args(p)
     p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
     p.add_argument("--steps", type=int, default=None,
                    help="steps per mode (generation: timed steps, default 10; pruning: training steps, default 40; "
                         "learner: timed repeats per configuration after 1 warm-up, default 3; "
-                        "weight-sync: timed syncs per backend after 1 warm-up, default 5)")
+                        "weight-sync: timed syncs per backend after 1 warm-up, default 5; "
+                        "e2e: training steps per system, default 40)")
     p.add_argument("--warmup-steps", type=int, default=2, help="generation: untimed steps per mode first")
     p.add_argument("--modes", default="random,arrol", help="pruning: pruner modes to train, in order")
+    p.add_argument("--systems", default="sync,stream,trl", help="e2e: systems to train, in order")
 
     p = sub.add_parser("check-config", help="load and validate a config, print it resolved")
     _add_config_args(p)
@@ -67,10 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "generator":
         from stream_rl.generator.service import serve
 
-        serve(cfg, args.id)
+        if not 0 <= args.index < cfg.generator.count:
+            print(f"config error: --index {args.index} is not below generator.count={cfg.generator.count}",
+                  file=sys.stderr)
+            return 2
+        serve(cfg, args.index)
+    elif args.cmd == "learner":
+        from stream_rl.learner.service import serve as serve_learner
+
+        serve_learner(cfg, args.out or cfg.run.out_dir, args.resume)
+    elif args.cmd == "plot":
+        from stream_rl.plot import plot_run
+
+        try:
+            paths = plot_run(args.run_dir, args.out)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print("\n".join(str(p) for p in paths))
     elif args.cmd == "bench":
         steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40, "learner": 3,
-                                                              "weight-sync": 5}[args.what]
+                                                              "weight-sync": 5, "e2e": 40}[args.what]
         if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2
@@ -85,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                 from stream_rl.bench.learner import main as bench_learner
 
                 bench_learner(cfg, args.out_json, steps)
+            elif args.what == "e2e":
+                from stream_rl.bench.e2e import main as bench_e2e
+
+                bench_e2e(cfg, args.out_json, steps, [s.strip() for s in args.systems.split(",") if s.strip()])
             elif args.what == "weight-sync":
                 from stream_rl.bench.weight_sync import main as bench_weight_sync
 
@@ -97,13 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         except BenchSetupError as err:
             print(f"config error: {err}", file=sys.stderr)
             return 2
-    elif args.cmd == "train":
-        from stream_rl.train import train
+    elif args.cmd in ("train", "controller"):
+        from stream_rl.train import controller, train
 
         if args.max_steps is not None and args.max_steps < 1:
             print("config error: --max-steps must be >= 1", file=sys.stderr)
             return 2
-        summary = train(cfg, args.out, args.max_steps)
+        try:
+            summary = (train if args.cmd == "train" else controller)(cfg, args.out, args.max_steps,
+                                                                     resume=args.resume)
+        except FileNotFoundError as err:  # --resume without a checkpoint
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(json.dumps(summary, indent=2))
     return 0
 

@@ -92,6 +92,11 @@ class GeneratorConfig(_Section):
     cpu_kvcache_gib: PosInt = 1
     enforce_eager: bool = True
     tensor_parallel_size: PosInt = 1
+    # Generator processes (each its own vLLM engine). Generator i listens on
+    # request_addr and stream_addr with their ports raised by 2 x i, on
+    # hosts[i] when `hosts` is given (one per generator), else on their host.
+    count: PosInt = 1
+    hosts: list[str] = []
     request_addr: str = "tcp://127.0.0.1:5555"
     stream_addr: str = "tcp://127.0.0.1:5556"
     # ZMQ high-water marks: senders block at this many queued messages
@@ -193,6 +198,17 @@ class LearnerConfig(_Section):
     packing: bool = True
     pack_row_tokens: PosInt = 1024
     device: str = "cpu"
+    # The learner process (rank 0) receives batches on `addr` (it binds) and
+    # reports to the controller on `reply_addr` (the controller binds).
+    # torch threads of each learner rank (0: torch's default). On a small CPU
+    # host shared with the engines, fewer threads than cores avoid
+    # oversubscribing the cores the engine's OpenMP threads are bound to.
+    threads: NonNegInt = 0
+    # Learner processes (torchrun ranks, data parallel) `stream-rl train` starts.
+    ranks: PosInt = 1
+    addr: str = "tcp://127.0.0.1:5570"
+    reply_addr: str = "tcp://127.0.0.1:5571"
+    startup_timeout_s: PosFloat = 600.0
 
 
 class WeightsSyncConfig(_Section):
@@ -202,6 +218,11 @@ class WeightsSyncConfig(_Section):
     backend: Literal["torch_dist", "shm", "file"] = "torch_dist"
     every_steps: PosInt = 1
     bucket_mb: PosInt = 256  # torch_dist: bytes per collective
+    # torch_dist: the learner's address the generators' workers connect to,
+    # and how long a transfer may stall (a learner that died mid-transfer
+    # holds the workers' receive this long before a new one can sync).
+    host: str = "127.0.0.1"
+    timeout_s: PosFloat = 300.0
 
 
 class RunConfig(_Section):
@@ -215,6 +236,12 @@ class RunConfig(_Section):
 
 
 class Config(_Section):
+    # "sync": the synchronous GRPO baseline: a step generates target_groups
+    # groups to completion (no pruning, no partials), trains, syncs, and only
+    # then generates again. "stream": generation, pruning and learning run
+    # concurrently; generation never waits for the learner beyond
+    # buffer.max_staleness, and weights reach the engines in flight.
+    mode: Literal["sync", "stream"] = "stream"
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     data: DataConfig = msgspec.field(default_factory=DataConfig)
     generator: GeneratorConfig = msgspec.field(default_factory=GeneratorConfig)
@@ -256,11 +283,34 @@ def _check(cfg: Config) -> None:
                           "tokens' log-probs to the engine for the quality head's confidence features")
     if p.mode != "none" and p.min_survivors > g.group_size:
         raise ConfigError(f"pruner.min_survivors ({p.min_survivors}) exceeds generator.group_size ({g.group_size})")
-    if cfg.generator.request_addr == cfg.generator.stream_addr:
-        raise ConfigError("generator.request_addr and generator.stream_addr must differ")
+    if cfg.mode == "sync" and p.mode != "none":
+        raise ConfigError(f"mode=sync is the unpruned synchronous baseline; it needs pruner.mode=none "
+                          f"(got {p.mode!r})")
+    if g.hosts and len(g.hosts) != g.count:
+        raise ConfigError(f"generator.hosts has {len(g.hosts)} entries for generator.count={g.count}")
+    addrs = [a for i in range(g.count) for a in generator_addrs(g, i)] + [cfg.learner.addr, cfg.learner.reply_addr]
+    dup = sorted({a for a in addrs if addrs.count(a) > 1})
+    if dup:
+        raise ConfigError(f"addresses must differ (generator.request_addr/stream_addr with generator.count="
+                          f"{g.count}, learner.addr, learner.reply_addr): {', '.join(dup)} used twice")
 
 
 # --- error messages ---------------------------------------------------------
+
+def generator_addrs(g: GeneratorConfig, index: int) -> tuple[str, str]:
+    """(request_addr, stream_addr) of generator `index`."""
+    if index == 0 and not g.hosts:
+        return g.request_addr, g.stream_addr
+    out = []
+    for field, addr in (("request_addr", g.request_addr), ("stream_addr", g.stream_addr)):
+        scheme, _, rest = addr.partition("://")
+        host, sep, port = rest.rpartition(":")
+        if scheme != "tcp" or not sep or not port.isdigit():
+            raise ConfigError(f"generator.{field} must be tcp://HOST:PORT with generator.count > 1 or "
+                              f"generator.hosts; got {addr!r}")
+        out.append(f"tcp://{g.hosts[index] if g.hosts else host}:{int(port) + 2 * index}")
+    return out[0], out[1]
+
 
 def _field_type(path: list[str]) -> Any:
     """The annotation of the field at a dotted path, or None if unknown."""
@@ -310,8 +360,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override key '{key}' must be section.key, e.g. learner.lr")
+    if not (len(parts) == 2 and all(parts) or parts == ["mode"]):
+        raise ConfigError(f"override key '{key}' must be section.key (e.g. learner.lr) or mode")
     # YAML gives overrides the same scalar typing as the file (1e-6, true, null).
     return parts, yaml.safe_load(raw) if raw.strip() else ""
 
@@ -323,7 +373,11 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
     # reads as null: it means "all defaults".
     raw = {k: (dict(v) if isinstance(v, dict) else {} if v is None else v) for k, v in raw.items()}
     for item in overrides:
-        (section, key), value = _parse_override(item)
+        parts, value = _parse_override(item)
+        if parts == ["mode"]:  # the one top-level key
+            raw["mode"] = value
+            continue
+        section, key = parts
         if section not in Config.__struct_fields__:
             raise ConfigError(
                 f"unknown config section '{section}'; known sections: {', '.join(Config.__struct_fields__)}")

@@ -103,7 +103,7 @@ class RolloutController:
             r.prompt_inclusion = row.inclusion
             self._start(r)
 
-    def _fill(self, open_limit: int) -> None:
+    def fill(self, open_limit: int) -> None:
         """Continue waiting partials, then draw prompts up to `open_limit` open groups."""
         if self.buffer.partials:
             partials, abort = self.buffer.take_partials(self.client.version)
@@ -126,12 +126,12 @@ class RolloutController:
         before = msgspec.structs.replace(self.buffer.stats)
         t0 = time.perf_counter()
         if april:
-            self._fill(open_limit)
+            self.fill(open_limit)
         else:
             for _ in range(max(0, target_groups - self.buffer.num_ready - self.buffer.num_open_groups)):
                 self._new_group()
         self._pump(lambda: self.buffer.num_ready >= target_groups, stats, timeout_s, "rollout step did not finish",
-                   after=(lambda: self._fill(open_limit)) if april else None)
+                   after=(lambda: self.fill(open_limit)) if april else None)
         # The batch is ready: everything still generating becomes a partial
         # (its final tokens and abort notice arrive during the next step).
         running = list(self.buffer.running)
@@ -142,6 +142,19 @@ class RolloutController:
         groups = self.buffer.take_ready(target_groups)
         stats.pruner = self.pruner.end_step(groups)
         return groups, stats
+
+    def abort_stale(self, version: int) -> int:
+        """Stop running rollouts whose oldest token is more than
+        buffer.max_staleness versions behind `version` (stream mode, where
+        requests outlive weight syncs): they return as partials, and taking
+        them to continue restarts or drops them (buffer.stale_policy)."""
+        bound = self.cfg.buffer.max_staleness
+        if bound is None:
+            return 0
+        stale = [rid for rid, r in self.buffer.running.items()
+                 if r.versions and version - min(r.versions) > bound and rid not in self.buffer.pruning]
+        self.client.abort(stale)
+        return len(stale)
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Wait until every aborted request has reported its last tokens, so
@@ -163,7 +176,7 @@ class RolloutController:
             if msg is None:
                 self.client.check_alive()
                 continue
-            self._handle(msg, stats)
+            self.handle(msg, stats)
             if after is not None:
                 after()
 
@@ -179,7 +192,7 @@ class RolloutController:
     def _score(self, r: Rollout) -> float:
         return self.verifier.score(self.tokenizer.decode(r.response_ids, skip_special_tokens=True), r.answer)
 
-    def _handle(self, msg, stats: RolloutStats) -> None:
+    def handle(self, msg, stats: RolloutStats) -> None:
         if isinstance(msg, TokenChunk):
             r = self.buffer.on_chunk(msg)
             if r is None:

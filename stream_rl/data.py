@@ -144,6 +144,26 @@ class PromptSampler:
         self._pos += 1
         return row
 
+    def state_dict(self) -> dict:
+        """JSON-able position: epoch, order, place in it, RNG."""
+        return {"epoch": self.epoch, "order": list(self._order), "pos": self._pos, "rng": _rng_state(self.rng),
+                "rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["rows"] != len(self.rows):
+            raise ValueError(f"sampler state is for {state['rows']} prompts; the dataset has {len(self.rows)}")
+        self.epoch, self._order, self._pos = state["epoch"], list(state["order"]), state["pos"]
+        _set_rng_state(self.rng, state["rng"])
+
+
+def _rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(rng: random.Random, state: list) -> None:
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
 
 class DppoPromptSampler:
     """DPPO's prompt-level pruning in front of a `PromptSampler`.
@@ -178,6 +198,17 @@ class DppoPromptSampler:
         if self._threshold is None and self.history:
             self._threshold = statistics.median(self.history.values())
         return self._threshold
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "rng": _rng_state(self.rng), "skipped": self.skipped,
+                "history": [[list(k), v] for k, v in self.history.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        _set_rng_state(self.rng, state["rng"])
+        self.skipped = state["skipped"]
+        self.history = {tuple(k): float(v) for k, v in state["history"]}
+        self._threshold = None
 
     def next(self) -> PromptRow:
         while True:

@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-_SHOWN = (("reward_mean", "reward {:.3f}"), ("policy_version", "v{}"), ("step_s", "{:.1f}s/step"),
-          ("tokens_generated", "{} tok"))
+_SHOWN = (("reward_policy_mean", "reward {:.3f}"), ("prune/keep_rate", "keep {:.2f}"),
+          ("gen_tokens_per_s", "{:.0f} tok/s"), ("version_lag_max", "lag {}"), ("policy_version", "v{}"),
+          ("step_s", "{:.1f}s/step"))
 
 
 class MetricsLogger:

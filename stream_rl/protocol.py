@@ -1,10 +1,14 @@
 """Everything that crosses a socket, as msgspec Structs (msgpack on the wire).
 
-Two directions:
+Four directions:
 - controller -> generator: `RolloutRequest`, `AbortRequests`, `UpdateWeights`,
-  `Shutdown`;
+  `Hello`, `Shutdown`;
 - generator -> controller: `GeneratorReady`, `TokenChunk`, `RolloutFinished`,
-  `RequestRejected`, `WeightsUpdated`, `WeightsUpdateFailed`.
+  `RequestRejected`, `WeightsUpdated`, `WeightsUpdateFailed`;
+- controller -> learner: `TrainBatch`, `SyncWeights`, `WeightsLoaded`,
+  `SaveCheckpoint`, `Shutdown`;
+- learner -> controller: `LearnerReady`, `StepDone`, `WeightsStaged`,
+  `CheckpointSaved`, `LearnerFailed`.
 
 Every generated token travels with its rollout log-prob and the policy
 version that sampled it, so the learner can apply any off-policy correction.
@@ -14,9 +18,11 @@ with the reason, which services log and skip.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import msgspec
+
+from stream_rl.buffer.rollouts import Group
 
 
 class _Msg(msgspec.Struct, tag=True, forbid_unknown_fields=True, kw_only=True):
@@ -59,6 +65,11 @@ class UpdateWeights(_Msg):
 
 class Shutdown(_Msg):
     pass
+
+
+class Hello(_Msg):
+    """A controller (re)connecting: the generator answers `GeneratorReady`
+    with the version it serves."""
 
 
 # --- generator -> controller ------------------------------------------------
@@ -126,10 +137,72 @@ class WorkerScores(_Msg):
     scores: list[WorkerScore]
 
 
-ToGenerator = Union[RolloutRequest, AbortRequests, UpdateWeights, Shutdown]
+# --- controller -> learner ----------------------------------------------------
+
+class TrainBatch(_Msg):
+    """One update's groups (complete, rewarded; the learner computes the
+    advantages and trains the quality head on them too)."""
+    step: int
+    groups: list[Group]
+    # Stage the updated weights for the generators as this version (None:
+    # no sync after this step, weights_sync.every_steps).
+    sync_version: int | None = None
+
+
+class SyncWeights(_Msg):
+    """Stage the current weights as `version` without training (at start)."""
+    version: int
+
+
+class WeightsLoaded(_Msg):
+    """Every generator serves `version`: its staged copy may go."""
+    version: int
+
+
+class SaveCheckpoint(_Msg):
+    """Write the learner's state under `path` (a directory the controller
+    completes with its own state)."""
+    path: str
+    step: int
+    version: int
+
+
+# --- learner -> controller ----------------------------------------------------
+
+class LearnerReady(_Msg):
+    ranks: int
+    step: int  # updates done (a resumed learner's checkpoint step)
+    # Its weights (or its quality head) are not what a generator started
+    # from the model path serves: the controller syncs before generating.
+    needs_sync: bool
+
+
+class WeightsStaged(_Msg):
+    version: int
+    uri: str
+
+
+class StepDone(_Msg):
+    step: int
+    stats: dict[str, Any]  # the update's and the head's metrics
+    weights: WeightsStaged | None = None
+
+
+class CheckpointSaved(_Msg):
+    path: str
+    step: int
+
+
+class LearnerFailed(_Msg):
+    error: str
+
+
+ToGenerator = Union[RolloutRequest, AbortRequests, UpdateWeights, Shutdown, Hello]
 FromGenerator = Union[GeneratorReady, TokenChunk, RolloutFinished, RequestRejected, WeightsUpdated,
                       WeightsUpdateFailed]
-Message = Union[ToGenerator, FromGenerator]
+ToLearner = Union[TrainBatch, SyncWeights, WeightsLoaded, SaveCheckpoint, Shutdown]
+FromLearner = Union[LearnerReady, WeightsStaged, StepDone, CheckpointSaved, LearnerFailed]
+Message = Union[ToGenerator, FromGenerator, ToLearner, FromLearner]
 
 
 class ProtocolError(ValueError):

@@ -1,29 +1,48 @@
-"""`stream-rl train`: rollouts -> learner -> weight sync, step after step."""
+"""`stream-rl train` and `stream-rl controller`: the job, step after step.
+
+The controller (this process) owns the generators' streams, the pruner and
+the recycling buffer; complete groups go to the learner process as
+`TrainBatch`es, and the weights it stages go to the generators as
+`UpdateWeights`. Two schedules (`mode`):
+
+- `sync`, the synchronous GRPO baseline: generate `target_groups` groups to
+  completion, train, sync, and only then generate again;
+- `stream`: generation never stops. Groups are kept in flight
+  (`generator.overprovision` x `target_groups`), a batch goes to the learner
+  as soon as it is complete and the learner is free, the learner's weights
+  reach the engines in flight (requests keep running, later tokens carry the
+  new version), and rollouts more than `buffer.max_staleness` versions
+  behind are stopped and restarted. New prompts are drawn only while fewer
+  than a batch of groups waits, so generation runs at most one batch ahead of
+  the learner.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import time
 from pathlib import Path
 
 import msgspec
-import torch
 
 from stream_rl.config import Config
-from stream_rl.controller import RolloutController
+from stream_rl.controller import RolloutController, RolloutStats, buffer_delta
 from stream_rl.data import DppoPromptSampler, PromptDataset, PromptSampler
 from stream_rl.generator.client import GeneratorClient, GeneratorProcess
-from stream_rl.learner.checkpoint import save_checkpoint
-from stream_rl.learner.distributed import broadcast_batch, init_from_env
-from stream_rl.learner.distributed import close as close_distributed
-from stream_rl.learner.trainer import Learner, samples_from_groups
-from stream_rl.metrics import MetricsLogger
+from stream_rl.generator.pool import GeneratorPool
+from stream_rl.learner.checkpoint import (commit_checkpoint, find_checkpoint, load_controller_state,
+                                          save_controller_state, staging_path)
+from stream_rl.learner.client import LearnerClient, LearnerError, LearnerProcess
+from stream_rl.learner.samples import samples_from_groups
+from stream_rl.metrics import MetricsLogger, read_metrics
+from stream_rl.protocol import (CheckpointSaved, Hello, LearnerReady, SaveCheckpoint, Shutdown, StepDone, SyncWeights,
+                                TrainBatch, WeightsLoaded, WeightsStaged)
 from stream_rl.pruner.base import make_pruner
 from stream_rl.pruner.quality import inclusion_weighted_mean
 from stream_rl.verifier import make_verifier
-from stream_rl.weights_sync import make_weight_sender
 
 log = logging.getLogger(__name__)
 
@@ -51,167 +70,349 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+# --- starting the roles ----------------------------------------------------------------
+
 def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None = None,
-          generator: GeneratorClient | None = None) -> dict:
-    """Run the job; `generator` reuses a running generator (tests share one
-    engine) instead of starting one. Its weights must be cfg.model.path's.
-
-    Under torchrun, rank 0 runs the whole job and the other ranks only join
-    the learner's updates (data parallel): rank 0 broadcasts each batch."""
-    rank, world = init_from_env(cfg.learner.device)
-    if rank > 0:
-        return _follow(cfg, rank, world)
-    try:
-        return _train(cfg, out_dir, max_steps, generator, world)
-    finally:
-        broadcast_batch(None)  # releases the other ranks, also after a failure
-        close_distributed()
-
-
-def _follow(cfg: Config, rank: int, world: int) -> dict:
-    """A learner rank other than 0: updates on rank 0's batches until told to stop."""
-    learner = Learner(cfg, rank, world)
-    steps = 0
-    try:
-        while (msg := broadcast_batch(None)) is not None:
-            samples, version = msg
-            learner.step(samples, policy_version=version)
-            steps += 1
-    finally:
-        close_distributed()
-    return {"rank": rank, "steps": steps}
-
-
-def _train(cfg: Config, out_dir, max_steps, generator, world: int) -> dict:
-    from transformers import AutoTokenizer
-
+          generator: GeneratorClient | list[GeneratorClient] | None = None, resume: bool = False) -> dict:
+    """Every role on this host: the learner and `generator.count` generator
+    processes, and the controller here. `generator` reuses running
+    generator(s) instead (tests share one engine); they may serve other
+    weights than cfg.model.path's, so the learner's are synced first.
+    `resume` continues from the newest complete checkpoint in OUT."""
     out = Path(out_dir or cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    steps = max_steps or cfg.run.max_steps
-    torch.manual_seed(cfg.run.seed)
     t_start = time.time()
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    dataset = PromptDataset.load(cfg.data, tokenizer)
-    log.info("loaded %d prompts from %s (%d set aside as too long)", len(dataset.rows), dataset.source,
-             len(dataset.overlong))
-    verifier = make_verifier(cfg.data)
-    learner = Learner(cfg, 0, world)
-    sender = make_weight_sender(cfg, out)
-    def sync_weights() -> None:
-        version = generator.version + 1  # versions are monotonic
-        uri = sender.stage(learner.weights_for_sync(), version)
-        generator.update_weights(version, uri)
-        sender.release(version)
-
+    ckpt = find_checkpoint(out / "checkpoint") if resume else None
+    learner = LearnerProcess(cfg, out, resume=ckpt)  # starts while the engines load
+    gens: list[GeneratorClient] = []
     owned = generator is None
-    if owned:
-        generator = GeneratorProcess(cfg, out)
-    if not owned or learner.head_trainer is not None:
-        # A running generator may serve other weights, and a fresh one has
-        # no quality head yet: start from ours.
-        sync_weights()
-    log.info("generator ready after %.1f s", time.time() - t_start)
-    sampler = PromptSampler(dataset, cfg.data.shuffle, cfg.run.seed)
-    if cfg.data.dppo_prompt_rate > 0:
-        sampler = DppoPromptSampler(sampler, cfg.data.dppo_prompt_rate, cfg.run.seed)
-    controller = RolloutController(cfg, generator, sampler,
-                                   tokenizer, verifier, make_pruner(cfg))
-    metrics = MetricsLogger(out, steps, cfg.run.progress)
-    records: list[dict] = []
-    t0 = time.time()
     try:
-        for step in range(1, steps + 1):
+        if owned:
+            gens = [GeneratorProcess(cfg, out, index=i, wait=False) for i in range(cfg.generator.count)]
+            for g in gens:
+                g.wait_ready(cfg.generator.startup_timeout_s)
+        else:
+            gens = list(generator) if isinstance(generator, list) else [generator]
+        ready = learner.wait_ready(cfg.learner.startup_timeout_s)
+        return run_controller(cfg, out, GeneratorPool(gens), learner, ready, max_steps, t_start,
+                              fresh_generators=owned, resume_from=ckpt)
+    finally:
+        learner.stop()
+        if owned:
+            for g in gens:
+                g.stop()
+
+
+def controller(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None = None,
+               resume: bool = False) -> dict:
+    """`stream-rl controller`: the generators and the learner run elsewhere
+    (their addresses are in the config); connect, run the job, and tell every
+    role to exit when it ends (the learner saves its final model first)."""
+    out = Path(out_dir or cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    ckpt = find_checkpoint(out / "checkpoint") if resume else None
+    learner = LearnerClient(cfg)
+    gens = [GeneratorClient(cfg, i) for i in range(cfg.generator.count)]
+    try:
+        for g in gens:
+            # A generator that is already up (this job resumed) answers with
+            # the version it serves; a starting one says so when ready.
+            g.requests.send(Hello())
+            g.wait_ready(cfg.generator.startup_timeout_s)
+        ready = learner.wait_for(LearnerReady, cfg.learner.startup_timeout_s, "the learner to start")
+        return run_controller(cfg, out, GeneratorPool(gens), learner, ready, max_steps, t_start,
+                              fresh_generators=all(g.version == 0 for g in gens), resume_from=ckpt)
+    finally:
+        # Queued messages get a moment to leave before the sockets close.
+        learner.send(Shutdown())
+        learner.batches.close(linger_ms=5000)
+        learner.close()
+        for g in gens:
+            g.requests.send(Shutdown())
+            g.requests.close(linger_ms=5000)
+            g.close()
+
+
+# --- the controller ------------------------------------------------------------------
+
+class Job:
+    """The controller's side of a run: rollouts, batches, syncs, metrics."""
+
+    def __init__(self, cfg: Config, out: Path, pool: GeneratorPool, learner: LearnerClient, steps: int):
+        from transformers import AutoTokenizer
+
+        self.cfg, self.out, self.pool, self.learner, self.steps = cfg, out, pool, learner, steps
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        dataset = PromptDataset.load(cfg.data, tokenizer)
+        log.info("loaded %d prompts from %s (%d set aside as too long)", len(dataset.rows), dataset.source,
+                 len(dataset.overlong))
+        sampler = PromptSampler(dataset, cfg.data.shuffle, cfg.run.seed)
+        if cfg.data.dppo_prompt_rate > 0:
+            sampler = DppoPromptSampler(sampler, cfg.data.dppo_prompt_rate, cfg.run.seed)
+        self.sampler = sampler
+        # The sync baseline collects each step's groups to completion.
+        rcfg = cfg if cfg.mode == "stream" else msgspec.structs.replace(
+            cfg, generator=msgspec.structs.replace(cfg.generator, mode="sync"))
+        self.controller = RolloutController(rcfg, pool, sampler, tokenizer, make_verifier(cfg.data),
+                                            make_pruner(cfg))
+        self.staged = 0  # highest version the learner was asked to stage
+        self.trained_on: dict[int, int] = {}  # step -> the version its update started from
+        self.records: list[dict] = []
+        self.first_step = 1
+        self.restored: set[str] = set()  # groups a checkpoint handed over: trained, never dropped as stale
+        self.wall_offset = 0.0  # wall time of the steps before a resume
+        self.t0 = time.time()
+
+    def restore(self, path: Path) -> int:
+        """Continue from the job checkpoint at `path`: the pruner, the buffer,
+        the prompt sampler, the step, and the metrics up to that step (later
+        lines belong to the run that was killed). Returns the step."""
+        state = load_controller_state(path, pruner=self.controller.pruner, buffer=self.controller.buffer,
+                                      sampler=self.sampler)
+        step = state["step"]
+        self.staged = state["staged"]
+        self.first_step = step + 1
+        # Their tokens predate the resume; the versions the killed run loaded
+        # after the checkpoint make them look staler than they are.
+        buf = self.controller.buffer
+        self.restored = {g.group_id for g in buf.ready} | set(buf.groups)
+        metrics = self.out / "metrics.jsonl"
+        self.records = [r for r in read_metrics(metrics) if r["step"] <= step] if metrics.exists() else []
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.wall_offset = self.records[-1]["wall_s"] if self.records else 0.0
+        return step
+
+    # --- weights ---
+
+    def next_version(self) -> int:
+        self.staged = max(self.staged, max(c.version for c in self.pool.clients)) + 1
+        return self.staged
+
+    def sync_due(self, step: int) -> bool:
+        return step % self.cfg.weights_sync.every_steps == 0 or step == self.steps
+
+    def sync_now(self) -> None:
+        """Stage the learner's current weights and load them everywhere (start)."""
+        self.learner.send(SyncWeights(version=self.next_version()))
+        staged = self.learner.wait_for(WeightsStaged, self.cfg.learner.startup_timeout_s, "staged weights")
+        self.pool.update_weights(staged.version, staged.uri)
+        self.learner.send(WeightsLoaded(version=staged.version))
+
+    # --- records ---
+
+    def record(self, step: int, groups, gstats: RolloutStats, done: StepDone, **timing) -> dict:
+        kept = [r for g in groups for r in g.survivors if r.reward is not None]
+        versions = [v for g in groups for r in g.survivors for v in r.versions]
+        rec = {
+            "step": step,
+            "policy_version": self.pool.version,
+            "reward_mean": _mean(r for g in groups for r in g.rewards),
+            # The policy's, not the survivors': pruning may bias the kept set.
+            "reward_policy_mean": inclusion_weighted_mean([r.reward for r in kept], [r.keep_prob for r in kept]),
+            "groups": len(groups),
+            "group_ids": [g.group_id for g in groups],  # the ledger: each trained once, even across resumes
+            "zero_variance_groups": sum(len(set(g.rewards)) == 1 for g in groups),
+            "dppo_prompts_skipped": getattr(self.sampler, "skipped", 0),
+            "tokens_generated": gstats.tokens_generated,
+            "tokens_in_batch": sum(g.num_tokens for g in groups),
+            "gen_tokens_per_s": gstats.tokens_generated / gstats.seconds if gstats.seconds else 0.0,
+            "requests_in_flight_mean": gstats.mean_in_flight,
+            "aborted_at_step_end": gstats.aborted,
+            "partials_continued": gstats.buffer.get("partials_continued", 0),
+            "stale_restarted": gstats.buffer.get("stale_restarted", 0),
+            "stale_dropped_groups": gstats.buffer.get("stale_dropped_groups", 0),
+            "tokens_discarded": gstats.buffer.get("tokens_discarded", 0),
+            "open_groups": self.controller.buffer.num_open_groups,
+            "ready_groups": self.controller.buffer.num_ready,
+            "response_len_mean": _mean(gstats.response_lens),
+            "truncated_frac": gstats.truncated / max(1, gstats.rollouts_finished),
+            "rejected_requests": gstats.rejected,
+            "pruned_groups_dropped": gstats.pruned_groups_dropped,
+            "tokens_per_kept_rollout": gstats.tokens_generated / max(1, sum(len(g.survivors) for g in groups)),
+            **{f"prune/{k}": v for k, v in gstats.pruner.items()},
+            # Versions the batch lags the weights it updates.
+            "version_lag_max": self.trained_on[step] - min(versions) if versions else 0,
+            "gen_s": gstats.seconds,
+            **timing,
+            "wall_s": time.time() - self.t0,
+            **done.stats,
+        }
+        rec["trained_tokens_per_s"] = rec["tokens_trained"] / rec["step_s"] if rec.get("step_s") else 0.0
+        self.records.append(rec)
+        return rec
+
+    def batch(self, step: int, groups) -> None:
+        if isinstance(self.sampler, DppoPromptSampler):
+            # History score: the group's mean |A| (0 for a zero-variance group left out).
+            lc = self.cfg.learner
+            adv: dict[str, list[float]] = {}
+            for s in samples_from_groups(groups, lc.adv_eps, lc.drop_zero_variance_groups,
+                                         lc.mask_truncated).samples:
+                adv.setdefault(s.group_id, []).append(abs(s.advantage))
+            for g in groups:
+                a = adv.get(g.group_id, [0.0])
+                self.sampler.record(g.rollouts[0].prompt_ids, sum(a) / len(a))
+        self.trained_on[step] = self.staged
+        self.learner.send(TrainBatch(step=step, groups=groups,
+                                     sync_version=self.next_version() if self.sync_due(step) else None))
+
+    # --- the two schedules ---
+
+    def run_sync(self, metrics: MetricsLogger) -> None:
+        target = self.cfg.generator.target_groups
+        for step in range(self.first_step, self.steps + 1):
             ts = time.perf_counter()
-            groups, gstats = controller.collect(cfg.generator.target_groups)
-            rewards = [r for g in groups for r in g.rewards]
-            kept = [r for g in groups for r in g.survivors if r.reward is not None]
-            batch = samples_from_groups(groups, cfg.learner.adv_eps, cfg.learner.drop_zero_variance_groups,
-                                        cfg.learner.mask_truncated)
-            # Versions the learner's batch lags the policy it updates.
-            versions = [v for g in groups for r in g.survivors for v in r.versions]
-            lag_max = generator.version - min(versions) if versions else 0
-            useful = sum(g.num_tokens for g in groups)
+            groups, gstats = self.controller.collect(target)
             tt = time.perf_counter()
-            samples = batch.samples
-            if isinstance(sampler, DppoPromptSampler):
-                # History score: the group's mean |A| (0 for a zero-variance group left out).
-                adv: dict[str, list[float]] = {}
-                for s in samples:
-                    adv.setdefault(s.group_id, []).append(abs(s.advantage))
-                for g in groups:
-                    a = adv.get(g.group_id, [0.0])
-                    sampler.record(g.rollouts[0].prompt_ids, sum(a) / len(a))
-            for why in batch.rejected:  # the rest of the batch trains
-                log.warning("left out of the update: %s", why)
-            broadcast_batch([samples, generator.version])  # to the other learner ranks, if any
-            lstats = learner.step(samples, policy_version=generator.version)
-            lstats.update(learner.train_head(groups))
-            train_s = time.perf_counter() - tt
-            sync_s = 0.0
-            if step % cfg.weights_sync.every_steps == 0 or step == steps:
-                tw = time.perf_counter()
-                sync_weights()
-                sync_s = time.perf_counter() - tw
-            rec = {
-                "step": step,
-                "policy_version": generator.version,
-                "reward_mean": _mean(rewards),
-                # The policy's, not the survivors': pruning may bias the kept set.
-                "reward_policy_mean": inclusion_weighted_mean([r.reward for r in kept], [r.keep_prob for r in kept]),
-                "groups": len(groups),
-                "zero_variance_groups": sum(len(set(g.rewards)) == 1 for g in groups),
-                "groups_dropped": batch.dropped_groups,
-                "samples_rejected": len(batch.rejected),
-                "dppo_prompts_skipped": getattr(sampler, "skipped", 0),
-                "tokens_generated": gstats.tokens_generated,
-                "tokens_in_batch": useful,
-                "gen_tokens_per_s": useful / gstats.seconds if gstats.seconds else 0.0,
-                "requests_in_flight_mean": gstats.mean_in_flight,
-                "aborted_at_step_end": gstats.aborted,
-                "partials_continued": gstats.buffer["partials_continued"],
-                "stale_restarted": gstats.buffer["stale_restarted"],
-                "stale_dropped_groups": gstats.buffer["stale_dropped_groups"],
-                "tokens_discarded": gstats.buffer["tokens_discarded"],
-                "open_groups": controller.buffer.num_open_groups,
-                "tokens_trained": sum(len(s.response_ids) for s in samples),
-                "response_len_mean": _mean(gstats.response_lens),
-                "truncated_frac": gstats.truncated / max(1, gstats.rollouts_finished),
-                "rejected_requests": gstats.rejected,
-                "pruned_groups_dropped": gstats.pruned_groups_dropped,
-                "tokens_per_kept_rollout": gstats.tokens_generated / max(1, sum(len(g.survivors) for g in groups)),
-                **{f"prune/{k}": v for k, v in gstats.pruner.items()},
-                "version_lag_max": lag_max,
-                "gen_s": gstats.seconds,
-                "train_s": train_s,
-                "sync_s": sync_s,
-                "step_s": time.perf_counter() - ts,
-                "wall_s": time.time() - t0,
-                **lstats,
-            }
-            records.append(rec)
-            metrics.log(rec)
-            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < steps:
-                save_checkpoint(out / "checkpoint", learner, step=step, version=generator.version,
-                                pruner=controller.pruner)
+            self.batch(step, groups)
+            done = self.learner.wait_for(StepDone, 3600.0, f"step {step}")
+            tw = time.perf_counter()
+            if done.weights is not None:
+                self.pool.update_weights(done.weights.version, done.weights.uri)
+                self.learner.send(WeightsLoaded(version=done.weights.version))
+            now = time.perf_counter()
+            metrics.log(self.record(step, groups, gstats, done, train_wait_s=tw - tt, sync_s=now - tw,
+                                    step_s=now - ts))
+            self.maybe_checkpoint(step)
+
+    def run_stream(self, metrics: MetricsLogger) -> None:
+        cfg, c, buf = self.cfg, self.controller, self.controller.buffer
+        target = cfg.generator.target_groups
+        open_limit = math.ceil(cfg.generator.overprovision * target)
+        sent: dict[int, tuple] = {}  # step -> (groups, rollout stats, time sent)
+        step_sent = step_done = self.first_step - 1
+        loading: WeightsStaged | None = None  # being loaded by the generators
+        waiting: WeightsStaged | None = None  # staged while the previous load went on
+        stats, before, t_mark = RolloutStats(), msgspec.structs.replace(buf.stats), time.perf_counter()
+        last = t_done = t_mark
+        while step_done < self.steps:
+            # New prompts keep open_limit groups in flight, less what waits
+            # beyond one batch for the learner: generation runs at most one
+            # batch ahead of the updates.
+            ahead = max(0, buf.num_ready - target)
+            c.fill(max(0, open_limit - ahead) if step_sent < self.steps else 0)
+            msg = self.pool.recv(timeout_ms=5)
+            now = time.perf_counter()
+            stats.busy_request_s += len(buf.running) * (now - last)
+            last = now
+            if msg is None:
+                self.pool.check_alive()
+            handled = 0
+            while msg is not None:  # and what else has arrived, before the bookkeeping below
+                c.handle(msg, stats)
+                handled += 1
+                msg = self.pool.recv(timeout_ms=0) if handled < 64 else None
+            if loading is not None and self.pool.pending is None:  # every generator serves it
+                self.learner.send(WeightsLoaded(version=loading.version))
+                c.abort_stale(self.pool.version)
+                loading, waiting = waiting, None
+                if loading is not None:
+                    self.pool.begin_update(loading.version, loading.uri)
+            reply = self.learner.recv(timeout_ms=0)
+            if isinstance(reply, StepDone):
+                groups, gstats, t_sent = sent.pop(reply.step)
+                step_done = reply.step
+                if reply.weights is not None:
+                    if loading is None:
+                        loading = reply.weights
+                        self.pool.begin_update(loading.version, loading.uri)
+                    else:
+                        waiting = reply.weights
+                done_t = time.perf_counter()
+                # A step is the time between two updates (generation overlaps them).
+                metrics.log(self.record(reply.step, groups, gstats, reply, train_wait_s=done_t - t_sent,
+                                        sync_s=0.0, step_s=done_t - t_done))
+                t_done = done_t
+                self.maybe_checkpoint(reply.step)
+            elif reply is not None:
+                log.warning("unexpected message from the learner: %s", type(reply).__name__)
+            if not sent and buf.num_ready >= target and step_sent < self.steps:
+                # Bounded staleness: the update trains on the weights last staged.
+                buf.drop_stale_ready(self.staged, keep=self.restored)
+            if not sent and buf.num_ready >= target and step_sent < self.steps:
+                groups = buf.take_ready(target)
+                step_sent += 1
+                stats.seconds = time.perf_counter() - t_mark
+                stats.buffer = buffer_delta(before, buf.stats)
+                stats.pruner = c.pruner.end_step(groups)
+                sent[step_sent] = (groups, stats, time.perf_counter())
+                self.batch(step_sent, groups)
+                stats, before, t_mark = RolloutStats(), msgspec.structs.replace(buf.stats), time.perf_counter()
+        # The last weights reach the generators before the job ends.
+        while loading is not None:
+            msg = self.pool.recv(timeout_ms=100)
+            if msg is None:
+                self.pool.check_alive()
+            else:
+                c.handle(msg, stats)
+            if self.pool.pending is None:
+                self.learner.send(WeightsLoaded(version=loading.version))
+                loading, waiting = waiting, None
+                if loading is not None:
+                    self.pool.begin_update(loading.version, loading.uri)
+        # Stop what still runs: its tokens wait in the buffer (saved below).
+        c.client.abort(list(buf.running))
+
+    # --- checkpoints ---
+
+    def checkpoint(self, step: int) -> Path:
+        """Learner, head, optimizer (the learner process writes them), pruner,
+        buffer with its partials, sampler and step, assembled beside the last
+        checkpoint and swapped in whole. Taken between an update and the next
+        batch, so the learner's state and the buffer agree on `step`."""
+        path = self.out / "checkpoint"
+        nxt = staging_path(path)
+        self.learner.send(SaveCheckpoint(path=str(nxt), step=step, version=self.staged))
+        self.learner.wait_for(CheckpointSaved, 600.0, f"the checkpoint of step {step}")
+        save_controller_state(nxt, pruner=self.controller.pruner, buffer=self.controller.buffer,
+                              state={"step": step, "staged": self.staged, "sampler": self.sampler.state_dict()})
+        return commit_checkpoint(nxt, path)
+
+    def maybe_checkpoint(self, step: int) -> None:
+        every = self.cfg.run.checkpoint_every
+        if every and step % every == 0 and step < self.steps:
+            self.checkpoint(step)
+
+
+def run_controller(cfg: Config, out: Path, pool: GeneratorPool, learner: LearnerClient, ready: LearnerReady,
+                   max_steps: int | None, t_start: float, fresh_generators: bool,
+                   resume_from: Path | None = None) -> dict:
+    (out / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
+    steps = max_steps or cfg.run.max_steps
+    job = Job(cfg, out, pool, learner, steps)
+    if resume_from is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        step = job.restore(resume_from)
+        if ready.step != step:
+            raise LearnerError(f"the learner resumed at step {ready.step}, the controller's checkpoint "
+                               f"{resume_from} is step {step}: start both from the same checkpoint")
+        log.info("resuming after step %d from %s", step, resume_from)
+    if ready.needs_sync or not fresh_generators:
+        # The generators serve the model path's weights (or others): start
+        # from the learner's, with its quality head.
+        job.sync_now()
+    log.info("%s job ready after %.1f s (%d generator(s), %d learner rank(s))", cfg.mode,
+             time.time() - t_start, len(pool.clients), ready.ranks)
+    metrics = MetricsLogger(out, steps, cfg.run.progress)
+    job.t0 = time.time() - job.wall_offset
+    try:
+        (job.run_stream if cfg.mode == "stream" else job.run_sync)(metrics)
         # Partials left in the buffer are kept, with their last tokens, for a
         # later run to continue (resume).
-        controller.drain()
-        controller.buffer.save(out / "buffer.msgpack")
-        save_checkpoint(out / "checkpoint", learner, step=len(records), version=generator.version,
-                        pruner=controller.pruner)
+        job.controller.drain()
+        job.controller.buffer.save(out / "buffer.msgpack")
+        job.checkpoint(job.records[-1]["step"] if job.records else job.first_step - 1)
     finally:
         metrics.close()
-        sender.close()
-        if owned:
-            generator.stop()
+    records = job.records
     summary = summarize(records)
-    summary["startup_s"] = t0 - t_start
+    summary["mode"] = cfg.mode
+    summary["requests_per_generator"] = list(pool.submitted)
+    summary["generator_versions"] = [c.version for c in pool.clients]  # at the end: the last sync included
+    summary["startup_s"] = job.t0 - t_start
     summary["step_s_median"] = statistics.median(r["step_s"] for r in records) if records else 0.0
-    summary.update({f"prune/{k}": v for k, v in controller.pruner.summary().items()})
+    summary.update({f"prune/{k}": v for k, v in job.controller.pruner.summary().items()})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    learner.model.save_pretrained(out / "final_model")
-    tokenizer.save_pretrained(out / "final_model")
     return summary

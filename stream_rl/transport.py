@@ -71,6 +71,11 @@ class ZmqChannel(_Decoding, Channel):
         super().__init__(decoder)
         self._sock = _socket(ctx or zmq.Context.instance(), zmq.PUSH if send else zmq.PULL, addr, bind, hwm)
 
+    @property
+    def sock(self) -> zmq.Socket:
+        """The socket, to poll several channels at once."""
+        return self._sock
+
     def send(self, msg) -> None:
         self._sock.send(encode(msg), copy=False)
 
@@ -91,8 +96,9 @@ class ZmqChannel(_Decoding, Channel):
         """Send bytes as they are (tests of malformed input use this)."""
         self._sock.send(data)
 
-    def close(self) -> None:
-        self._sock.close(0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; `linger_ms` > 0 first gives queued messages that long to leave."""
+        self._sock.close(linger_ms)
 
 
 class AsyncZmqChannel(_Decoding):

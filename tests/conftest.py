@@ -37,6 +37,8 @@ def engine_cfg(tiny_world):
         f"data.path={d / 'data' / 'train.jsonl'}",
         f"generator.request_addr=tcp://127.0.0.1:{free_port()}",
         f"generator.stream_addr=tcp://127.0.0.1:{free_port()}",
+        f"learner.addr=tcp://127.0.0.1:{free_port()}",
+        f"learner.reply_addr=tcp://127.0.0.1:{free_port()}",
         "run.progress=false",
     ])
 
@@ -50,6 +52,15 @@ def generator(engine_cfg, tmp_path_factory):
     gen.stop()
 
 
+# Mean |engine - learner| log-prob over the tokens labelled with the current
+# version. In stream mode a sync lands while requests run, and a token sampled
+# in the engine step that straddles it can carry the new version's label with
+# the old weights' log-prob: one such token among a few hundred moves the mean
+# by ~1e-3 (1.1e-3 seen). Sync mode stays within 1e-3 (exact weights, no
+# straddling steps).
+STREAM_LOGPROB_GAP = 5e-3
+
+
 def cfg_with(cfg, **changes):
     """`cfg` with `section__field=value` changes, validated like a file."""
     import msgspec
@@ -58,6 +69,9 @@ def cfg_with(cfg, **changes):
 
     raw = msgspec.to_builtins(cfg)
     for key, value in changes.items():
+        if key == "mode":  # the one top-level key
+            raw[key] = value
+            continue
         section, name = key.split("__")
         raw[section][name] = value
     return config_from_dict(raw)

@@ -719,7 +719,9 @@ def test_restored_rollouts_continue_with_fresh_request_ids(tmp_path):
                                                              "g4-0", "g4-1", "g4-2"]
     new = [fresh.start(r) for r in out]
     assert not set(new) & used and len(set(new)) == len(new)
-    assert new[3] == "g1-2.3" and new[5] == "g4-0.1"
+    # A restored buffer's requests carry its session: a killed run's requests
+    # may still run in an engine that survived it.
+    assert fresh.session.startswith("~") and new[3] == f"g1-2.3{fresh.session}" and new[5] == f"g4-0.1{fresh.session}"
     # Old requests are late; the continuation appends right after the saved tokens.
     assert fresh.on_chunk(chunk(rids["continued"][0], 2, [5])) is None
     g12 = fresh.groups["g1"][2]
@@ -1061,3 +1063,17 @@ def test_random_interleavings_keep_the_buffer_invariants(stale_policy, cfg, ops)
     assert not sim.buf.groups and not sim.buf.running and not sim.buf.partials
     sim.do("take_ready", 0, 1000)
     assert sim.buf.num_ready == 0
+
+
+def test_stale_complete_groups_are_dropped_unless_kept():
+    buf = make_buffer(group_size=2, max_groups=4, max_staleness=2)
+    for version in (0, 3):
+        members, rids = open_group(buf)
+        for rid in rids:
+            gen(buf, rid, 2, version=version)
+        finish_all(buf, rids)
+    old, new = [g.group_id for g in buf.ready]
+    assert buf.drop_stale_ready(5, keep={old}) == 0 and buf.num_ready == 2  # lag 5 > 2, but kept
+    assert buf.drop_stale_ready(5) == 1 and [g.group_id for g in buf.ready] == [new]
+    assert buf.stats.stale_dropped_groups == 1 and buf.stats.tokens_discarded == 4
+    assert make_buffer(max_staleness=None).drop_stale_ready(100) == 0

@@ -302,3 +302,36 @@ def test_pruner_state_kind_checked():
     none.load_state_dict(json.loads(json.dumps(none.state_dict())))
     with pytest.raises(ValueError, match="bins"):
         make_pruner(pruner_cfg(bins=4)).load_state_dict(make_pruner(pruner_cfg()).state_dict())
+
+
+# --- the job checkpoint: assembled beside the last one, swapped in whole -----------
+
+def test_find_checkpoint_prefers_the_newest_complete_one(tmp_path):
+    from stream_rl.learner.checkpoint import CONTROLLER_FILE, commit_checkpoint, find_checkpoint, staging_path
+
+    path = tmp_path / "checkpoint"
+
+    def make(p, step, complete=True):
+        p.mkdir()
+        (p / "meta.json").write_text("{}")
+        if complete:
+            (p / CONTROLLER_FILE).write_text(json.dumps({"step": step}))
+
+    def step_of(p):
+        return json.loads((p / CONTROLLER_FILE).read_text())["step"]
+
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        find_checkpoint(path)
+    make(staging_path(path), 2)
+    commit_checkpoint(staging_path(path), path)
+    assert step_of(find_checkpoint(path)) == 2 and not staging_path(path).exists()
+    # Killed while the learner's part of step 4 was written: step 2 stands.
+    make(staging_path(path), 4, complete=False)
+    assert find_checkpoint(path) == path
+    (staging_path(path) / CONTROLLER_FILE).write_text(json.dumps({"step": 4}))
+    # Killed after the controller's part, before or during the swap: step 4.
+    assert step_of(find_checkpoint(path)) == 4
+    path.rename(path.with_name("checkpoint.old"))
+    assert step_of(find_checkpoint(path)) == 4
+    commit_checkpoint(staging_path(path), path)
+    assert step_of(find_checkpoint(path)) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

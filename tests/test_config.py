@@ -223,6 +223,27 @@ def test_same_request_and_stream_addr():
     assert "request_addr" in msg and "stream_addr" in msg
 
 
+def test_generator_addresses_of_several_generators_must_not_collide():
+    # Generator 1 takes ports +2: its request port is generator 0's stream port + 1.
+    msg = error_of({"generator": {"count": 2, "request_addr": "tcp://127.0.0.1:7000",
+                                  "stream_addr": "tcp://127.0.0.1:7002"}})
+    assert "tcp://127.0.0.1:7002 used twice" in msg and "generator.count=2" in msg
+    msg = error_of({"generator": {"count": 2}, "learner": {"addr": "tcp://127.0.0.1:5558"}})
+    assert "learner.addr" in msg and "5558" in msg
+    assert "generator.hosts has 1 entries" in error_of({"generator": {"count": 2, "hosts": ["a"]}})
+    msg = error_of({"generator": {"count": 2, "request_addr": "ipc:///tmp/x"}})
+    assert "generator.request_addr must be tcp://HOST:PORT" in msg
+
+
+def test_mode_is_sync_or_stream_and_sync_is_unpruned():
+    assert config_from_dict({}).mode == "stream"
+    assert config_from_dict({}, ["mode=sync"]).mode == "sync"
+    assert "mode" in error_of({"mode": "async"})
+    msg = error_of({"mode": "sync", "pruner": {"mode": "random", "l_detect": 32}})
+    assert "mode=sync" in msg and "pruner.mode=none" in msg
+    assert "section.key" in error_of({}, ["learner=1"])
+
+
 def test_prompt_tokens_leave_no_room_for_response():
     msg = error_of({"data": {"max_prompt_tokens": 512}, "model": {"max_model_len": 512}})
     assert "data.max_prompt_tokens" in msg and "model.max_model_len" in msg

@@ -230,3 +230,31 @@ def test_dppo_prompt_sampler_rate_zero_is_the_plain_sampler(dataset):
     assert draw(s, 30) == plain
     with pytest.raises(ValueError, match="dppo_prompt_rate"):
         DppoPromptSampler(PromptSampler(dataset, shuffle=True, seed=5), rate=1.0, seed=1)
+
+
+# --- sampler state (resume) ---------------------------------------------------------
+
+@pytest.mark.parametrize("dppo", [False, True])
+def test_sampler_state_round_trip_continues_the_same_draws(tok, tmp_path, dppo):
+    from stream_rl.data import DppoPromptSampler
+
+    rows = [{"prompt": f"{i}{i}a=", "answer": str(i)} for i in range(7)]
+    ds = load(tok, write_jsonl(tmp_path / "d.jsonl", rows))
+
+    def sampler():
+        s = PromptSampler(ds, shuffle=True, seed=3)
+        return DppoPromptSampler(s, 0.5, 3) if dppo else s
+
+    a = sampler()
+    for i in range(10):  # into the second epoch
+        row = a.next()
+        if dppo:
+            a.record(row.prompt_ids, float(i % 3))
+    state = json.loads(json.dumps(a.state_dict()))  # what a checkpoint stores
+    b = sampler()
+    b.load_state_dict(state)
+    assert [(r.prompt_ids, r.inclusion) for r in (a.next() for _ in range(12))] == \
+        [(r.prompt_ids, r.inclusion) for r in (b.next() for _ in range(12))]
+    other = load(tok, write_jsonl(tmp_path / "e.jsonl", rows[:3]))
+    with pytest.raises(ValueError, match="7 prompts; the dataset has 3"):
+        PromptSampler(other, shuffle=True, seed=3).load_state_dict(state["sampler"] if dppo else state)

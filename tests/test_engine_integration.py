@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stream_rl.protocol import (RequestRejected, RolloutFinished, RolloutRequest, TokenChunk)
+from tests.conftest import STREAM_LOGPROB_GAP, cfg_with
 
 pytestmark = pytest.mark.engine
 
@@ -257,31 +258,43 @@ def test_weight_sync_refuses_mismatched_or_stale_weights_and_keeps_serving(gener
     assert greedy() == (ref, versions)
 
 
-def test_train_runs_end_to_end(generator, engine_cfg, tmp_path):
+@pytest.mark.parametrize("mode", ["stream", "sync"])
+def test_train_runs_end_to_end(generator, engine_cfg, tmp_path, mode):
+    """`stream-rl train` with a learner process: stream (the tiny default)
+    overlaps generation with the updates; sync generates each step's groups
+    to completion between them."""
     from stream_rl.train import train
 
-    summary = train(engine_cfg, tmp_path, max_steps=3, generator=generator)
+    cfg = engine_cfg if mode == "stream" else cfg_with(engine_cfg, mode="sync", pruner__mode="none")
+    summary = train(cfg, tmp_path, max_steps=3, generator=generator)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
-    for key in ("step", "policy_version", "reward_mean", "groups", "tokens_generated", "tokens_trained", "wall_s"):
+    for key in ("step", "policy_version", "reward_mean", "groups", "tokens_generated", "tokens_trained", "wall_s",
+                "gen_tokens_per_s", "trained_tokens_per_s", "version_lag_max", "train_s", "step_s"):
         assert all(key in r for r in records), key
     versions = [r["policy_version"] for r in records]
     assert versions == sorted(versions) and len(set(versions)) == 3
-    assert all(r["groups"] == engine_cfg.generator.target_groups for r in records)
-    assert all(r["tokens_generated"] > 0 and 0.0 <= r["reward_mean"] <= 1.0 for r in records)
+    assert all(r["groups"] == cfg.generator.target_groups for r in records)
+    assert sum(r["tokens_generated"] for r in records) > 0 and all(0.0 <= r["reward_mean"] <= 1.0 for r in records)
     # The learner scores the current version's tokens as the engine sampled them.
-    assert all(r["rollout_logprob_abs_diff"] < 1e-3 for r in records)
-    # APRIL (the tiny default): the long tail is aborted and continued later,
-    # so later batches carry tokens of older versions.
-    assert engine_cfg.generator.mode == "april"
-    assert records[0]["aborted_at_step_end"] > 0 and records[0]["stale_token_frac"] == 0.0
-    assert sum(r["partials_continued"] for r in records[1:]) > 0
-    assert any(r["stale_token_frac"] > 0 for r in records[1:])
+    gap = 1e-3 if mode == "sync" else STREAM_LOGPROB_GAP
+    assert all(r["rollout_logprob_abs_diff"] < gap for r in records)
+    assert all(r["aborted_at_step_end"] == 0 for r in records)
+    if mode == "sync":
+        # On-policy: every token of a batch was sampled by the weights it updates.
+        assert all(r["stale_token_frac"] == 0.0 and r["version_lag_max"] == 0 for r in records)
+    else:
+        # Requests outlive the in-flight syncs: later batches hold older
+        # versions' tokens, never more than max_staleness behind.
+        assert any(r["stale_token_frac"] > 0 for r in records[1:])
+        assert all(r["version_lag_max"] <= cfg.buffer.max_staleness for r in records)
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["steps"] == summary["steps"] == 3
-    # The partials left at the end are saved for a later run to continue.
+    assert saved["steps"] == summary["steps"] == 3 and saved["mode"] == mode
+    assert (tmp_path / "final_model" / "config.json").is_file() and (tmp_path / "learner.log").is_file()
+    # What was still generating at the end is saved, as partials, for a
+    # later run to continue.
     from stream_rl.buffer.recycling import RecyclingBuffer
 
-    buf = RecyclingBuffer(engine_cfg.generator.group_size, engine_cfg.buffer.max_groups)
+    buf = RecyclingBuffer(cfg.generator.group_size, cfg.buffer.max_groups)
     buf.load(tmp_path / "buffer.msgpack")
-    assert buf.partials and not buf.running
+    assert not buf.running and (bool(buf.partials) == (mode == "stream"))

@@ -19,7 +19,7 @@ from stream_rl.pruner.base import make_pruner
 from stream_rl.pruner.head import CONFIDENCE_FEATURES, decode_features, token_confidence
 from stream_rl.verifier import make_verifier
 
-from conftest import cfg_with
+from conftest import STREAM_LOGPROB_GAP, cfg_with
 
 pytestmark = pytest.mark.engine
 
@@ -179,7 +179,7 @@ def test_train_with_arrol_trains_and_syncs_the_head(generator, engine_cfg, tmp_p
     assert all(r["prune/prune_active"] == 1.0 for r in records[1:])
     assert sum(r["prune/pruned"] for r in records[1:]) > 0
     assert all(math.isfinite(r["head_loss"]) and r["head_replay"] > 0 for r in records)
-    assert all(r["rollout_logprob_abs_diff"] < 1e-3 for r in records)
+    assert all(r["rollout_logprob_abs_diff"] < STREAM_LOGPROB_GAP for r in records)
     for key in ("prune/rho_hat_mean", "prune/rho_var_mean", "prune/head_auc", "prune/keep_rate",
                 "tokens_per_kept_rollout"):
         assert key in records[-1]
@@ -193,4 +193,5 @@ def test_train_with_arrol_trains_and_syncs_the_head(generator, engine_cfg, tmp_p
     from stream_rl.learner.trainer import Learner
 
     meta = load_checkpoint(tmp_path / "checkpoint", Learner(cfg), make_pruner(cfg))
-    assert meta["step"] == 3 and meta["version"] == records[-1]["policy_version"]
+    # Its version is the learner's last weights, which every generator serves at the end.
+    assert meta["step"] == 3 and [meta["version"]] == summary["generator_versions"]

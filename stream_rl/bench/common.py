@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
+
 from stream_rl.transport import free_ports  # noqa: F401 (the benchmarks' generators take free ports)
 
 
@@ -20,3 +22,14 @@ def emit(result: dict, out_json: str | None) -> dict:
         Path(out_json).write_text(text + "\n")
     print(text)
     return result
+
+
+def with_free_ports(cfg):
+    """`cfg` with its (one) generator's and its learner's addresses on free
+    loopback ports, so a benchmark's job never meets another's sockets."""
+    p = free_ports(4)
+    local = lambda port: f"tcp://127.0.0.1:{port}"  # noqa: E731
+    return msgspec.structs.replace(
+        cfg, generator=msgspec.structs.replace(cfg.generator, count=1, hosts=[], request_addr=local(p[0]),
+                                               stream_addr=local(p[1])),
+        learner=msgspec.structs.replace(cfg.learner, addr=local(p[2]), reply_addr=local(p[3])))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import msgspec
 
-from stream_rl.bench.common import BenchSetupError, emit, free_ports
+from stream_rl.bench.common import BenchSetupError, emit, with_free_ports
 from stream_rl.config import Config, PrunerConfig
 from stream_rl.metrics import read_metrics
 
@@ -77,10 +77,7 @@ def bench_pruning(cfg: Config, steps: int, modes: list[str], workdir: str | None
         raise BenchSetupError(f"--modes takes {', '.join(MODES)}; got {','.join(modes)!r}")
     if steps <= p.cold_start_steps:
         raise BenchSetupError(f"--steps ({steps}) must exceed pruner.cold_start_steps ({p.cold_start_steps})")
-    ports = free_ports(2)
-    cfg = msgspec.structs.replace(cfg, generator=msgspec.structs.replace(
-        cfg.generator, request_addr=f"tcp://127.0.0.1:{ports[0]}", stream_addr=f"tcp://127.0.0.1:{ports[1]}"),
-        run=msgspec.structs.replace(cfg.run, progress=False))
+    cfg = msgspec.structs.replace(with_free_ports(cfg), run=msgspec.structs.replace(cfg.run, progress=False))
     t0 = time.time()
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -108,7 +105,7 @@ def bench_pruning(cfg: Config, steps: int, modes: list[str], workdir: str | None
         "model": cfg.model.path, "steps": steps, "seed": cfg.run.seed, "kappa": p.kappa, "rho": p.rho, "lam": p.lam,
         "l_detect": p.l_detect, "cold_start_steps": p.cold_start_steps, "exempt_fraction": p.exempt_fraction,
         "min_survivors": p.min_survivors, "small_groups": p.small_groups, "target_groups": cfg.generator.target_groups,
-        "group_size": cfg.generator.group_size, "generator_mode": cfg.generator.mode,
+        "group_size": cfg.generator.group_size, "mode": cfg.mode,
         "cpus": os.cpu_count(), "platform": platform.platform(), "wall_s": round(time.time() - t0, 1),
     }
     return result

@@ -20,6 +20,7 @@ The state saves to one msgpack file and restores exactly (resume).
 from __future__ import annotations
 
 import os
+import secrets
 from collections import deque
 from pathlib import Path
 from typing import Callable, Literal
@@ -83,6 +84,7 @@ class RecyclingBuffer:
         self.ready: list[Group] = []
         self.next_group = 0
         self.stats = BufferStats()
+        self.session = ""  # request-id suffix; new at every restore (see Rollout.session)
 
     # --- new work ----------------------------------------------------------------
 
@@ -113,6 +115,7 @@ class RecyclingBuffer:
         if rollout.tokens_left <= 0:
             raise BufferError(f"rollout {rollout.rollout_id} has no token budget left")
         rollout.attempt += 1
+        rollout.session = self.session
         self.running[rollout.request_id] = rollout
         return rollout.request_id
 
@@ -225,6 +228,24 @@ class RecyclingBuffer:
 
     # --- output ------------------------------------------------------------------
 
+    def drop_stale_ready(self, version: int, keep: set[str] | frozenset = frozenset()) -> int:
+        """Drop complete groups holding a token more than max_staleness
+        versions behind `version` (stream mode, where a group's first
+        members can finish many versions before its last), except the group
+        ids in `keep`; returns how many."""
+        if self.max_staleness is None:
+            return 0
+        fresh = []
+        for g in self.ready:
+            versions = [v for r in g.rollouts for v in r.versions]
+            if g.group_id not in keep and versions and version - min(versions) > self.max_staleness:
+                self.stats.stale_dropped_groups += 1
+                self.stats.tokens_discarded += g.num_tokens
+            else:
+                fresh.append(g)
+        dropped, self.ready = len(self.ready) - len(fresh), fresh
+        return dropped
+
     def take_ready(self, n: int) -> list[Group]:
         taken, self.ready = self.ready[:n], self.ready[n:]
         return taken
@@ -275,6 +296,7 @@ class RecyclingBuffer:
         self.ready = list(state.ready)
         self.next_group = state.next_group
         self.stats = state.stats
+        self.session = f"~{secrets.token_hex(3)}"
 
     def load(self, path: str | os.PathLike) -> None:
         try:

@@ -10,9 +10,12 @@ can never be mistaken for its continuation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgspec
 
-from stream_rl.protocol import TokenChunk
+if TYPE_CHECKING:  # the learner's messages carry groups: protocol imports this module
+    from stream_rl.protocol import TokenChunk
 
 # How a rollout ended. "pruned": stopped by the pruner; it completes its group
 # but is not trained on as a policy sample.
@@ -52,11 +55,15 @@ class Rollout(msgspec.Struct, kw_only=True):
     # Probability its prompt survived prompt-level pruning (DPPO); 1.0 when
     # prompts are not pruned.
     prompt_inclusion: float = 1.0
+    # The buffer session that started its latest request ("" unless restored
+    # from a checkpoint): a resumed run's requests never share an id with
+    # requests of the killed run that may still run in a surviving engine.
+    session: str = ""
 
     @property
     def request_id(self) -> str:
         """The id of the current (latest) engine request for this rollout."""
-        return f"{self.rollout_id}.{self.attempt}"
+        return f"{self.rollout_id}.{self.attempt}{self.session}"
 
     @property
     def finished(self) -> bool:

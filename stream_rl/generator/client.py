@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import deque
 from pathlib import Path
 
 import msgspec
 
-from stream_rl.config import Config
+from stream_rl.config import Config, generator_addrs
 from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, GeneratorReady, RequestRejected,
                                 RolloutRequest, Shutdown, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
+from stream_rl.roles import start_role, stop_role
 from stream_rl.transport import ZmqChannel
 
 
@@ -25,10 +22,12 @@ class GeneratorError(RuntimeError):
 class GeneratorClient:
     """Send requests to a generator and receive its stream (blocking)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, index: int = 0):
         g = cfg.generator
-        self.requests = ZmqChannel(g.request_addr, send=True, bind=False, hwm=g.hwm)
-        self.stream = ZmqChannel(g.stream_addr, send=False, bind=False, hwm=g.hwm, decoder=Decoder(FromGenerator))
+        request_addr, stream_addr = generator_addrs(g, index)
+        self.index = index
+        self.requests = ZmqChannel(request_addr, send=True, bind=False, hwm=g.hwm)
+        self.stream = ZmqChannel(stream_addr, send=False, bind=False, hwm=g.hwm, decoder=Decoder(FromGenerator))
         self.version = 0
         # Messages that arrived while waiting for a specific reply; handed
         # out by recv() in arrival order so nothing is lost.
@@ -84,19 +83,24 @@ class GeneratorClient:
 class GeneratorProcess(GeneratorClient):
     """Starts `stream-rl generator` as a child process and connects to it."""
 
-    def __init__(self, cfg: Config, workdir: Path, log_path: Path | None = None):
+    def __init__(self, cfg: Config, workdir: Path, log_path: Path | None = None, index: int = 0,
+                 wait: bool = True):
+        """`wait=False` returns once the process is started; call
+        `wait_ready` before using it (several engines then load at once)."""
         workdir.mkdir(parents=True, exist_ok=True)
         cfg_path = workdir / "generator_config.json"
         cfg_path.write_bytes(msgspec.json.encode(cfg))
-        self._log = open(log_path or workdir / "generator.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_rl", "generator", "--config", str(cfg_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        super().__init__(cfg)
-        try:
+        tag = f"-{index}" if index else ""
+        self.proc, self._log = start_role(
+            ["-m", "stream_rl", "generator", "--config", str(cfg_path), "--index", str(index)],
+            log_path or workdir / f"generator{tag}.log")
+        super().__init__(cfg, index)
+        if wait:
             self.wait_ready(cfg.generator.startup_timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> GeneratorReady:
+        try:
+            return super().wait_ready(timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -107,16 +111,7 @@ class GeneratorProcess(GeneratorClient):
                                  f"see {self._log.name}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.requests.send(Shutdown())
-                self.proc.wait(timeout_s)
-            except Exception:
-                pass
-        if self.proc.poll() is None:
-            # The engine's own children share the session: end them all.
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_role(self.proc, lambda: self.requests.send(Shutdown()), timeout_s)
         self.close()
         self._log.close()
 

@@ -9,12 +9,27 @@ from stream_rl.config import Config
 WORKER_EXTENSION = "stream_rl.generator.worker_ext.StreamRLWorkerExtension"
 
 
-def build_engine(cfg: Config):
+def cpu_cores_for(index: int, count: int, cores: list[int]) -> list[int]:
+    """Generator `index`'s share of `cores` when `count` generators share a host."""
+    per = max(1, len(cores) // count)
+    start = (index * per) % len(cores)
+    return cores[start:start + per]
+
+
+def build_engine(cfg: Config, index: int = 0):
     """An `AsyncLLM` for the policy, with stream_rl's worker extension."""
     g = cfg.generator
     # The CPU engine sizes its KV cache from this variable, not from
     # gpu_memory_utilization; it must be set before vLLM is imported.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(g.cpu_kvcache_gib))
+    if g.count > 1 and not g.hosts and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vllm-cpu pins each engine's worker to cores of its choosing: every
+        # engine on a host picks the same ones, where their busy-waiting
+        # workers starved each other (a weight transfer into the second
+        # never finished). Each generator gets its own share instead.
+        # (Ignored by GPU engines.)
+        mine = cpu_cores_for(index, g.count, sorted(os.sched_getaffinity(0)))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 

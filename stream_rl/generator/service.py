@@ -12,10 +12,10 @@ import asyncio
 import logging
 import time
 
-from stream_rl.config import Config
+from stream_rl.config import Config, generator_addrs
 from stream_rl.generator.engine import build_engine, sampled_logprobs, token_versions, version_starts
 from stream_rl.generator.quality_scorer import SCORE_KEY
-from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, QualityScore, RequestRejected,
+from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, QualityScore, RequestRejected,
                                 RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
                                 WeightsUpdated, WeightsUpdateFailed, WorkerScores)
 from stream_rl.transport import AsyncZmqChannel
@@ -34,9 +34,10 @@ class _AbortedEarly(Exception):
 
 
 class GeneratorService:
-    def __init__(self, cfg: Config, generator_id: str = "gen0"):
+    def __init__(self, cfg: Config, index: int = 0):
         self.cfg = cfg
-        self.generator_id = generator_id
+        self.index = index
+        self.generator_id = f"gen{index}"
         self.version = 0
         self.tasks: dict[str, asyncio.Task] = {}
         self.engine = None
@@ -150,7 +151,9 @@ class GeneratorService:
             if msg.uri.startswith(TORCH_DIST):
                 # The workers receive in the background while generation
                 # goes on; only loading the staged weights pauses it.
-                await self.engine.collective_rpc("stream_rl_stage_weights", args=(msg.uri,))
+                # Generator i's workers are ranks 1 + i x tp + worker of the group.
+                first_rank = 1 + self.index * self.cfg.generator.tensor_parallel_size
+                await self.engine.collective_rpc("stream_rl_stage_weights", args=(msg.uri, first_rank))
                 while True:
                     states = await self.engine.collective_rpc("stream_rl_staging_state")
                     errors = [s for s in states if s.startswith("error")]
@@ -216,7 +219,7 @@ class GeneratorService:
     async def run(self) -> None:
         g = self.cfg.generator
         self._main = asyncio.current_task()
-        self.engine = build_engine(self.cfg)
+        self.engine = build_engine(self.cfg, self.index)
         self._vocab_size = self.engine.model_config.get_vocab_size()
         await self.engine.update_weight_version(str(self.version))
         self._scores_in = self._score_task = self._sync_task = None
@@ -228,8 +231,10 @@ class GeneratorService:
             if self.cfg.pruner.mode == "arrol":
                 raise
             log.exception("the quality head cannot be hooked into this model; scoring is off")
-        self.inbox = AsyncZmqChannel(g.request_addr, send=False, bind=True, hwm=g.hwm, decoder=Decoder(ToGenerator))
-        self.outbox = AsyncZmqChannel(g.stream_addr, send=True, bind=True, hwm=g.hwm)
+        request_addr, stream_addr = generator_addrs(g, self.index)
+        self.inbox = AsyncZmqChannel(_bindable(request_addr), send=False, bind=True, hwm=g.hwm,
+                                     decoder=Decoder(ToGenerator))
+        self.outbox = AsyncZmqChannel(_bindable(stream_addr), send=True, bind=True, hwm=g.hwm)
         await self.outbox.send(GeneratorReady(generator_id=self.generator_id, version=self.version,
                                               max_model_len=self.cfg.model.max_model_len))
         try:
@@ -252,6 +257,9 @@ class GeneratorService:
                     if self._sync_task is not None:
                         await self._sync_task
                     self._sync_task = asyncio.create_task(self._update_weights(msg))
+                elif isinstance(msg, Hello):
+                    await self.outbox.send(GeneratorReady(generator_id=self.generator_id, version=self.version,
+                                                          max_model_len=self.cfg.model.max_model_len))
                 elif isinstance(msg, Shutdown):
                     break
         except asyncio.CancelledError:
@@ -272,8 +280,16 @@ class GeneratorService:
                 self._scores_in.close()
 
 
-def serve(cfg: Config, generator_id: str = "gen0") -> None:
+def _bindable(addr: str) -> str:
+    """A generator on another host binds every interface of its port."""
+    scheme, _, rest = addr.partition("://")
+    host, _, port = rest.rpartition(":")
+    local = host in ("127.0.0.1", "localhost", "*", "0.0.0.0")
+    return addr if scheme != "tcp" or local else f"tcp://*:{port}"
+
+
+def serve(cfg: Config, index: int = 0) -> None:
     import uvloop
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s generator %(levelname)s %(message)s")
-    uvloop.run(GeneratorService(cfg, generator_id).run())
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s generator {index} %(levelname)s %(message)s")
+    uvloop.run(GeneratorService(cfg, index).run())

@@ -103,16 +103,17 @@ class StreamRLWorkerExtension:
 
     # --- torch_dist: receive in the background, load while paused ----------------
 
-    def stream_rl_stage_weights(self, uri: str) -> None:
+    def stream_rl_stage_weights(self, uri: str, first_rank: int = 1) -> None:
         """Start receiving the weights `uri` describes into staging buffers,
-        in a background thread: generation goes on meanwhile."""
+        in a background thread: generation goes on meanwhile. This worker is
+        rank `first_rank` + its own rank of the group (rank 0: the learner)."""
         from stream_rl.weights_sync.buckets import decode_uri
 
         meta = decode_uri(uri)
         prev = getattr(self, "_stream_rl_stage", None)
         if prev is not None and prev["thread"].is_alive():
             raise RuntimeError("a weight transfer is still being received")
-        state = {"error": None, "tensors": [], "meta": meta}
+        state = {"error": None, "tensors": [], "meta": meta, "rank": first_rank + int(getattr(self, "rank", 0))}
         state["thread"] = threading.Thread(target=self._stream_rl_receive, args=(state,), daemon=True)
         self._stream_rl_stage = state
         state["thread"].start()
@@ -125,9 +126,8 @@ class StreamRLWorkerExtension:
             g = state["meta"]["group"]
             key = (g["host"], g["port"])
             if getattr(self, "_stream_rl_group_key", None) != key:
-                rank = 1 + int(getattr(self, "rank", 0))
-                self._stream_rl_group = weight_group(g["host"], g["port"], rank, g["world_size"], g["backend"],
-                                                     g["timeout_s"])
+                self._stream_rl_group = weight_group(g["host"], g["port"], state["rank"], g["world_size"],
+                                                     g["backend"], g["timeout_s"])
                 self._stream_rl_group_key = key
             pg = self._stream_rl_group[0]
             dev = torch.device("cuda", torch.cuda.current_device()) if g["backend"] == "nccl" else "cpu"

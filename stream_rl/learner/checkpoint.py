@@ -69,7 +69,7 @@ def _write_json(path: Path, obj) -> None:
 def save_checkpoint(path, learner, *, step: int, version: int, pruner=None, extra: dict | None = None) -> Path:
     """Write the learner's (and `pruner`'s) full state to the directory `path`."""
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / MODEL_FILE.parent).mkdir(parents=True)
     save_file(_unique_state(learner.model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
@@ -89,13 +89,67 @@ def save_checkpoint(path, learner, *, step: int, version: int, pruner=None, extr
         "learner_steps": learner.steps, "has_head": ht is not None, "has_pruner": pruner is not None,
         "model": {k: getattr(mc, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")},
     })
-    # Swap in: the old checkpoint stays whole until the new one is in place.
+    return commit_checkpoint(tmp, path)
+
+
+# --- the whole job's checkpoint: the learner's part, then the controller's ----------
+
+CONTROLLER_FILE = "controller.json"  # written last: a checkpoint is complete when it is there
+
+
+def staging_path(path) -> Path:
+    """Where the next checkpoint is assembled before it replaces `path`."""
+    path = Path(path)
+    return path.with_name(path.name + ".next")
+
+
+def save_controller_state(path, *, pruner, buffer, state: dict) -> None:
+    """Add the controller's part to the learner's checkpoint at `path`: the
+    pruner, the recycling buffer (partials included), then `state` (step,
+    version, the prompt sampler's position)."""
+    path = Path(path)
+    _write_json(path / "pruner.json", pruner.state_dict())
+    buffer.save(path / "buffer.msgpack")
+    tmp = path / (CONTROLLER_FILE + ".tmp")
+    _write_json(tmp, state)
+    os.replace(tmp, path / CONTROLLER_FILE)
+
+
+def commit_checkpoint(staged, path) -> Path:
+    """Swap the complete checkpoint at `staged` in as `path`; the previous one
+    stays whole until then (as `path`.old during the swap)."""
+    staged, path = Path(staged), Path(path)
+    old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         path.rename(old)
-    tmp.rename(path)
+    staged.rename(path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def find_checkpoint(path) -> Path:
+    """The newest complete job checkpoint at `path`: a run killed while
+    writing or swapping one leaves it as `path`.next or `path`.old."""
+    path = Path(path)
+    for cand in (staging_path(path), path, path.with_name(path.name + ".old")):
+        if (cand / CONTROLLER_FILE).is_file() and (cand / "meta.json").is_file():
+            return cand
+    raise FileNotFoundError(f"no complete checkpoint at {path} (nor {path.name}.next / {path.name}.old)")
+
+
+def load_controller_state(path, *, pruner, buffer, sampler) -> dict:
+    """Restore what `save_controller_state` wrote; returns its `state`."""
+    path = Path(path)
+    state = json.loads((path / CONTROLLER_FILE).read_text())
+    pstate = json.loads((path / "pruner.json").read_text())
+    if pstate.get("kind") != type(pruner).__name__:
+        raise ValueError(f"checkpoint {path} holds a {pstate.get('kind')}'s state; the pruner is a "
+                         f"{type(pruner).__name__} (pruner.mode)")
+    sampler.load_state_dict(state["sampler"])
+    pruner.load_state_dict(pstate)
+    buffer.load(path / "buffer.msgpack")
+    return state
 
 
 def _check_model(path: Path, model, meta: dict) -> None:
@@ -132,7 +186,7 @@ def load_checkpoint(path, learner, pruner=None) -> dict:
     if meta["has_head"] != (ht is not None):
         raise ValueError(f"checkpoint {path} {'has' if meta['has_head'] else 'has no'} quality head; the learner "
                          f"{'has' if ht is not None else 'has no'} one (pruner.mode)")
-    if pruner is not None and not meta["has_pruner"]:
+    if pruner is not None and not (path / "pruner.json").exists():
         raise ValueError(f"checkpoint {path} holds no pruner state")
     # Everything is read and checked before anything is changed.
     _check_model(path, learner.model, meta)

@@ -1,14 +1,14 @@
 """torch_dist backend: the learner broadcasts the weights to the vLLM workers
 over a process group of their own, in buckets, while generation goes on.
 
-`stage` returns at once with a URI that describes the group and the bucket
-layout; a background thread packs each bucket into a reused buffer and
-broadcasts it while packing the next. The weights must therefore stay as
-they are until `release` returns (the training loop syncs between steps). The generator has its
+`stage` packs the weights into reused bucket buffers and returns a URI that
+describes the group and the bucket layout; a background thread broadcasts
+the buckets, so the learner may train on as soon as `stage` returns. The
+generator has its
 workers receive into staging buffers, also in the background, and pauses
 generation only to load the staged weights in place (see the generator
-service). The group (rank 0: the learner; rank 1 + i: tensor-parallel worker
-i of the one generator) is built on the first sync.
+service). The group (rank 0: the learner; rank 1 + g x tp + w: worker w of
+generator g) is built on the first sync.
 """
 
 from __future__ import annotations
@@ -36,30 +36,30 @@ class TorchDistWeightSender(WeightSender):
         self._error: BaseException | None = None
 
     def stage(self, weights: dict[str, torch.Tensor], version: int) -> str:
-        self._finish()  # one transfer at a time
+        self._finish()  # one transfer at a time: its buffers are reused
         buckets = plan_buckets(weights, self.bucket_bytes)
-        self._thread = threading.Thread(target=self._send, args=(weights, buckets), name=f"weights-v{version}",
-                                        daemon=True)
+        sizes = [bucket_nbytes(b) for b in buckets]
+        if [b.numel() for b in self._buffers] != sizes:
+            dev = self.device if self.group["backend"] == "nccl" else "cpu"
+            self._buffers = [torch.zeros(n, dtype=torch.uint8, device=dev) for n in sizes]
+        # Packed here, so the learner may change its weights (train the next
+        # step) as soon as this returns; only the broadcast is left to the thread.
+        for bucket, buf in zip(buckets, self._buffers):
+            pack_bucket(weights, bucket, buf)
+        self._thread = threading.Thread(target=self._send, name=f"weights-v{version}", daemon=True)
         self._thread.start()
         return encode_uri(self.group, buckets)
 
-    def _send(self, weights: dict[str, torch.Tensor], buckets: list[list[dict]]) -> None:
+    def _send(self) -> None:
         try:
             if self._pg is None:
                 g = self.group
                 self._pg, self._store = weight_group(g["host"], g["port"], 0, g["world_size"], g["backend"],
                                                      g["timeout_s"])
-            sizes = [bucket_nbytes(b) for b in buckets]
-            if [b.numel() for b in self._buffers] != sizes:
-                dev = self.device if self.group["backend"] == "nccl" else "cpu"
-                self._buffers = [torch.zeros(n, dtype=torch.uint8, device=dev) for n in sizes]
-            work = None
-            for bucket, buf in zip(buckets, self._buffers):
-                pack_bucket(weights, bucket, buf)  # while the previous bucket travels
-                if work is not None:
-                    work.wait()
-                work = self._pg.broadcast(buf, 0)
-            if work is not None:
+            # Each broadcast is queued as soon as the previous one is: the
+            # backend pipelines them.
+            works = [self._pg.broadcast(buf, 0) for buf in self._buffers]
+            for work in works:
                 work.wait()
         except BaseException as err:  # reported by release()/the next stage()
             self._error = err

@@ -1,0 +1,166 @@
+"""`stream-rl bench e2e`: the whole system against synchronous GRPO and TRL.
+
+Three systems train the same tiny model on the same prompts with the same
+seed, group size, batch (`target_groups` groups a step), reward and number
+of steps, one after the other on this machine:
+
+- `sync`: `stream-rl train` with `mode: sync` (pruner off), the synchronous
+  GRPO baseline of this code base;
+- `stream`: `stream-rl train` with the config as given (the tiny default:
+  stream mode, APRIL over-provisioning, ARRoL pruning, in-flight syncs);
+- `trl`: TRL's `GRPOTrainer` (`bench/trl_peer.py`).
+
+Per system: `wall_s` (training only: from the first step's start to the
+last update; engine and model start-up are reported apart as `startup_s`),
+`time_to_reward_s`, `final_reward` (mean training reward of the last 20% of
+steps; stream's is the policy's, its kept rollouts weighted by 1/keep_prob),
+`trained_tokens_per_s`, and the greedy held-out accuracy of the final model
+(`bench/heldout.py`).
+
+time_to_reward: the first wall time at which the moving average (`window`
+steps) of the training reward reaches the threshold. The threshold is one
+every system reaches: the common start (the mean over systems of their first
+moving average) plus `fraction` of the way to the lowest of the systems'
+best moving averages. stream_vs_sync and stream_vs_trl are ratios of
+time_to_reward (higher: stream is faster).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+from stream_rl.bench.common import BenchSetupError, emit, with_free_ports
+from stream_rl.config import Config
+from stream_rl.metrics import read_metrics
+
+SYSTEMS: tuple[str, ...] = ("sync", "stream", "trl")
+
+
+def moving_average(xs: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` values (fewer at the start)."""
+    out = []
+    for i in range(len(xs)):
+        part = xs[max(0, i - window + 1):i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def reward_threshold(curves: dict[str, list[float]], fraction: float) -> tuple[float, float, float]:
+    """(threshold, common start, lowest best) for the systems' moving averages."""
+    start = statistics.fmean(c[0] for c in curves.values())
+    lowest_best = min(max(c) for c in curves.values())
+    return start + fraction * (lowest_best - start), start, lowest_best
+
+
+def time_to(curve: list[float], walls: list[float], threshold: float) -> float | None:
+    return next((w for m, w in zip(curve, walls) if m >= threshold), None)
+
+
+def system_result(records: list[dict], startup_s: float) -> dict:
+    k = max(1, len(records) // 5)
+    wall = records[-1]["wall_s"] if records else 0.0
+    tokens = sum(r["tokens_trained"] for r in records)
+    return {
+        "steps": len(records), "wall_s": wall, "startup_s": startup_s,
+        "final_reward": statistics.fmean(r["reward_policy_mean"] for r in records[-k:]) if records else math.nan,
+        "first_reward": records[0]["reward_policy_mean"] if records else math.nan,
+        "tokens_trained": tokens, "trained_tokens_per_s": tokens / wall if wall else 0.0,
+        "step_s_median": statistics.median(r["step_s"] for r in records) if records else math.nan,
+    }
+
+
+def _run_ours(cfg: Config, run_dir: Path, steps: int) -> tuple[list[dict], dict]:
+    from stream_rl.train import train
+
+    summary = train(cfg, run_dir, steps)
+    return read_metrics(run_dir / "metrics.jsonl"), summary
+
+
+def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = None, window: int = 5,
+              fraction: float = 0.9, heldout_limit: int | None = None, keep_dir: str | None = None) -> dict:
+    bad = [s for s in systems if s not in SYSTEMS]
+    if bad or not systems:
+        raise BenchSetupError(f"systems must be among {', '.join(SYSTEMS)}; got {list(systems)}")
+    if steps < window:
+        raise BenchSetupError(f"--steps ({steps}) must be at least the moving-average window ({window})")
+    if cfg.mode != "stream":
+        raise BenchSetupError("bench e2e compares the config's stream mode with sync and trl: give a config "
+                              f"with mode: stream (got {cfg.mode!r})")
+    from stream_rl.bench.heldout import heldout_accuracy
+
+    cfg = msgspec.structs.replace(cfg, run=msgspec.structs.replace(cfg.run, progress=False, checkpoint_every=0))
+    t0 = time.time()
+    out: dict[str, dict] = {}
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-e2e-") as tmp:
+        root = Path(keep_dir or tmp)
+        for system in systems:
+            run_dir = root / system
+            ts = time.time()
+            if system == "trl":
+                from stream_rl.bench.trl_peer import run_trl
+
+                res = run_trl(cfg, run_dir, steps)
+                records, startup_s = res["records"], res["startup_s"]
+                extra = {"trl_version": res.get("trl_version")}
+            else:
+                scfg = with_free_ports(cfg)
+                if system == "sync":
+                    scfg = msgspec.structs.replace(scfg, mode="sync",
+                                                   pruner=msgspec.structs.replace(scfg.pruner, mode="none"))
+                records, summary = _run_ours(scfg, run_dir, steps)
+                startup_s = summary["startup_s"]
+                extra = {"generated_tokens": summary["tokens_generated"]}
+            if len(records) != steps:
+                raise RuntimeError(f"{system} logged {len(records)} of {steps} steps")
+            res = system_result(records, startup_s)
+            res.update(extra, run_s=time.time() - ts,
+                       **heldout_accuracy(run_dir / "final_model", cfg, limit=heldout_limit))
+            out[system] = res
+            rewards = [r["reward_policy_mean"] for r in records]
+            curves[system] = (moving_average(rewards, window), [r["wall_s"] for r in records])
+    threshold, start, lowest_best = reward_threshold({s: c[0] for s, c in curves.items()}, fraction)
+    for system, (curve, walls) in curves.items():
+        out[system]["time_to_reward_s"] = time_to(curve, walls, threshold)
+        out[system]["best_moving_average"] = max(curve)
+
+    def ratio(a: str, b: str) -> float | None:
+        if a not in out or b not in out or not out[a]["time_to_reward_s"]:
+            return None
+        return out[b]["time_to_reward_s"] / out[a]["time_to_reward_s"]
+
+    result = {
+        "benchmark": "e2e", "systems": out,
+        "threshold": {"reward": threshold, "common_start": start, "lowest_best": lowest_best,
+                      "fraction": fraction, "window": window},
+        "stream_vs_sync": ratio("stream", "sync"), "stream_vs_trl": ratio("stream", "trl"),
+    }
+    targets = {}
+    if result["stream_vs_sync"] is not None:
+        targets["stream_vs_sync_at_least_2"] = result["stream_vs_sync"] >= 2.0
+        targets["stream_final_reward_within_0.02_of_sync"] = \
+            out["stream"]["final_reward"] >= out["sync"]["final_reward"] - 0.02
+    if result["stream_vs_trl"] is not None:
+        targets["stream_vs_trl_at_least_3"] = result["stream_vs_trl"] >= 3.0
+    result["targets"] = targets
+    g = cfg.generator
+    result["setup"] = {
+        "model": cfg.model.path, "steps": steps, "seed": cfg.run.seed, "group_size": g.group_size,
+        "target_groups": g.target_groups, "samples_per_step": g.group_size * g.target_groups,
+        "max_tokens": g.max_tokens, "lr": cfg.learner.lr, "stream_pruner": cfg.pruner.mode,
+        "overprovision": g.overprovision, "learner_threads": cfg.learner.threads, "cpus": os.cpu_count(),
+        "platform": platform.platform(), "wall_s": round(time.time() - t0, 1),
+    }
+    return result
+
+
+def main(cfg: Config, out_json: str | None, steps: int, systems: list[str]) -> dict:
+    return emit(bench_e2e(cfg, steps, systems), out_json)

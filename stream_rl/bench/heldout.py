@@ -1,0 +1,133 @@
+"""Held-out accuracy: greedy decoding of every held-out prompt, scored by the project's verifier.
+
+Plain Hugging Face `generate` on the CPU (no engine), so it scores any model
+directory the same way: the policy `stream-rl train` saved, the one the TRL
+peer saved, or the initial model. Prompts are rendered with `render_prompt`
+(the ids training used) and left-padded by hand with an attention mask; the
+model derives position ids from that mask, so a batched greedy decode equals
+one prompt at a time (tests/test_bench_e2e_parts.py checks it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import msgspec
+
+from stream_rl.config import Config
+from stream_rl.data import PromptDataset
+from stream_rl.verifier import make_verifier
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def default_heldout_path(cfg: Config) -> Path:
+    """`eval.jsonl` next to the training prompts (the tiny world's held-out split)."""
+    return Path(cfg.data.path).with_name("eval.jsonl")
+
+
+def load_heldout(cfg: Config, tokenizer, path: str | Path | None = None, limit: int | None = None):
+    """The held-out rows (PromptRow: prompt text, reference, rendered ids) and their source.
+
+    Read with the training data's field names and rendering: `data.prompt_field`,
+    `data.answer_field`, `render_prompt` (chat template and system prompt included).
+    """
+    path = Path(path) if path is not None else default_heldout_path(cfg)
+    data_cfg = msgspec.structs.replace(cfg.data, path=str(path), format="auto")
+    ds = PromptDataset.load(data_cfg, tokenizer)
+    rows = ds.rows if limit is None else ds.rows[:limit]
+    return rows, ds
+
+
+def _load_tokenizer(model_dir: str | Path, cfg: Config):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        # A weights-only directory: the tokenizer is the base model's.
+        return AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token: cannot left-pad a batch")
+    return int(pad)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    return [int(i) for i in ids]
+
+
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                    batch_size: int = 64) -> list[list[int]]:
+    """Greedy response ids for each prompt (up to and excluding the first eos), in the input order.
+
+    Prompts are left-padded with the pad (or eos) id and masked, so each row's
+    positions start at 0 as when it is decoded alone.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad = _pad_id(tokenizer)
+    eos = _eos_ids(model, tokenizer)
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                               eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
+    out: list[list[int] | None] = [None] * len(prompts)
+    # Similar lengths share a batch: less padding, same results.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids = prompts[i]
+                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                mask[row, width - len(ids):] = 1
+            seqs = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_cfg)
+            for row, i in enumerate(idx):
+                resp = seqs[row, width:].tolist()
+                cut = next((k for k, t in enumerate(resp) if t in eos), len(resp))
+                out[i] = resp[:cut]
+    return out  # type: ignore[return-value]
+
+
+def heldout_accuracy(model_dir: str | Path, cfg: Config, path: str | Path | None = None,
+                     limit: int | None = None, batch_size: int = 64) -> dict:
+    """Greedy accuracy of the model in `model_dir` on the held-out prompts.
+
+    `path` defaults to `eval.jsonl` beside `data.path`; `limit` scores the
+    first `limit` prompts only. Each response (special tokens skipped) is
+    scored with `make_verifier(cfg.data)` against the row's `data.answer_field`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    tokenizer = _load_tokenizer(model_dir, cfg)
+    rows, ds = load_heldout(cfg, tokenizer, path, limit)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, _DTYPES[cfg.model.dtype]),
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    model.to("cpu")
+    verifier = make_verifier(cfg.data)
+    responses = greedy_generate(model, tokenizer, [list(r.prompt_ids) for r in rows],
+                                cfg.generator.max_tokens, batch_size)
+    scores = [verifier.score(tokenizer.decode(resp, skip_special_tokens=True), row.answer)
+              for resp, row in zip(responses, rows)]
+    return {
+        "heldout_accuracy": sum(scores) / len(scores) if scores else 0.0,
+        "heldout_n": len(scores),
+        "heldout_path": ds.source,
+        "heldout_s": time.perf_counter() - t0,
+    }

@@ -1,0 +1,86 @@
+"""Controller-side handle on the learner: its channels, and its process when
+`stream-rl train` starts it on this host."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import msgspec
+
+from stream_rl.config import Config
+from stream_rl.protocol import Decoder, FromLearner, LearnerFailed, LearnerReady, Shutdown
+from stream_rl.roles import start_role, stop_role
+from stream_rl.transport import ZmqChannel, free_ports
+
+
+class LearnerError(RuntimeError):
+    pass
+
+
+class LearnerClient:
+    def __init__(self, cfg: Config):
+        lc = cfg.learner
+        self.replies = ZmqChannel(lc.reply_addr, send=False, bind=True, hwm=cfg.generator.hwm,
+                                  decoder=Decoder(FromLearner))
+        self.batches = ZmqChannel(lc.addr, send=True, bind=False, hwm=cfg.generator.hwm)
+
+    def send(self, msg) -> None:
+        self.batches.send(msg)
+
+    def recv(self, timeout_ms: int | None = None):
+        """The learner's next message (None on timeout); a failure is raised."""
+        msg = self.replies.recv(timeout_ms)
+        if msg is None:
+            self.check_alive()
+        elif isinstance(msg, LearnerFailed):
+            raise LearnerError(f"the learner failed: {msg.error}")
+        return msg
+
+    def wait_for(self, kind, timeout_s: float, what: str):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = self.recv(1000)
+            if isinstance(msg, kind):
+                return msg
+            if msg is not None:
+                raise LearnerError(f"expected {kind.__name__} from the learner ({what}), got {type(msg).__name__}")
+        raise LearnerError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def check_alive(self) -> None:
+        """Raise LearnerError if the learner is known to be gone."""
+
+    def close(self) -> None:
+        self.batches.close()
+        self.replies.close()
+
+
+class LearnerProcess(LearnerClient):
+    """Starts `stream-rl learner` (under torchrun for learner.ranks > 1)."""
+
+    def __init__(self, cfg: Config, out_dir: Path, resume: Path | None = None):
+        super().__init__(cfg)  # bind the reply channel before the learner connects
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = out_dir / "learner_config.json"
+        cfg_path.write_bytes(msgspec.json.encode(cfg))
+        cmd = ["-m", "stream_rl", "learner", "--config", str(cfg_path), "--out", str(out_dir)]
+        if resume is not None:
+            cmd += ["--resume", str(resume)]
+        n = cfg.learner.ranks
+        if n > 1:
+            cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                   "--master_port", str(free_ports(1)[0])] + cmd
+        self.proc, self._log = start_role(cmd, out_dir / "learner.log")
+
+    def wait_ready(self, timeout_s: float) -> LearnerReady:
+        return self.wait_for(LearnerReady, timeout_s, "the learner to start")
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise LearnerError(f"learner process exited with code {self.proc.returncode}; see {self._log.name}")
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Ask it to save its final model and exit; kill it if it does not."""
+        stop_role(self.proc, lambda: self.send(Shutdown()), timeout_s)
+        self.close()
+        self._log.close()

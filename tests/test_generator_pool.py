@@ -1,0 +1,110 @@
+"""GeneratorPool over real ZMQ sockets: two stand-in generators (the sockets a
+generator service binds) answer as the service would."""
+
+from __future__ import annotations
+
+import pytest
+
+from stream_rl.config import generator_addrs, load_config
+from stream_rl.generator.client import GeneratorClient, GeneratorError
+from stream_rl.generator.pool import GeneratorPool
+from stream_rl.protocol import (AbortRequests, Decoder, RolloutFinished, RolloutRequest, TokenChunk, ToGenerator,
+                                UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
+from stream_rl.transport import ZmqChannel, free_ports
+from tests.conftest import ROOT
+
+
+class StandIn:
+    """The two bound channels of generator `index`."""
+
+    def __init__(self, cfg, index):
+        req, stream = generator_addrs(cfg.generator, index)
+        self.inbox = ZmqChannel(req, send=False, bind=True, decoder=Decoder(ToGenerator))
+        self.outbox = ZmqChannel(stream, send=True, bind=True)
+
+    def take(self, n, timeout_ms=2000):
+        out = []
+        while len(out) < n:
+            msg = self.inbox.recv(timeout_ms)
+            assert msg is not None, f"expected {n} messages, got {out}"
+            out.append(msg)
+        return out
+
+    def close(self):
+        self.inbox.close()
+        self.outbox.close()
+
+
+@pytest.fixture
+def two(tmp_path):
+    port = free_ports(1)[0]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        "generator.count=2", f"generator.request_addr=tcp://127.0.0.1:{port}",
+        f"generator.stream_addr=tcp://127.0.0.1:{port + 1}"])
+    gens = [StandIn(cfg, i) for i in range(2)]
+    pool = GeneratorPool([GeneratorClient(cfg, i) for i in range(2)])
+    yield gens, pool
+    for g in gens:
+        g.close()
+    for c in pool.clients:
+        c.close()
+
+
+def req(rid):
+    return RolloutRequest(request_id=rid, group_id="g", prompt_ids=[1, 2], max_tokens=4)
+
+
+def test_addresses_step_by_two_per_generator():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["generator.count=3"])
+    assert generator_addrs(cfg.generator, 2) == ("tcp://127.0.0.1:5559", "tcp://127.0.0.1:5560")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["generator.count=2", "generator.hosts=[a, b]"])
+    assert generator_addrs(cfg.generator, 0) == ("tcp://a:5555", "tcp://a:5556")
+    assert generator_addrs(cfg.generator, 1) == ("tcp://b:5557", "tcp://b:5558")
+
+
+def test_requests_balance_and_aborts_follow_their_generator(two):
+    gens, pool = two
+    for i in range(4):
+        pool.submit(req(f"r{i}"))
+    got = [[m.request_id for m in g.take(2)] for g in gens]
+    assert sorted(got[0] + got[1]) == ["r0", "r1", "r2", "r3"] and pool.running == [2, 2]
+    pool.abort([got[1][0], got[0][1], "unknown"])
+    a0, a1 = gens[0].take(1)[0], gens[1].take(1)[0]
+    assert isinstance(a0, AbortRequests) and a0.request_ids == [got[0][1]]
+    assert a1.request_ids == [got[1][0]]
+    # Streams of both are read as one; a finished request frees its slot.
+    gens[1].outbox.send(TokenChunk(request_id=got[1][1], offset=0, token_ids=[5], logprobs=[-0.1], versions=[0]))
+    gens[0].outbox.send(RolloutFinished(request_id=got[0][0], finish_reason="stop", num_tokens=1))
+    seen = [pool.recv(2000), pool.recv(2000)]
+    assert {type(m).__name__ for m in seen} == {"TokenChunk", "RolloutFinished"}
+    assert pool.running == [1, 2] and pool.recv(50) is None
+    pool.submit(req("r4"))  # the less loaded generator
+    assert gens[0].take(1)[0].request_id == "r4"
+
+
+def test_weight_update_completes_when_every_generator_serves_it(two):
+    gens, pool = two
+    pool.begin_update(1, "file:///w")
+    assert all(isinstance(m, UpdateWeights) and m.version == 1 for g in gens for m in g.take(1))
+    gens[0].outbox.send(WeightsUpdated(version=1, load_s=0.1))
+    gens[1].outbox.send(TokenChunk(request_id="x", offset=0, token_ids=[1], logprobs=[], versions=[0]))
+    assert isinstance(pool.recv(2000), TokenChunk)  # the weight reply is consumed, the chunk passes
+    assert pool.pending == 1 and pool.version == 0
+    gens[1].outbox.send(WeightsUpdated(version=1, load_s=0.1))
+    assert pool.recv(300) is None
+    assert pool.pending is None and pool.version == 1
+    with pytest.raises(GeneratorError, match="not above"):
+        pool.begin_update(1, "file:///w")
+    # A failed load is reported, naming the generator.
+    pool.begin_update(2, "file:///w2")
+    gens[1].outbox.send(WeightsUpdateFailed(version=2, error="shape mismatch"))
+    with pytest.raises(GeneratorError, match="generator 1 failed .* shape mismatch"):
+        pool.recv(2000)
+
+
+def test_generators_on_one_host_get_their_own_cores():
+    from stream_rl.generator.engine import cpu_cores_for
+
+    assert [cpu_cores_for(i, 2, [0, 1]) for i in range(2)] == [[0], [1]]
+    assert [cpu_cores_for(i, 2, [0, 1, 2, 3, 4]) for i in range(2)] == [[0, 1], [2, 3]]
+    assert [cpu_cores_for(i, 3, [4, 5]) for i in range(3)] == [[4], [5], [4]]  # more engines than cores
