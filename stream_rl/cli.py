@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=2, help="generation: untimed steps per mode first")
     p.add_argument("--modes", default="random,arrol", help="pruning: pruner modes to train, in order")
     p.add_argument("--systems", default="sync,stream,trl", help="e2e: systems to train, in order")
+    p.add_argument("--keep", default=None, help="e2e: keep each system's run directory under this one")
 
     p = sub.add_parser("check-config", help="load and validate a config, print it resolved")
     _add_config_args(p)
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             elif args.what == "e2e":
                 from stream_rl.bench.e2e import main as bench_e2e
 
-                bench_e2e(cfg, args.out_json, steps, [s.strip() for s in args.systems.split(",") if s.strip()])
+                bench_e2e(cfg, args.out_json, steps, [s.strip() for s in args.systems.split(",") if s.strip()],
+                          args.keep)
             elif args.what == "weight-sync":
                 from stream_rl.bench.weight_sync import main as bench_weight_sync
 

@@ -123,3 +123,34 @@ def test_trl_peer_two_steps(small_cfg, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(small_cfg.model.path)
     # Two optimizer steps moved the weights.
     assert any((p - q).abs().max() > 0 for p, q in zip(model.parameters(), base.parameters()))
+
+
+# --- time to reward (pure) ---------------------------------------------------------
+
+def test_threshold_is_reached_by_every_system_and_ignores_the_noisy_start():
+    from stream_rl.bench.e2e import moving_average, reward_threshold, time_to
+
+    assert moving_average([1.0, 0.0, 0.5], 2) == [1.0, 0.5, 0.25]
+    fast = moving_average([0.5, 0.5, 0.6, 0.7, 0.8, 0.8], 2)
+    slow = moving_average([0.9, 0.3, 0.5, 0.55, 0.6, 0.7], 2)  # a lucky first step, then a slow rise
+    walls = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    thr, start, lowest_best = reward_threshold({"fast": fast, "slow": slow}, 0.9, 2)
+    # Start: each curve at its first full window (0.5 and 0.6), averaged; the
+    # slow system's lucky first step (0.9) counts neither as its best nor as reached.
+    assert start == pytest.approx(0.55) and lowest_best == pytest.approx(0.65)
+    assert thr == pytest.approx(0.64)
+    assert time_to(fast, walls, thr, 2) == 4.0 and time_to(slow, walls, thr, 2) == 6.0
+    # A system that never rises: the threshold is its best, still reached.
+    flat = moving_average([0.4, 0.4, 0.4, 0.4], 2)
+    thr, start, best = reward_threshold({"fast": fast, "flat": flat}, 0.9, 2)
+    assert start == pytest.approx(0.45) and thr == best == pytest.approx(0.4)
+    assert time_to(flat, walls[:4], thr, 2) == 2.0
+
+
+def test_cli_bench_e2e_refuses_what_cannot_give_a_result():
+    from stream_rl.cli import main
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert main(["bench", "e2e", "--config", tiny, "--steps", "3"]) == 2  # below the moving-average window
+    assert main(["bench", "e2e", "--config", tiny, "--systems", "sync,vllm"]) == 2
+    assert main(["bench", "e2e", "--config", tiny, "--set", "mode=sync", "--set", "pruner.mode=none"]) == 2

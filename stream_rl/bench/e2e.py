@@ -19,9 +19,10 @@ steps; stream's is the policy's, its kept rollouts weighted by 1/keep_prob),
 
 time_to_reward: the first wall time at which the moving average (`window`
 steps) of the training reward reaches the threshold. The threshold is one
-every system reaches: the common start (the mean over systems of their first
-moving average) plus `fraction` of the way to the lowest of the systems'
-best moving averages. stream_vs_sync and stream_vs_trl are ratios of
+every system reaches: the common start (the mean over systems of their
+moving average at the first full window) plus `fraction` of the way to the
+lowest of the systems' best moving averages (the lowest best itself if some
+system never rose above the start). stream_vs_sync and stream_vs_trl are ratios of
 time_to_reward (higher: stream is faster).
 """
 
@@ -53,15 +54,25 @@ def moving_average(xs: list[float], window: int) -> list[float]:
     return out
 
 
-def reward_threshold(curves: dict[str, list[float]], fraction: float) -> tuple[float, float, float]:
-    """(threshold, common start, lowest best) for the systems' moving averages."""
-    start = statistics.fmean(c[0] for c in curves.values())
-    lowest_best = min(max(c) for c in curves.values())
+def reward_threshold(curves: dict[str, list[float]], fraction: float, window: int) -> tuple[float, float, float]:
+    """(threshold, common start, lowest best) for the systems' moving
+    averages. The start is each curve's first full window (the first steps
+    alone are noisy, and biased to short responses under APRIL), averaged
+    over systems; the threshold never exceeds the lowest best, so every
+    system reaches it."""
+    first = min(window, min(len(c) for c in curves.values())) - 1
+    start = statistics.fmean(c[first] for c in curves.values())
+    lowest_best = min(max(c[first:]) for c in curves.values())
+    if lowest_best <= start:  # some system never rose above the common start
+        return lowest_best, start, lowest_best
     return start + fraction * (lowest_best - start), start, lowest_best
 
 
-def time_to(curve: list[float], walls: list[float], threshold: float) -> float | None:
-    return next((w for m, w in zip(curve, walls) if m >= threshold), None)
+def time_to(curve: list[float], walls: list[float], threshold: float, window: int) -> float | None:
+    """First wall time the moving average reaches `threshold`, counting from
+    its first full window."""
+    first = min(window, len(curve)) - 1
+    return next((w for m, w in zip(curve[first:], walls[first:]) if m >= threshold), None)
 
 
 def system_result(records: list[dict], startup_s: float) -> dict:
@@ -100,6 +111,7 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
     t0 = time.time()
     out: dict[str, dict] = {}
     curves: dict[str, tuple[list[float], list[float]]] = {}
+    rewards_of: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-e2e-") as tmp:
         root = Path(keep_dir or tmp)
         for system in systems:
@@ -125,22 +137,25 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
             res.update(extra, run_s=time.time() - ts,
                        **heldout_accuracy(run_dir / "final_model", cfg, limit=heldout_limit))
             out[system] = res
-            rewards = [r["reward_policy_mean"] for r in records]
+            rewards = rewards_of[system] = [r["reward_policy_mean"] for r in records]
             curves[system] = (moving_average(rewards, window), [r["wall_s"] for r in records])
-    threshold, start, lowest_best = reward_threshold({s: c[0] for s, c in curves.items()}, fraction)
+    threshold, start, lowest_best = reward_threshold({s: c[0] for s, c in curves.items()}, fraction, window)
     for system, (curve, walls) in curves.items():
-        out[system]["time_to_reward_s"] = time_to(curve, walls, threshold)
-        out[system]["best_moving_average"] = max(curve)
+        out[system]["time_to_reward_s"] = time_to(curve, walls, threshold, window)
+        out[system]["best_moving_average"] = max(curve[min(window, len(curve)) - 1:])
 
     def ratio(a: str, b: str) -> float | None:
-        if a not in out or b not in out or not out[a]["time_to_reward_s"]:
+        if a not in out or b not in out or not out[a]["time_to_reward_s"] or out[b]["time_to_reward_s"] is None:
             return None
         return out[b]["time_to_reward_s"] / out[a]["time_to_reward_s"]
 
     result = {
         "benchmark": "e2e", "systems": out,
         "threshold": {"reward": threshold, "common_start": start, "lowest_best": lowest_best,
-                      "fraction": fraction, "window": window},
+                      "fraction": fraction, "window": window, "rose": lowest_best > start},
+        # Per system and step: wall time and training reward, to redraw or re-threshold.
+        "curves": {s: {"wall_s": [round(w, 2) for w in c[1]], "reward": [round(r, 4) for r in rewards_of[s]]}
+                   for s, c in curves.items()},
         "stream_vs_sync": ratio("stream", "sync"), "stream_vs_trl": ratio("stream", "trl"),
     }
     targets = {}
@@ -162,5 +177,5 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
     return result
 
 
-def main(cfg: Config, out_json: str | None, steps: int, systems: list[str]) -> dict:
-    return emit(bench_e2e(cfg, steps, systems), out_json)
+def main(cfg: Config, out_json: str | None, steps: int, systems: list[str], keep_dir: str | None = None) -> dict:
+    return emit(bench_e2e(cfg, steps, systems, keep_dir=keep_dir), out_json)
