@@ -74,19 +74,11 @@ def test_empty_metrics_file(tmp_path):
         plot_run(tmp_path)
 
 
-def test_missing_reward_raises(tmp_path):
+@pytest.mark.parametrize("field, match", [("reward_policy_mean", "reward"), ("wall_s", "wall_s")])
+def test_missing_field_raises_naming_it(tmp_path, field, match):
     recs = _records()
     for r in recs:
-        del r["reward_policy_mean"]
+        del r[field]
     _write(tmp_path, recs)
-    with pytest.raises(ValueError, match="reward"):
-        plot_run(tmp_path)
-
-
-def test_missing_wall_s_raises(tmp_path):
-    recs = _records()
-    for r in recs:
-        del r["wall_s"]
-    _write(tmp_path, recs)
-    with pytest.raises(ValueError, match="wall_s"):
+    with pytest.raises(ValueError, match=match):
         plot_run(tmp_path)
