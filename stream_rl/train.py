@@ -136,6 +136,35 @@ def controller(cfg: Config, out_dir: str | Path | None = None, max_steps: int | 
 
 # --- the controller ------------------------------------------------------------------
 
+class UpdateRelay:
+    """Staged weights on their way to the generators (stream mode), one load
+    at a time: weights staged while a load goes on wait for it, the newest
+    replacing an older waiting one."""
+
+    def __init__(self, pool: GeneratorPool, learner: LearnerClient):
+        self.pool, self.learner = pool, learner
+        self.loading: WeightsStaged | None = None  # being loaded by the generators
+        self.waiting: WeightsStaged | None = None  # staged while that load goes on
+
+    def add(self, staged: WeightsStaged) -> None:
+        if self.loading is None:
+            self.loading = staged
+            self.pool.begin_update(staged.version, staged.uri)
+        else:
+            self.waiting = staged
+
+    def poll(self) -> bool:
+        """Whether the load just completed: every generator serves it, the
+        learner may drop its staged copy, and the waiting weights start."""
+        if self.loading is None or self.pool.pending is not None:
+            return False
+        self.learner.send(WeightsLoaded(version=self.loading.version))
+        self.loading, waiting, self.waiting = None, self.waiting, None
+        if waiting is not None:
+            self.add(waiting)
+        return True
+
+
 class Job:
     """The controller's side of a run: rollouts, batches, syncs, metrics."""
 
@@ -282,8 +311,7 @@ class Job:
         open_limit = math.ceil(cfg.generator.overprovision * target)
         sent: dict[int, tuple] = {}  # step -> (groups, rollout stats, time sent)
         step_sent = step_done = self.first_step - 1
-        loading: WeightsStaged | None = None  # being loaded by the generators
-        waiting: WeightsStaged | None = None  # staged while the previous load went on
+        relay = UpdateRelay(self.pool, self.learner)
         stats, before, t_mark = RolloutStats(), msgspec.structs.replace(buf.stats), time.perf_counter()
         last = t_done = t_mark
         while step_done < self.steps:
@@ -303,22 +331,14 @@ class Job:
                 c.handle(msg, stats)
                 handled += 1
                 msg = self.pool.recv(timeout_ms=0) if handled < 64 else None
-            if loading is not None and self.pool.pending is None:  # every generator serves it
-                self.learner.send(WeightsLoaded(version=loading.version))
+            if relay.poll():  # a new version serves everywhere
                 c.abort_stale(self.pool.version)
-                loading, waiting = waiting, None
-                if loading is not None:
-                    self.pool.begin_update(loading.version, loading.uri)
             reply = self.learner.recv(timeout_ms=0)
             if isinstance(reply, StepDone):
                 groups, gstats, t_sent = sent.pop(reply.step)
                 step_done = reply.step
                 if reply.weights is not None:
-                    if loading is None:
-                        loading = reply.weights
-                        self.pool.begin_update(loading.version, loading.uri)
-                    else:
-                        waiting = reply.weights
+                    relay.add(reply.weights)
                 done_t = time.perf_counter()
                 # A step is the time between two updates (generation overlaps them).
                 metrics.log(self.record(reply.step, groups, gstats, reply, train_wait_s=done_t - t_sent,
@@ -340,17 +360,13 @@ class Job:
                 self.batch(step_sent, groups)
                 stats, before, t_mark = RolloutStats(), msgspec.structs.replace(buf.stats), time.perf_counter()
         # The last weights reach the generators before the job ends.
-        while loading is not None:
+        while relay.loading is not None:
             msg = self.pool.recv(timeout_ms=100)
             if msg is None:
                 self.pool.check_alive()
             else:
                 c.handle(msg, stats)
-            if self.pool.pending is None:
-                self.learner.send(WeightsLoaded(version=loading.version))
-                loading, waiting = waiting, None
-                if loading is not None:
-                    self.pool.begin_update(loading.version, loading.uri)
+            relay.poll()
         # Stop what still runs: its tokens wait in the buffer (saved below).
         c.client.abort(list(buf.running))
 

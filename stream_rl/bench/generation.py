@@ -39,7 +39,7 @@ from pathlib import Path
 
 import msgspec
 
-from stream_rl.bench.common import emit, free_ports
+from stream_rl.bench.common import emit, with_free_ports
 from stream_rl.config import Config
 from stream_rl.controller import RolloutController, request_seed
 from stream_rl.data import PromptDataset, PromptSampler
@@ -217,9 +217,7 @@ def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdi
     try:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             for name in ("sync", "april"):
-                ports = free_ports(2)
-                gcfg = _with(cfg, mode=name, request_addr=f"tcp://127.0.0.1:{ports[0]}",
-                             stream_addr=f"tcp://127.0.0.1:{ports[1]}")
+                gcfg = _with(with_free_ports(cfg), mode=name)
                 cfgs.append(gcfg)
                 gens.append(GeneratorProcess(gcfg, Path(tmp) / name))
             # sync's request ids (and so seeds and tokens) are the engine mode's.

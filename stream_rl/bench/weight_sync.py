@@ -62,7 +62,7 @@ from pathlib import Path
 
 import msgspec
 
-from stream_rl.bench.common import BenchSetupError, emit, free_ports
+from stream_rl.bench.common import BenchSetupError, emit, with_free_ports
 from stream_rl.config import Config, ConfigError, config_from_dict, config_to_dict
 from stream_rl.protocol import (RequestRejected, RolloutFinished, RolloutRequest, TokenChunk, UpdateWeights,
                                 WeightsUpdated, WeightsUpdateFailed)
@@ -301,12 +301,10 @@ def _mean(xs):
 
 
 def bench_config(cfg: Config, model_path: Path, dtype: str, concurrency: int, max_model_len: int) -> Config:
-    ports = free_ports(2)
-    raw = config_to_dict(cfg)
+    raw = config_to_dict(with_free_ports(cfg))
     raw["model"].update(path=str(model_path), dtype=dtype, max_model_len=max_model_len)
     raw["data"]["max_prompt_tokens"] = min(raw["data"]["max_prompt_tokens"], max_model_len - 1)
-    raw["generator"].update(request_addr=f"tcp://127.0.0.1:{ports[0]}", stream_addr=f"tcp://127.0.0.1:{ports[1]}",
-                            max_num_seqs=concurrency + 2, seeded=False,
+    raw["generator"].update(max_num_seqs=concurrency + 2, seeded=False,
                             # Small chunks: token arrival times resolve the sync and its pause.
                             chunk_tokens=min(CHUNK_TOKENS, raw["generator"]["max_tokens"]))
     raw["pruner"]["mode"] = "none"
