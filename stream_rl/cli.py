@@ -62,12 +62,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="random,arrol", help="pruning: pruner modes to train, in order")
     p.add_argument("--systems", default="sync,stream,trl", help="e2e: systems to train, in order")
     p.add_argument("--keep", default=None, help="e2e: keep each system's run directory under this one")
+    p.add_argument("--eval-every", type=int, default=10,
+                   help="e2e: snapshot every N steps and score each on the held-out prompts; time to reward "
+                        "is measured on that curve (0: on the training reward)")
+    p.add_argument("--eval-samples", type=int, default=4, help="e2e: sampled responses per held-out prompt")
+
+    p = sub.add_parser("eval", help="k samples per question: pass@1, pass@k, majority, quality-head and "
+                                    "DeepConf votes (JSON)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a learner checkpoint (OUT/checkpoint) or a model directory (OUT/final_model)")
+    p.add_argument("--config", default=None, help="YAML config (default: the run's config.json beside --checkpoint)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+    p.add_argument("--data", default=None, help="questions (JSONL, parquet, datasets; default: eval.jsonl beside "
+                                                "data.path)")
+    p.add_argument("--k", type=int, default=None, help="candidates per question (default: eval.k)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
+    p.add_argument("--details", action="store_true", help="per-question candidates and votes in the JSON")
 
     p = sub.add_parser("check-config", help="load and validate a config, print it resolved")
     _add_config_args(p)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    if args.cmd == "eval" and args.config is None:
+        from stream_rl.eval.checkpoint import CheckpointError, default_config
+
+        try:
+            args.config = str(default_config(args.checkpoint))
+        except CheckpointError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
     from stream_rl.config import ConfigError, load_config
 
@@ -77,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
+    if args.cmd in ("train", "controller", "generator", "learner"):
+        from stream_rl.roles import exit_on_sigterm
+
+        exit_on_sigterm()
     if args.cmd == "prepare-tiny":
         from stream_rl.tiny.prepare import prepare_tiny
 
@@ -127,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 from stream_rl.bench.e2e import main as bench_e2e
 
                 bench_e2e(cfg, args.out_json, steps, [s.strip() for s in args.systems.split(",") if s.strip()],
-                          args.keep)
+                          args.keep, args.eval_every, args.eval_samples)
             elif args.what == "weight-sync":
                 from stream_rl.bench.weight_sync import main as bench_weight_sync
 
@@ -140,6 +171,22 @@ def main(argv: list[str] | None = None) -> int:
         except BenchSetupError as err:
             print(f"config error: {err}", file=sys.stderr)
             return 2
+    elif args.cmd == "eval":
+        from stream_rl.data import DataError
+        from stream_rl.eval.checkpoint import CheckpointError
+        from stream_rl.eval.run import evaluate, print_table
+
+        if (args.k is not None and args.k < 1) or (args.limit is not None and args.limit < 1):
+            print("config error: --k and --limit must be >= 1", file=sys.stderr)
+            return 2
+        try:
+            summary = evaluate(cfg, args.checkpoint, args.data, args.k, args.limit, args.out_json,
+                               details=args.details)
+        except (CheckpointError, ConfigError, DataError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print_table(summary)
+        print(json.dumps({k: v for k, v in summary.items() if k != "per_question"}, indent=2))
     elif args.cmd in ("train", "controller"):
         from stream_rl.train import controller, train
 

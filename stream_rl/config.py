@@ -159,6 +159,10 @@ class BufferConfig(_Section):
 class LearnerConfig(_Section):
     loss: Literal["grpo", "dapo", "gspo"] = "grpo"
     lr: PosFloat = 1e-6
+    # Linear warm-up of the learning rate over the first updates (verl's
+    # lr_warmup_steps): Adam's first steps are ~lr·sign(g) on every parameter,
+    # which a small model does not survive at a useful lr.
+    warmup_steps: NonNegInt = 0
     weight_decay: NonNegFloat = 0.0
     # Adam's epsilon. Near the typical gradient magnitude it shrinks Adam's
     # unit-size steps on parameters whose gradient is mostly noise (on the tiny
@@ -233,6 +237,30 @@ class RunConfig(_Section):
     # Save the learner's full state (policy, optimizer, head, pruner, step,
     # version) to OUT/checkpoint every this many steps; 0: at the end only.
     checkpoint_every: NonNegInt = 0
+    # Save the policy (weights and config only) to OUT/snapshots/step_NNNNN
+    # after every this many steps, to evaluate the run's curve afterwards
+    # (`bench e2e` does); 0: none.
+    snapshot_every: NonNegInt = 0
+
+
+class EvalConfig(_Section):
+    """`stream-rl eval`: k samples per question, voted on by final answer."""
+    # The answer key of the vote (the training reward may be stricter: the
+    # tiny task's is the whole solution). The regex's first group is the
+    # final answer (null: math-verify's own extraction); answers compare by
+    # `answer_match`, and are judged against the row's `answer_field`. The
+    # defaults are the tiny task's (stream_rl/tiny/task.py ANSWER_REGEX).
+    answer_field: str = "answer"
+    answer_regex: str | None = r"####\s*(-?\d+)\s*$"
+    answer_match: Literal["math", "exact"] = "math"
+    k: PosInt = 16
+    # DeepConf: token confidence over the top `deepconf_top_k` log-probs
+    # (vLLM returns at most 20), windows of `deepconf_window` tokens (the
+    # paper: 2048; the tiny task's responses are 3-300 tokens), trace score
+    # the lowest window mean or the mean of the lowest 10%.
+    deepconf_top_k: Annotated[int, Meta(ge=1, le=20)] = 20
+    deepconf_window: PosInt = 16
+    deepconf_trace: Literal["lowest", "bottom10"] = "lowest"
 
 
 class Config(_Section):
@@ -250,6 +278,7 @@ class Config(_Section):
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
     weights_sync: WeightsSyncConfig = msgspec.field(default_factory=WeightsSyncConfig)
     run: RunConfig = msgspec.field(default_factory=RunConfig)
+    eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
 
 
 # --- cross-field checks that a single annotation cannot express -------------

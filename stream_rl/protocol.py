@@ -155,7 +155,8 @@ class SyncWeights(_Msg):
 
 
 class WeightsLoaded(_Msg):
-    """Every generator serves `version`: its staged copy may go."""
+    """Every generator serves `version` or a newer one that replaced it
+    before it was loaded: its staged copy may go."""
     version: int
 
 

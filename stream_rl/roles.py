@@ -11,12 +11,29 @@ from pathlib import Path
 from typing import Callable
 
 
+def _exit_with_parent() -> None:
+    """In the child: SIGTERM when the parent dies (Linux), so a SIGKILLed
+    `stream-rl train` does not leave its engines running on the ports a
+    `--resume` needs."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so `finally` blocks stop a role's children
+    (Python's default would end the process without them)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def start_role(args: list[str], log_path: Path) -> tuple[subprocess.Popen, object]:
     """`python <args>` in a session of its own, output to `log_path`;
     returns the process and the open log."""
     log = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            preexec_fn=_exit_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return proc, log
 
 

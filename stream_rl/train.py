@@ -151,6 +151,8 @@ class UpdateRelay:
             self.loading = staged
             self.pool.begin_update(staged.version, staged.uri)
         else:
+            if self.waiting is not None:  # never to be loaded: its staged copy may go
+                self.learner.send(WeightsLoaded(version=self.waiting.version))
             self.waiting = staged
 
     def poll(self) -> bool:

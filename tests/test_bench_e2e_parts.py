@@ -8,7 +8,9 @@ import math
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +69,26 @@ def test_batched_greedy_equals_one_at_a_time(small_cfg):
     assert tok.eos_token_id not in {t for r in batched for t in r}  # cut at the first eos
 
 
+def test_sampling_near_zero_temperature_gives_each_prompt_its_greedy_response(small_cfg):
+    """sample_generate's n responses of a prompt are that prompt's (the
+    sequences generate() returns are regrouped per prompt)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stream_rl.bench.heldout import greedy_generate, load_heldout, sample_generate
+
+    tok = AutoTokenizer.from_pretrained(small_cfg.model.path)
+    model = AutoModelForCausalLM.from_pretrained(small_cfg.model.path)
+    rows, _ = load_heldout(small_cfg, tok, limit=5)
+    prompts = [list(r.prompt_ids) for r in rows]
+    greedy = greedy_generate(model, tok, prompts, small_cfg.generator.max_tokens)
+    assert len(set(map(tuple, greedy))) > 1  # the prompts' answers differ
+    cold = sample_generate(model, tok, prompts, small_cfg.generator.max_tokens, n=3, temperature=1e-4,
+                           batch_size=6)
+    assert cold == [[g] * 3 for g in greedy]
+    hot = sample_generate(model, tok, prompts, small_cfg.generator.max_tokens, n=3, temperature=1.0, seed=1)
+    assert [len(r) for r in hot] == [3] * 5 and hot != cold
+
+
 def test_trl_missing_says_how_to_install(small_cfg, tmp_path, monkeypatch):
     from stream_rl.bench import trl_peer
 
@@ -99,7 +121,8 @@ def test_trl_peer_two_steps(small_cfg, tmp_path):
 
     from stream_rl.bench.trl_peer import run_trl
 
-    res = run_trl(small_cfg, tmp_path / "trl", 2, threshold_hint=2.0)
+    cfg = msgspec.structs.replace(small_cfg, run=msgspec.structs.replace(small_cfg.run, snapshot_every=2))
+    res = run_trl(cfg, tmp_path / "trl", 2, threshold_hint=2.0)
     lines = [json.loads(x) for x in (tmp_path / "trl" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert len(lines) == 2 and lines == res["records"]
     assert [r["step"] for r in lines] == [1, 2]
@@ -123,6 +146,9 @@ def test_trl_peer_two_steps(small_cfg, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(small_cfg.model.path)
     # Two optimizer steps moved the weights.
     assert any((p - q).abs().max() > 0 for p, q in zip(model.parameters(), base.parameters()))
+    # run.snapshot_every=2: the policy after step 2, as the project's learner saves it.
+    snap = AutoModelForCausalLM.from_pretrained(tmp_path / "trl" / "snapshots" / "step_00002")
+    assert all(torch.equal(p, q) for p, q in zip(snap.parameters(), model.parameters()))
 
 
 # --- time to reward (pure) ---------------------------------------------------------

@@ -68,17 +68,11 @@ def test_shipped_gpu_config_validates_offline():
     assert cfg.generator.max_tokens == 8192
 
 
-def test_baked_temperature_divides_every_logit():
-    import torch
+def test_teacher_slip_is_wrong_from_the_first_number_and_follows_the_rule_after():
+    from stream_rl.tiny import task
 
-    from stream_rl.tiny.model import build_model, build_tokenizer
-    from stream_rl.tiny.warmstart import bake_temperature
-
-    tok = build_tokenizer()
-    model = build_model(tok, seed=1).eval()
-    ids = tok("57c= 54 51", return_tensors="pt").input_ids
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-        bake_temperature(model, 2.5)
-        after = model(input_ids=ids).logits
-    torch.testing.assert_close(after, before / 2.5, rtol=1e-4, atol=1e-5)
+    right, slip = task.countdown(73, 3), task.teacher_slip(73, 3)
+    assert right == "70 67 64 61 58 55 52 49 46 43 40 37 34 31 28 25 22 19 16 13 10 07 04 01 #### 1"
+    assert slip == "73 " + right and slip.split()[0] != right.split()[0]
+    p = task.make_dataset(1, seed=0)[0]
+    assert p.solution == task.countdown(p.start, p.step) and p.prompt.startswith(f"{p.start:02d}")

@@ -17,13 +17,20 @@ steps; stream's is the policy's, its kept rollouts weighted by 1/keep_prob),
 `trained_tokens_per_s`, and the greedy held-out accuracy of the final model
 (`bench/heldout.py`).
 
-time_to_reward: the first wall time at which the moving average (`window`
-steps) of the training reward reaches the threshold. The threshold is one
-every system reaches: the common start (the mean over systems of their
-moving average at the first full window) plus `fraction` of the way to the
-lowest of the systems' best moving averages (the lowest best itself if some
-system never rose above the start). stream_vs_sync and stream_vs_trl are ratios of
-time_to_reward (higher: stream is faster).
+time_to_reward: the first wall time at which a system's reward curve
+reaches the threshold. The curve (`eval_every` > 0, the default) is the
+held-out reward of the policy snapshots every system saves each `eval_every`
+steps (`run.snapshot_every`), scored afterwards on the held-out prompts with
+`eval_samples` responses each, sampled as the generators sample: the same
+unbiased measure for all three, where the training reward is not one (stream's
+batches are pruned and, under APRIL, short responses finish first). With
+`eval_every` 0 the curve is the moving average (`window` steps) of the
+training reward. The threshold is one every system reaches: the common start
+(the initial policy's held-out reward; for training rewards, the mean over
+systems of their first full window) plus `fraction` of the way to the lowest
+of the systems' best values (the lowest best itself if some system never
+rose above the start). stream_vs_sync and stream_vs_trl are ratios of
+time_to_reward (higher: stream is faster). Both curves are in the JSON.
 """
 
 from __future__ import annotations
@@ -95,8 +102,26 @@ def _run_ours(cfg: Config, run_dir: Path, steps: int) -> tuple[list[dict], dict]
     return read_metrics(run_dir / "metrics.jsonl"), summary
 
 
+def heldout_curve(cfg: Config, run_dir: Path, records: list[dict], every: int, samples: int,
+                  start: float, limit: int | None = None) -> tuple[list[float], list[float]]:
+    """(rewards, walls): the initial policy's held-out reward `start` at wall 0,
+    then each snapshot's, at the wall time its step ended."""
+    from stream_rl.bench.heldout import heldout_accuracy
+    from stream_rl.learner.service import snapshot_path
+
+    rewards, walls = [start], [0.0]
+    for rec in records:
+        if rec["step"] % every == 0:
+            res = heldout_accuracy(snapshot_path(run_dir, rec["step"]), cfg, limit=limit, samples=samples,
+                                   seed=cfg.run.seed, batch_size=512)
+            rewards.append(res["heldout_sampled_reward"])
+            walls.append(rec["wall_s"])
+    return rewards, walls
+
+
 def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = None, window: int = 5,
-              fraction: float = 0.9, heldout_limit: int | None = None, keep_dir: str | None = None) -> dict:
+              fraction: float = 0.9, heldout_limit: int | None = None, keep_dir: str | None = None,
+              eval_every: int = 10, eval_samples: int = 4) -> dict:
     bad = [s for s in systems if s not in SYSTEMS]
     if bad or not systems:
         raise BenchSetupError(f"systems must be among {', '.join(SYSTEMS)}; got {list(systems)}")
@@ -107,11 +132,19 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
                               f"with mode: stream (got {cfg.mode!r})")
     from stream_rl.bench.heldout import heldout_accuracy
 
-    cfg = msgspec.structs.replace(cfg, run=msgspec.structs.replace(cfg.run, progress=False, checkpoint_every=0))
+    if eval_every < 0 or (eval_every and eval_samples < 1):
+        raise BenchSetupError(f"--eval-every must be >= 0 and --eval-samples >= 1 (got {eval_every}, {eval_samples})")
+    cfg = msgspec.structs.replace(cfg, run=msgspec.structs.replace(cfg.run, progress=False, checkpoint_every=0,
+                                                                   snapshot_every=eval_every))
     t0 = time.time()
     out: dict[str, dict] = {}
     curves: dict[str, tuple[list[float], list[float]]] = {}
     rewards_of: dict[str, list[float]] = {}
+    heldout: dict[str, tuple[list[float], list[float]]] = {}
+    start_reward = None
+    if eval_every:
+        start_reward = heldout_accuracy(cfg.model.path, cfg, limit=heldout_limit, samples=eval_samples,
+                                        seed=cfg.run.seed, batch_size=512)["heldout_sampled_reward"]
     with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-e2e-") as tmp:
         root = Path(keep_dir or tmp)
         for system in systems:
@@ -139,10 +172,22 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
             out[system] = res
             rewards = rewards_of[system] = [r["reward_policy_mean"] for r in records]
             curves[system] = (moving_average(rewards, window), [r["wall_s"] for r in records])
+            if eval_every:
+                te = time.time()
+                heldout[system] = heldout_curve(cfg, run_dir, records, eval_every, eval_samples, start_reward,
+                                                heldout_limit)
+                res.update(final_heldout_reward=heldout[system][0][-1], heldout_curve_s=time.time() - te)
     threshold, start, lowest_best = reward_threshold({s: c[0] for s, c in curves.items()}, fraction, window)
     for system, (curve, walls) in curves.items():
-        out[system]["time_to_reward_s"] = time_to(curve, walls, threshold, window)
+        out[system]["time_to_train_reward_s"] = time_to(curve, walls, threshold, window)
         out[system]["best_moving_average"] = max(curve[min(window, len(curve)) - 1:])
+        out[system]["time_to_reward_s"] = out[system]["time_to_train_reward_s"]
+    train_threshold = {"reward": threshold, "common_start": start, "lowest_best": lowest_best,
+                       "fraction": fraction, "window": window, "rose": lowest_best > start}
+    if eval_every:  # the held-out curves decide
+        threshold, start, lowest_best = reward_threshold({s: c[0] for s, c in heldout.items()}, fraction, 1)
+        for system, (curve, walls) in heldout.items():
+            out[system]["time_to_reward_s"] = time_to(curve, walls, threshold, 1)
 
     def ratio(a: str, b: str) -> float | None:
         if a not in out or b not in out or not out[a]["time_to_reward_s"] or out[b]["time_to_reward_s"] is None:
@@ -151,11 +196,17 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
 
     result = {
         "benchmark": "e2e", "systems": out,
-        "threshold": {"reward": threshold, "common_start": start, "lowest_best": lowest_best,
-                      "fraction": fraction, "window": window, "rose": lowest_best > start},
+        "measure": "heldout_sampled_reward" if eval_every else "training_reward_moving_average",
+        "threshold": ({"reward": threshold, "common_start": start, "lowest_best": lowest_best,
+                       "fraction": fraction, "eval_every": eval_every, "eval_samples": eval_samples,
+                       "rose": lowest_best > start} if eval_every else train_threshold),
+        "train_reward_threshold": train_threshold,
         # Per system and step: wall time and training reward, to redraw or re-threshold.
         "curves": {s: {"wall_s": [round(w, 2) for w in c[1]], "reward": [round(r, 4) for r in rewards_of[s]]}
                    for s, c in curves.items()},
+        # Per system and snapshot (the initial policy first): wall time and held-out reward.
+        "heldout_curves": {s: {"wall_s": [round(w, 2) for w in c[1]], "reward": [round(r, 4) for r in c[0]]}
+                           for s, c in heldout.items()},
         "stream_vs_sync": ratio("stream", "sync"), "stream_vs_trl": ratio("stream", "trl"),
     }
     targets = {}
@@ -177,5 +228,7 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
     return result
 
 
-def main(cfg: Config, out_json: str | None, steps: int, systems: list[str], keep_dir: str | None = None) -> dict:
-    return emit(bench_e2e(cfg, steps, systems, keep_dir=keep_dir), out_json)
+def main(cfg: Config, out_json: str | None, steps: int, systems: list[str], keep_dir: str | None = None,
+         eval_every: int = 10, eval_samples: int = 4) -> dict:
+    return emit(bench_e2e(cfg, steps, systems, keep_dir=keep_dir, eval_every=eval_every,
+                          eval_samples=eval_samples), out_json)

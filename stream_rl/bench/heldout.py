@@ -43,11 +43,9 @@ def load_heldout(cfg: Config, tokenizer, path: str | Path | None = None, limit: 
 def _load_tokenizer(model_dir: str | Path, cfg: Config):
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError):
-        # A weights-only directory: the tokenizer is the base model's.
-        return AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    # A weights-only directory (a run's snapshot): the tokenizer is the base model's.
+    src = model_dir if (Path(model_dir) / "tokenizer_config.json").is_file() else cfg.model.path
+    return AutoTokenizer.from_pretrained(str(src), trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _pad_id(tokenizer) -> int:
@@ -67,7 +65,24 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                     batch_size: int = 64) -> list[list[int]]:
-    """Greedy response ids for each prompt (up to and excluding the first eos), in the input order.
+    """Greedy response ids for each prompt (up to and excluding the first eos), in the input order."""
+    return [r[0] for r in _generate(model, tokenizer, prompts, max_new_tokens, batch_size, dict(do_sample=False))]
+
+
+def sample_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, n: int,
+                    temperature: float, top_p: float = 1.0, seed: int = 0,
+                    batch_size: int = 64) -> list[list[list[int]]]:
+    """`n` sampled responses per prompt (top_k off, as the generators sample)."""
+    import torch
+
+    torch.manual_seed(seed)
+    return _generate(model, tokenizer, prompts, max_new_tokens, max(1, batch_size // n),
+                     dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n))
+
+
+def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+              sampling: dict) -> list[list[list[int]]]:
+    """Response ids (up to and excluding the first eos) per prompt, in the input order.
 
     Prompts are left-padded with the pad (or eos) id and masked, so each row's
     positions start at 0 as when it is decoded alone.
@@ -79,9 +94,10 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad = _pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                               eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
-    out: list[list[int] | None] = [None] * len(prompts)
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=eos, pad_token_id=pad,
+                               bos_token_id=tokenizer.bos_token_id, **sampling)
+    n = sampling.get("num_return_sequences", 1)
+    out: list[list[list[int]] | None] = [None] * len(prompts)
     # Similar lengths share a batch: less padding, same results.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     model.eval()
@@ -97,15 +113,21 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
                 mask[row, width - len(ids):] = 1
             seqs = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_cfg)
             for row, i in enumerate(idx):
-                resp = seqs[row, width:].tolist()
-                cut = next((k for k, t in enumerate(resp) if t in eos), len(resp))
-                out[i] = resp[:cut]
+                out[i] = []
+                for j in range(n):  # generate() puts a prompt's n sequences next to each other
+                    resp = seqs[row * n + j, width:].tolist()
+                    cut = next((k for k, t in enumerate(resp) if t in eos), len(resp))
+                    out[i].append(resp[:cut])
     return out  # type: ignore[return-value]
 
 
 def heldout_accuracy(model_dir: str | Path, cfg: Config, path: str | Path | None = None,
-                     limit: int | None = None, batch_size: int = 64) -> dict:
-    """Greedy accuracy of the model in `model_dir` on the held-out prompts.
+                     limit: int | None = None, batch_size: int = 64, samples: int = 0, seed: int = 0) -> dict:
+    """Greedy accuracy of the model in `model_dir` on the held-out prompts;
+    with `samples` > 0, the mean reward of that many responses per prompt
+    sampled as the generators sample (`generator.temperature`, `top_p`): the
+    policy's expected reward, which pruned or length-ordered training batches
+    do not estimate without bias.
 
     `path` defaults to `eval.jsonl` beside `data.path`; `limit` scores the
     first `limit` prompts only. Each response (special tokens skipped) is
@@ -121,12 +143,16 @@ def heldout_accuracy(model_dir: str | Path, cfg: Config, path: str | Path | None
                                                  trust_remote_code=cfg.model.trust_remote_code)
     model.to("cpu")
     verifier = make_verifier(cfg.data)
-    responses = greedy_generate(model, tokenizer, [list(r.prompt_ids) for r in rows],
-                                cfg.generator.max_tokens, batch_size)
+    prompts = [list(r.prompt_ids) for r in rows]
+    g = cfg.generator
+    responses = ([[r] for r in greedy_generate(model, tokenizer, prompts, g.max_tokens, batch_size)] if not samples
+                 else sample_generate(model, tokenizer, prompts, g.max_tokens, samples, g.temperature, g.top_p,
+                                      seed, batch_size))
     scores = [verifier.score(tokenizer.decode(resp, skip_special_tokens=True), row.answer)
-              for resp, row in zip(responses, rows)]
+              for resps, row in zip(responses, rows) for resp in resps]
+    key = "heldout_sampled_reward" if samples else "heldout_accuracy"
     return {
-        "heldout_accuracy": sum(scores) / len(scores) if scores else 0.0,
+        key: sum(scores) / len(scores) if scores else 0.0,
         "heldout_n": len(scores),
         "heldout_path": ds.source,
         "heldout_s": time.perf_counter() - t0,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from stream_rl.config import Config
 from stream_rl.data import PromptDataset, PromptRow, render_prompt
+from stream_rl.learner.service import snapshot_path
 from stream_rl.verifier import make_verifier
 
 TRL_VERSION = "1.16.0"
@@ -84,10 +85,10 @@ def grpo_args(cfg: Config, out_dir: str | Path, steps: int):
         epsilon_high=lc.clip_high,
         scale_rewards="group",
         mask_truncated_completions=lc.mask_truncated,
-        # Optimizer: AdamW at a constant rate, as the project's learner.
+        # Optimizer: AdamW at a constant rate after the warm-up, as the project's learner.
         learning_rate=lc.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
+        lr_scheduler_type="constant_with_warmup" if lc.warmup_steps else "constant",
+        warmup_steps=lc.warmup_steps,  # as stream_rl.learner.trainer.learning_rate
         optim="adamw_torch",
         adam_beta1=lc.betas[0],
         adam_beta2=lc.betas[1],
@@ -177,7 +178,7 @@ def _mean(xs) -> float:
 
 
 def _make_callback(metrics_path: Path, stats: _StepStats, clock: dict, records: list, trl_logs: dict,
-                   threshold: float | None):
+                   threshold: float | None, snapshot_every: int = 0):
     from transformers import TrainerCallback
 
     class MetricsCallback(TrainerCallback):
@@ -205,6 +206,8 @@ def _make_callback(metrics_path: Path, stats: _StepStats, clock: dict, records: 
                 "truncated_frac": truncated / max(1, len(lengths)),
             }
             rec["trained_tokens_per_s"] = rec["tokens_trained"] / rec["step_s"] if rec["step_s"] else 0.0
+            if snapshot_every and state.global_step % snapshot_every == 0:  # as the project's learner
+                kwargs["model"].save_pretrained(snapshot_path(metrics_path.parent, state.global_step))
             clock["last"] = now
             records.append(rec)
             with metrics_path.open("a") as f:
@@ -274,7 +277,8 @@ def run_trl(cfg: Config, out_dir: str | Path, steps: int, threshold_hint: float 
     clock: dict = {}
     records: list[dict] = []
     trl_logs: dict = {}
-    callback = _make_callback(metrics_path, stats, clock, records, trl_logs, threshold_hint)
+    callback = _make_callback(metrics_path, stats, clock, records, trl_logs, threshold_hint,
+                              cfg.run.snapshot_every)
     trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=build_dataset(cfg, data.rows),
                               processing_class=tokenizer, callbacks=[callback])
     if not cfg.run.progress:  # the records are the log; no per-step dicts on stdout

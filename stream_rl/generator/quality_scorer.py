@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from stream_rl.protocol import QualityScore, WorkerScore, WorkerScores, encode

@@ -28,6 +28,11 @@ from stream_rl.weights_sync import make_weight_sender
 log = logging.getLogger(__name__)
 
 
+def snapshot_path(out: Path, steps: int) -> Path:
+    """Where `run.snapshot_every` puts the policy after `steps` updates."""
+    return Path(out) / "snapshots" / f"step_{steps:05d}"
+
+
 class LearnerService:
     def __init__(self, cfg: Config, out_dir: str | Path, world: int = 1, resume: str | Path | None = None):
         self.cfg = cfg
@@ -61,6 +66,9 @@ class LearnerService:
         stats.update(self.learner.train_head(msg.groups))
         stats.update(train_s=time.perf_counter() - t0, tokens_trained=sum(len(s.response_ids) for s in batch.samples),
                      groups_dropped=batch.dropped_groups, samples_rejected=len(batch.rejected))
+        every = self.cfg.run.snapshot_every
+        if every and msg.step % every == 0:  # the step of metrics.jsonl
+            self.learner.model.save_pretrained(snapshot_path(self.out, msg.step))
         weights = None
         if msg.sync_version is not None:
             t1 = time.perf_counter()
@@ -102,6 +110,17 @@ class LearnerService:
         self.learner.model.save_pretrained(final)
         AutoTokenizer.from_pretrained(self.cfg.model.path,
                                       trust_remote_code=self.cfg.model.trust_remote_code).save_pretrained(final)
+        ht = self.learner.head_trainer
+        if ht is not None:
+            # The quality head beside the policy, for `stream-rl eval`: its state
+            # dict under "head", as in a checkpoint's head.pt, with the L_detect it
+            # was trained at. A .pt file, not .safetensors: vLLM would load every
+            # *.safetensors of the directory as the model's weights.
+            import torch
+
+            from stream_rl.eval.checkpoint import HEAD_FILE
+
+            torch.save({"head": ht.head.state_dict(), "l_detect": self.cfg.pruner.l_detect}, final / HEAD_FILE)
 
 
 def follow(cfg: Config, rank: int, world: int, resume: str | Path | None = None) -> int:

@@ -59,6 +59,13 @@ def as_rows(flat: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch
     return out, mask
 
 
+def learning_rate(lc, steps_done: int) -> float:
+    """The lr of the update after `steps_done` updates: linear warm-up to
+    `lc.lr`, as transformers' constant_with_warmup schedule (verl's and
+    TRL's; its first update has lr 0)."""
+    return lc.lr * min(1.0, steps_done / lc.warmup_steps) if lc.warmup_steps else lc.lr
+
+
 class Learner:
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1):
         from transformers import AutoModelForCausalLM
@@ -190,9 +197,12 @@ class Learner:
                 acc[6] += lay.ids.numel()
             self._reduce_grads()
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)
+            for g in self.opt.param_groups:
+                g["lr"] = learning_rate(lc, self.steps)
             self.opt.step()
             stats["grad_norm"] = max(stats["grad_norm"], float(gn))
         self.steps += 1
+        stats["lr"] = self.opt.param_groups[0]["lr"]
         acc = self._reduce_sum(acc)
         stats["loss"] = float(acc[0])
         stats["clip_frac"] = float(acc[1] / max(acc[2], 1.0))

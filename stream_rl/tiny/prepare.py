@@ -10,7 +10,9 @@ A second call with the same recipe returns the cached stats at once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import time
 from pathlib import Path
 
@@ -19,19 +21,22 @@ import torch
 
 from stream_rl.tiny import task
 from stream_rl.tiny.model import build_model, build_tokenizer, save_checkpoint
-from stream_rl.tiny.warmstart import (bake_temperature, calibrate_temperature, encode, percentile,
-                                     sample_responses, warm_start)
+from stream_rl.tiny.warmstart import encode, percentile, sample_responses, warm_start
 from stream_rl.verifier import MathVerifier
 
 RECIPE = {
-    "version": 6,
+    "version": 8,
     "train_prompts": 20000,
     "probe_prompts": 128,
     "samples_per_prompt": 8,
     "sft_steps": 1500,
-    # Sampled at temperature 1, the warm start reproduces a probe reference
-    # exactly with this mean probability (the reward is the whole solution).
-    "target_exact": 0.65,
+    # A noisy teacher: this share of the warm start's reference solutions
+    # count down by the wrong step (task.teacher_slip). The warm start then
+    # picks the wrong rule about as often at temperature 1 -- a systematic,
+    # learnable mistake, like a base model's competing strategies, which RL
+    # removes in tens of steps (sampling noise baked in as a flat temperature
+    # took a sub-million-parameter model hundreds of noisy steps to undo).
+    "teacher_slip_rate": 0.35,
     "seed": 0,
 }
 
@@ -63,11 +68,12 @@ def prepare_tiny(out: str | Path = ".cache/tiny", force: bool = False, log=print
     model = build_model(tokenizer, seed=seed)
     probe = train[: RECIPE["probe_prompts"]]
     probe_enc = encode(probe, tokenizer)
-    ws = warm_start(model, encode(train, tokenizer), probe_enc, tokenizer.eos_token_id,
+    slip = random.Random(seed + 2)
+    taught = [dataclasses.replace(p, solution=task.teacher_slip(p.start, p.step))
+              if slip.random() < RECIPE["teacher_slip_rate"] else p for p in train]
+    ws = warm_start(model, encode(taught, tokenizer), probe_enc, tokenizer.eos_token_id,
                     steps=RECIPE["sft_steps"], seed=seed, log=log)
-    tau = calibrate_temperature(model, probe_enc, tokenizer.eos_token_id, RECIPE["target_exact"])
-    bake_temperature(model, tau)
-    log(f"warm start: greedy-exact {ws.greedy_exact:.3f}; logit temperature {tau:.3f} baked in")
+    log(f"warm start: greedy-exact {ws.greedy_exact:.3f}")
     save_checkpoint(model, tokenizer, out / "model")
 
     # Measure what RL will start from: sampling at temperature 1.
@@ -91,7 +97,6 @@ def prepare_tiny(out: str | Path = ".cache/tiny", force: bool = False, log=print
         "params": sum(p.numel() for p in model.parameters()),
         "warm_start_steps": ws.steps,
         "warm_start_greedy_exact": ws.greedy_exact,
-        "baked_temperature": tau,
         "pass_rate": float(rewards.mean()),
         # Final answer only: higher, as the model often recovers from a slip.
         "final_answer_pass_rate": float(answer_rewards.mean()),

@@ -37,6 +37,8 @@ class Problem:
     answer: str
     solution: str  # the reference response, used only by the warm start
     level: int
+    start: int
+    step: int
 
 
 def level_of(num_steps: int) -> int:
@@ -49,11 +51,25 @@ def is_held_out(start: int, step: int) -> bool:
     return random.Random(start * 10 + step).random() < 0.125
 
 
+def countdown(start: int, step: int) -> str:
+    """The worked solution of counting down from `start` by `step`."""
+    values = range(start - step, -1, -step)
+    return " ".join(f"{v:02d}" for v in values) + f" {ANSWER_MARK} {start % step}"
+
+
+def teacher_slip(start: int, step: int) -> str:
+    """The warm start's systematic mistake: the count-down starts with the
+    start number itself. Wrong from the first number on, so a partial
+    response already shows it, while the rest follows the right rule (the
+    model learns one rule, and one early choice RL can correct)."""
+    return f"{start:02d} " + countdown(start, step)
+
+
 def _problem(start: int, step: int) -> Problem:
     values = list(range(start - step, -1, -step))
-    solution = " ".join(f"{v:02d}" for v in values) + f" {ANSWER_MARK} {start % step}"
+    solution = countdown(start, step)
     return Problem(prompt=f"{start:02d}{STEP_LETTERS[step - 1]}=", answer=str(start % step),
-                   solution=solution, level=level_of(len(values)))
+                   solution=solution, level=level_of(len(values)), start=start, step=step)
 
 
 def make_problem(rng: random.Random, split: str = "train") -> Problem:
