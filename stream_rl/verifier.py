@@ -57,6 +57,13 @@ class MathVerifier:
         return 1.0 if verify(gold, got, timeout_seconds=timeout) else 0.0
 
 
+def math_answer(response: str) -> str | None:
+    """math-verify's own extraction of a response's answer (\\boxed{...}, else
+    the last expression), as text; None when it finds none."""
+    got = parse(response, extraction_config=_EXTRACTION)
+    return got[1] if len(got) > 1 else None
+
+
 def make_verifier(data_cfg) -> MathVerifier:
     """The verifier a `data` config section describes."""
     return MathVerifier(data_cfg.answer_regex, data_cfg.answer_match)

@@ -102,19 +102,26 @@ def _run_ours(cfg: Config, run_dir: Path, steps: int) -> tuple[list[dict], dict]
     return read_metrics(run_dir / "metrics.jsonl"), summary
 
 
+def heldout_reward(model_dir, cfg: Config, samples: int, limit: int | None = None) -> float:
+    """The held-out reward of the policy in `model_dir`: `samples` responses per prompt."""
+    from stream_rl.bench.heldout import heldout_accuracy
+
+    # 512 rows a generate() call: 40 s for 111 x 8 samples here, against
+    # 136 s at 64 rows and 247 s at 1024.
+    return heldout_accuracy(model_dir, cfg, limit=limit, samples=samples, seed=cfg.run.seed,
+                            batch_size=512)["heldout_sampled_reward"]
+
+
 def heldout_curve(cfg: Config, run_dir: Path, records: list[dict], every: int, samples: int,
                   start: float, limit: int | None = None) -> tuple[list[float], list[float]]:
     """(rewards, walls): the initial policy's held-out reward `start` at wall 0,
     then each snapshot's, at the wall time its step ended."""
-    from stream_rl.bench.heldout import heldout_accuracy
     from stream_rl.learner.service import snapshot_path
 
     rewards, walls = [start], [0.0]
     for rec in records:
         if rec["step"] % every == 0:
-            res = heldout_accuracy(snapshot_path(run_dir, rec["step"]), cfg, limit=limit, samples=samples,
-                                   seed=cfg.run.seed, batch_size=512)
-            rewards.append(res["heldout_sampled_reward"])
+            rewards.append(heldout_reward(snapshot_path(run_dir, rec["step"]), cfg, samples, limit))
             walls.append(rec["wall_s"])
     return rewards, walls
 
@@ -143,8 +150,7 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
     heldout: dict[str, tuple[list[float], list[float]]] = {}
     start_reward = None
     if eval_every:
-        start_reward = heldout_accuracy(cfg.model.path, cfg, limit=heldout_limit, samples=eval_samples,
-                                        seed=cfg.run.seed, batch_size=512)["heldout_sampled_reward"]
+        start_reward = heldout_reward(cfg.model.path, cfg, eval_samples, heldout_limit)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-e2e-") as tmp:
         root = Path(keep_dir or tmp)
         for system in systems:

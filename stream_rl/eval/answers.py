@@ -17,33 +17,23 @@ classes depend on the set of answers, never on candidate order.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
-from stream_rl.verifier import MathVerifier
+from stream_rl.verifier import MathVerifier, math_answer
 
 
 class AnswerKey:
     def __init__(self, answer_regex: str | None, match: str = "math"):
-        # The regex is checked (and explained) as data.answer_regex is.
-        MathVerifier(answer_regex, match)
-        self._regex = re.compile(answer_regex) if answer_regex else None
-        self.match = match
+        # Cuts the answer out as the training reward does (and checks the
+        # regex as data.answer_regex is checked).
+        self._cut = MathVerifier(answer_regex, match)
+        self._math_extract = answer_regex is None and match == "math"
         # Compares two bare answers (or an answer and the reference).
         self._compare = MathVerifier(None, match)
 
     def extract(self, response: str) -> str | None:
         """The final answer of a response, whitespace-normalised, or None."""
-        if self._regex is not None:
-            m = self._regex.search(response)
-            text = m.group(1) if m else None
-        elif self.match == "exact":
-            text = response
-        else:
-            from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
-            got = parse(response, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()])
-            text = got[1] if len(got) > 1 else None
+        text = math_answer(response) if self._math_extract else self._cut.extract(response)
         text = " ".join(text.split()) if text is not None else None
         return text or None
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from stream_rl.config import Config
 from stream_rl.controller import request_seed
 from stream_rl.eval.checkpoint import CheckpointError, PolicySource
 from stream_rl.eval.voting import deepconf_token_confidence
+from stream_rl.generator.engine import EngineScores, build_engine
 from stream_rl.generator.quality_scorer import SCORE_KEY
 from stream_rl.pruner.head import QualityHead, head_input_size
 
@@ -65,8 +64,7 @@ class EvalEngine:
         self.source = source
         self.engine = None
         self.has_head = False
-        self._scores_in = None
-        self._score_task = None
+        self._scores = None
         self._waiting: dict[str, asyncio.Future] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="stream-rl-eval-")
 
@@ -79,8 +77,6 @@ class EvalEngine:
         return msgspec.structs.replace(cfg, model=msgspec.structs.replace(cfg.model, path=str(source.model_dir)))
 
     async def start(self) -> None:
-        from stream_rl.generator.engine import build_engine
-
         self.engine = build_engine(self.cfg)
         if self.source.weights_file is not None:
             # The training weight sync's own path ("file" backend): names
@@ -94,32 +90,21 @@ class EvalEngine:
     async def _load_head(self, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        from stream_rl.protocol import Decoder, WorkerScores
-        from stream_rl.transport import AsyncZmqChannel
-
         head = QualityHead.from_synced(tensors)
         want = head_input_size(self.engine.model_config.get_hidden_size())
         if head.in_features != want:
             raise CheckpointError(f"the quality head takes {head.in_features} features; this model's hidden state "
                                   f"gives {want}: the head belongs to another model")
-        # As the generator service wires it (`_enable_scoring`).
-        addr = f"ipc://{self._tmp.name}/scores-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._scores_in = AsyncZmqChannel(addr, send=False, bind=True, hwm=self.cfg.generator.hwm,
-                                          decoder=Decoder(WorkerScores))
-        await self.engine.collective_rpc("stream_rl_enable_scoring", args=(addr,))
-        self._score_task = asyncio.create_task(self._receive_scores())
+        self._scores = await EngineScores.start(self.engine, self.cfg.generator.hwm, self._on_score)
         path = Path(self._tmp.name) / "quality_head.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
         await self.engine.collective_rpc("stream_rl_load_weights_from_file", args=(str(path),))
         self.has_head = True
 
-    async def _receive_scores(self) -> None:
-        while True:
-            msg = await self._scores_in.recv()
-            for s in msg.scores:
-                fut = self._waiting.pop(s.request_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(s.score)
+    def _on_score(self, s) -> None:
+        fut = self._waiting.pop(s.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(s.score)
 
     async def sample(self, prompt_ids: list[int], k: int, tag: str) -> list[Candidate]:
         """k independent candidates for one prompt."""
@@ -192,11 +177,9 @@ class EvalEngine:
             pass
 
     def close(self) -> None:
-        if self._score_task is not None:
-            self._score_task.cancel()
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
-        if self._scores_in is not None:
-            self._scores_in.close()
+        if self._scores is not None:
+            self._scores.close()
         self._tmp.cleanup()

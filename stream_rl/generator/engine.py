@@ -96,3 +96,35 @@ def version_starts(engine, request_id: str, final_output) -> list[tuple[str, int
     internal = op.external_req_ids.get(request_id)
     state = op.request_states.get(internal[0]) if internal else None
     return state.weight_version_starts if state is not None else None
+
+
+class EngineScores:
+    """The quality head's scores from an engine's workers (ARRoL): the head is
+    hooked into the workers (`stream_rl_enable_scoring`), which push every
+    score over a ZMQ side channel; each one goes to `on_score`."""
+
+    def __init__(self, channel, task):
+        self._channel, self._task = channel, task
+
+    @classmethod
+    async def start(cls, engine, hwm: int, on_score) -> "EngineScores":
+        import asyncio
+        import uuid
+
+        from stream_rl.protocol import Decoder, WorkerScores
+        from stream_rl.transport import AsyncZmqChannel
+
+        addr = f"ipc:///tmp/stream-rl-scores-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        channel = AsyncZmqChannel(addr, send=False, bind=True, hwm=hwm, decoder=Decoder(WorkerScores))
+        await engine.collective_rpc("stream_rl_enable_scoring", args=(addr,))
+
+        async def receive() -> None:
+            while True:
+                for score in (await channel.recv()).scores:
+                    on_score(score)
+
+        return cls(channel, asyncio.create_task(receive()))
+
+    def close(self) -> None:
+        self._task.cancel()
+        self._channel.close()

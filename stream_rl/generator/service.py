@@ -13,11 +13,11 @@ import logging
 import time
 
 from stream_rl.config import Config, generator_addrs
-from stream_rl.generator.engine import build_engine, sampled_logprobs, token_versions, version_starts
+from stream_rl.generator.engine import EngineScores, build_engine, sampled_logprobs, token_versions, version_starts
 from stream_rl.generator.quality_scorer import SCORE_KEY
 from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, QualityScore, RequestRejected,
                                 RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
-                                WeightsUpdated, WeightsUpdateFailed, WorkerScores)
+                                WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.transport import AsyncZmqChannel
 from stream_rl.weights_sync.buckets import SCHEME as TORCH_DIST
 
@@ -194,25 +194,10 @@ class GeneratorService:
 
     # --- quality scores (ARRoL) ---------------------------------------------------
 
-    async def _enable_scoring(self) -> None:
-        """Hook the quality head into the worker; it scores with the head
-        weights that arrive with the policy's (`quality_head.*`)."""
-        import os
-        import uuid
-
-        addr = f"ipc:///tmp/stream-rl-scores-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._scores_in = AsyncZmqChannel(addr, send=False, bind=True, hwm=self.cfg.generator.hwm,
-                                          decoder=Decoder(WorkerScores))
-        await self.engine.collective_rpc("stream_rl_enable_scoring", args=(addr,))
-        self._score_task = asyncio.create_task(self._receive_scores())
-
-    async def _receive_scores(self) -> None:
-        while True:
-            msg = await self._scores_in.recv()
-            for s in msg.scores:
-                # A request that ended meanwhile has all its tokens out already.
-                if s.request_id in self.tasks:
-                    self.scores[s.request_id] = s.score
+    def _on_score(self, s) -> None:
+        # A request that ended meanwhile has all its tokens out already.
+        if s.request_id in self.tasks:
+            self.scores[s.request_id] = s.score
 
     # --- main loop -------------------------------------------------------------
 
@@ -222,11 +207,12 @@ class GeneratorService:
         self.engine = build_engine(self.cfg, self.index)
         self._vocab_size = self.engine.model_config.get_vocab_size()
         await self.engine.update_weight_version(str(self.version))
-        self._scores_in = self._score_task = self._sync_task = None
+        self._scores = self._sync_task = None
         # Always on (it costs nothing until a head is loaded and a request
-        # asks for a score), so one engine serves every pruner mode.
+        # asks for a score), so one engine serves every pruner mode; it scores
+        # with the head weights that arrive with the policy's (`quality_head.*`).
         try:
-            await self._enable_scoring()
+            self._scores = await EngineScores.start(self.engine, g.hwm, self._on_score)
         except Exception:
             if self.cfg.pruner.mode == "arrol":
                 raise
@@ -274,10 +260,8 @@ class GeneratorService:
             self.engine = None
             self.inbox.close()
             self.outbox.close()
-            if self._score_task is not None:
-                self._score_task.cancel()
-            if self._scores_in is not None:
-                self._scores_in.close()
+            if self._scores is not None:
+                self._scores.close()
 
 
 def _bindable(addr: str) -> str:

@@ -66,10 +66,9 @@ def teacher_slip(start: int, step: int) -> str:
 
 
 def _problem(start: int, step: int) -> Problem:
-    values = list(range(start - step, -1, -step))
-    solution = countdown(start, step)
+    # The solution has start // step numbers (start - step down to start % step).
     return Problem(prompt=f"{start:02d}{STEP_LETTERS[step - 1]}=", answer=str(start % step),
-                   solution=solution, level=level_of(len(values)), start=start, step=step)
+                   solution=countdown(start, step), level=level_of(start // step), start=start, step=step)
 
 
 def make_problem(rng: random.Random, split: str = "train") -> Problem:
