@@ -135,14 +135,23 @@ def test_abort_stops_running_requests(generator, tokenizer):
 
 def test_abort_right_after_submit_is_not_lost(generator, tokenizer):
     # The abort reaches the service before the requests reach the engine,
-    # which alone would ignore it.
-    reqs = dict(_fixed_length(tokenizer, "early"))
-    for req in reqs.values():
-        generator.submit(req)
-    generator.abort(list(reqs))
-    chunks, ends = collect(generator, list(reqs))
-    assert {r: ends[r].finish_reason for r in reqs} == {r: "abort" for r in reqs}
-    assert all(ends[r].num_tokens < 400 for r in reqs)
+    # which alone would ignore it. On two busy cores the test process can
+    # be descheduled between submit and abort for longer than the 400
+    # tokens take (~0.3 s), so a request that ran to its end counts as a
+    # lost abort only if that happens on every try.
+    for _ in range(3):
+        reqs = dict(_fixed_length(tokenizer, "early"))
+        for req in reqs.values():
+            generator.submit(req)
+        generator.abort(list(reqs))
+        chunks, ends = collect(generator, list(reqs))
+        reasons = {r: ends[r].finish_reason for r in reqs}
+        assert set(reasons.values()) <= {"abort", "length"}
+        assert all(ends[r].num_tokens < 400 for r in reqs if reasons[r] == "abort")
+        if all(reason == "abort" for reason in reasons.values()):
+            break
+    else:
+        pytest.fail(f"aborts were lost on every try: {reasons}")
 
 
 def test_ignore_eos_generates_exactly_max_tokens(generator, tokenizer):
@@ -291,10 +300,15 @@ def test_train_runs_end_to_end(generator, engine_cfg, tmp_path, mode):
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["steps"] == summary["steps"] == 3 and saved["mode"] == mode
     assert (tmp_path / "final_model" / "config.json").is_file() and (tmp_path / "learner.log").is_file()
-    # What was still generating at the end is saved, as partials, for a
-    # later run to continue.
+    # What was in flight at the end is saved for a later run: unfinished
+    # members as partials, complete groups as ready. Stream keeps twice a
+    # batch in flight, so something is always carried (all of it may have
+    # finished while the last update ran); sync leaves nothing.
     from stream_rl.buffer.recycling import RecyclingBuffer
 
     buf = RecyclingBuffer(cfg.generator.group_size, cfg.buffer.max_groups)
     buf.load(tmp_path / "buffer.msgpack")
-    assert not buf.running and (bool(buf.partials) == (mode == "stream"))
+    unfinished = {r.rollout_id for members in buf.groups.values() for r in members if not r.finished}
+    assert not buf.running and {r.rollout_id for r in buf.partials} == unfinished
+    carried = len(buf.groups) + len(buf.ready)
+    assert carried > 0 if mode == "stream" else carried == 0
