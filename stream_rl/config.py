@@ -146,14 +146,27 @@ class BufferConfig(_Section):
     # Open (not yet complete) groups the buffer may hold; beyond it new
     # groups are refused rather than evicting accepted rollouts.
     max_groups: PosInt = 4096
-    # A partial whose oldest token is more than this many policy versions
-    # behind is "restart"ed from its prompt or its group is "drop"ped.
-    # None: no bound (APRIL's own behaviour).
+    # A rollout whose oldest token is more than this many policy versions
+    # behind is "restart"ed from its prompt, or its group is "drop"ped, or
+    # ("mask") it runs on and the learner leaves its tokens more than this
+    # many versions old out of the loss (slime's masking of old segments:
+    # nothing generated is thrown away, and a long member's finished siblings
+    # do not age into a dropped group). None: no bound (APRIL's behaviour).
     max_staleness: NonNegInt | None = None
-    stale_policy: Literal["restart", "drop"] = "restart"
+    stale_policy: Literal["restart", "drop", "mask"] = "restart"
     # Which partials are continued first: "fifo" (APRIL) or "most_generated"
     # (fewest tokens left first).
     continuation_order: Literal["fifo", "most_generated"] = "fifo"
+
+    @property
+    def rollout_staleness(self) -> int | None:
+        """The bound the controller and buffer apply to rollouts and groups."""
+        return None if self.stale_policy == "mask" else self.max_staleness
+
+    @property
+    def token_staleness(self) -> int | None:
+        """The bound the learner applies to tokens (stale_policy "mask")."""
+        return self.max_staleness if self.stale_policy == "mask" else None
 
 
 class LearnerConfig(_Section):

@@ -78,7 +78,7 @@ class RolloutController:
         self.verifier = verifier
         self.pruner = pruner
         b = cfg.buffer
-        self.buffer = buffer or RecyclingBuffer(cfg.generator.group_size, b.max_groups, b.max_staleness,
+        self.buffer = buffer or RecyclingBuffer(cfg.generator.group_size, b.max_groups, b.rollout_staleness,
                                                 b.stale_policy, b.continuation_order)
 
     # --- requests out ---------------------------------------------------------
@@ -147,8 +147,9 @@ class RolloutController:
         """Stop running rollouts whose oldest token is more than
         buffer.max_staleness versions behind `version` (stream mode, where
         requests outlive weight syncs): they return as partials, and taking
-        them to continue restarts or drops them (buffer.stale_policy)."""
-        bound = self.cfg.buffer.max_staleness
+        them to continue restarts or drops them (buffer.stale_policy; "mask"
+        lets them run and the learner masks their old tokens)."""
+        bound = self.cfg.buffer.rollout_staleness
         if bound is None:
             return 0
         stale = [rid for rid, r in self.buffer.running.items()

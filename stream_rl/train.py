@@ -12,7 +12,8 @@ the recycling buffer; complete groups go to the learner process as
   as soon as it is complete and the learner is free, the learner's weights
   reach the engines in flight (requests keep running, later tokens carry the
   new version), and rollouts more than `buffer.max_staleness` versions
-  behind are stopped and restarted. New prompts are drawn only while fewer
+  behind are restarted or dropped, or their old tokens masked by the
+  learner (`buffer.stale_policy`). New prompts are drawn only while fewer
   than a batch of groups waits, so generation runs at most one batch ahead of
   the learner.
 """

@@ -173,6 +173,18 @@ def test_threshold_is_reached_by_every_system_and_ignores_the_noisy_start():
     assert time_to(flat, walls[:4], thr, 2) == 2.0
 
 
+def test_issue_targets_compare_the_final_reward_on_the_clock_s_measure():
+    from stream_rl.bench.e2e import issue_targets
+
+    systems = {"sync": {"final_reward": 0.60, "final_heldout_reward": 0.45},
+               "stream": {"final_reward": 0.40, "final_heldout_reward": 0.44}}
+    held = issue_targets(systems, 2.1, 1.3, "final_heldout_reward")
+    assert held == {"stream_vs_sync_at_least_2": True, "stream_final_reward_within_0.02_of_sync": True,
+                    "stream_vs_trl_at_least_3": False}
+    assert not issue_targets(systems, 1.9, None, "final_reward")["stream_final_reward_within_0.02_of_sync"]
+    assert issue_targets(systems, None, 3.5, "final_reward") == {"stream_vs_trl_at_least_3": True}
+
+
 def test_cli_bench_e2e_refuses_what_cannot_give_a_result():
     from stream_rl.cli import main
 

@@ -499,6 +499,19 @@ def test_partial_without_tokens_is_never_stale():
     assert buf.num_open_groups == 1 and buf.stats.stale_dropped_groups == 0
 
 
+def test_stale_policy_mask_keeps_every_rollout_and_group():
+    # "mask": the learner leaves old tokens out; the buffer restarts and
+    # drops nothing, whatever the bound.
+    buf = make_buffer(group_size=1, max_staleness=0, stale_policy="mask")
+    r, _ = aborted_partial(buf, [0, 0])
+    out, abort = buf.take_partials(version=10**6)
+    assert out == [r] and not abort and r.versions == [0, 0] and r.restarts == 0
+    buf.start(r)
+    buf.on_finished(r.request_id, "stop", 1.0)
+    assert buf.drop_stale_ready(10**6) == 0 and buf.num_ready == 1
+    assert buf.stats.stale_restarted == buf.stats.stale_dropped_groups == buf.stats.tokens_discarded == 0
+
+
 def test_no_staleness_bound_never_restarts():
     buf = make_buffer(group_size=1, max_staleness=None)
     r, _ = aborted_partial(buf, [0, 0])
@@ -948,7 +961,8 @@ class Sim:
             self.pruned.clear()
 
     def take_partials(self, limit: int | None) -> None:
-        buf, S = self.buf, self.cfg["max_staleness"]
+        buf = self.buf
+        S = None if self.cfg["stale_policy"] == "mask" else self.cfg["max_staleness"]  # mask: the learner's bound
         before = {r.rollout_id: (r, list(r.response_ids), list(r.versions), r.restarts) for r in buf.partials}
         groups_before = dict(buf.groups)
         running_before = {rid: r.group_id for rid, r in buf.running.items()}
@@ -1035,7 +1049,7 @@ OPS = ["open", "open", "chunk", "chunk", "chunk", "chunk", "finish", "prune", "s
        "bump", "continue", "continue", "late", "drop", "take_ready", "reload"]
 
 
-@pytest.mark.parametrize("stale_policy", [None, "restart", "drop"])
+@pytest.mark.parametrize("stale_policy", [None, "restart", "drop", "mask"])
 @settings(max_examples=30, deadline=None)
 @given(cfg=st.fixed_dictionaries({
     "group_size": st.integers(1, 3),

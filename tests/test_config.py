@@ -167,6 +167,12 @@ def test_buffer_must_hold_the_groups_april_keeps_in_flight():
         config_from_dict({"buffer": {"max_staleness": -1}})
 
 
+@pytest.mark.parametrize("policy,rollouts,tokens", [("restart", 3, None), ("drop", 3, None), ("mask", None, 3)])
+def test_stale_policy_says_who_applies_the_bound(policy, rollouts, tokens):
+    b = config_from_dict({"buffer": {"max_staleness": 3, "stale_policy": policy}}).buffer
+    assert (b.rollout_staleness, b.token_staleness) == (rollouts, tokens)
+
+
 @pytest.mark.parametrize("override,needle", [
     ("learner.lr=-1e-5", "learner.lr"),
     ("learner.loss=foo", "learner.loss"),

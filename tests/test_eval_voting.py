@@ -297,6 +297,28 @@ def test_summary_metrics_by_hand():
     assert s["answered_fraction"] == pytest.approx((1.0 + 0.75) / 2)
     assert s["disagreement"]["maj_vs_deepconf"] == {"questions": 1, "maj_right": 1, "deepconf_right": 0}
     assert s["head"]["scored"] == 8 and s["head"]["auc"] == 1.0
+    assert s["qhead_ceiling_at_k"] == 0.5  # the first question; nothing can win the second
+
+
+def test_head_ceiling_and_auc_split_by_the_majority():
+    """qhead_ceiling_at_k: a perfect head's rank vote, which still loses to a
+    large enough wrong majority (ranks, not scores, are summed). The head's
+    within-question AUC is split by whether the majority was right."""
+    results = [
+        # Majority right; the head ranks the correct candidates first (AUC 1).
+        _result(["1", "1", "2"], [True, True, False], [2.0, 1.0, 0.0], "1", "1", "1"),
+        # Majority wrong ("2" twice): a perfect head gives "1" weight 1 and the
+        # tied "2"s 0.25 each, so "1" wins; this head ranks "1" last (AUC 0).
+        _result(["2", "2", "1"], [False, False, True], [1.0, 2.0, 0.0], "2", "2", "2"),
+        # Four wrong votes: even a perfect head loses (4 x 0.375 > 1).
+        _result(["2", "2", "2", "2", "1"], [False] * 4 + [True], [0.0] * 5, "2", "2", "2"),
+    ]
+    s = summarize(results, k=5, has_head=True, l_detect=32)
+    assert s["maj_at_k"] == pytest.approx(1 / 3) and s["qhead_at_k"] == pytest.approx(1 / 3)
+    assert s["qhead_ceiling_at_k"] == pytest.approx(2 / 3)
+    assert s["head"]["auc_within_question_maj_right"] == 1.0
+    # Majority-wrong pairs: question 2 (2 pairs, AUC 0) and question 3 (4 tied pairs, 0.5).
+    assert s["head"]["auc_within_question_maj_wrong"] == pytest.approx((0 * 2 + 0.5 * 4) / 6)
 
 
 def test_summary_without_a_head_skips_qhead():

@@ -798,6 +798,29 @@ def test_step_mask_stale_partly_stale_equals_masking(engine_cfg):
     assert_same_update(d_mixed, d_ref, atol=1e-7)
 
 
+@pytest.mark.parametrize("offpolicy", ["none", "tis"])
+def test_step_stale_policy_mask_leaves_out_tokens_beyond_the_bound(engine_cfg, offpolicy):
+    """buffer.stale_policy "mask": tokens more than max_staleness versions
+    behind count for nothing, whatever the off-policy correction; the rest
+    train as they would. Reference: the same batch where the too-old
+    samples' advantages are 0."""
+    fresh = learner_samples(3, versions=3)
+    mixed = [dataclasses.replace(s, versions=[0] * len(s.versions)) if k % 2 else s for k, s in enumerate(fresh)]
+    kw = dict(sgd=True, learner__grad_clip=1e6, learner__offpolicy=offpolicy, buffer__max_staleness=2)
+    s_mask, d_mask = step_delta(make_learner(engine_cfg, buffer__stale_policy="mask", **kw), mixed, policy_version=3)
+    zeroed = [dataclasses.replace(s, advantage=0.0) if k % 2 else s for k, s in enumerate(fresh)]
+    _, d_ref = step_delta(make_learner(engine_cfg, **kw), zeroed, policy_version=3)
+    assert_same_update(d_mask, d_ref, atol=1e-7)
+    n_old = sum(len(s.versions) for s in mixed[1::2])
+    assert s_mask["masked_token_frac"] == pytest.approx(n_old / sum(len(s.versions) for s in mixed))
+    # Lag 3 is within a bound of 3: nothing is masked, the update is the unmasked one.
+    kw["buffer__max_staleness"] = 3
+    s3, d3 = step_delta(make_learner(engine_cfg, buffer__stale_policy="mask", **kw), mixed, policy_version=3)
+    _, d_plain = step_delta(make_learner(engine_cfg, **kw), mixed, policy_version=3)
+    assert s3["masked_token_frac"] == 0.0
+    assert_same_update(d3, d_plain, atol=1e-7)
+
+
 def test_step_stats(engine_cfg):
     samples = learner_samples(4, versions=0)
     samples[0].versions = [0] * (len(samples[0].versions) - 1) + [1]  # one token from version 1 (lag 0 at v=1)

@@ -66,12 +66,13 @@ class BufferState(msgspec.Struct, kw_only=True):
 
 class RecyclingBuffer:
     def __init__(self, group_size: int, max_groups: int, max_staleness: int | None = None,
-                 stale_policy: Literal["restart", "drop"] = "restart", order: str = "fifo", prefix: str = ""):
+                 stale_policy: Literal["restart", "drop", "mask"] = "restart", order: str = "fifo", prefix: str = ""):
         if order not in CONTINUATION_ORDERS:
             raise BufferError(f"unknown continuation order {order!r}; known: {', '.join(CONTINUATION_ORDERS)}")
         self.group_size = group_size
         self.max_groups = max_groups
-        self.max_staleness = max_staleness
+        # "mask": stale rollouts run on; the learner masks their old tokens.
+        self.max_staleness = None if stale_policy == "mask" else max_staleness
         self.stale_policy = stale_policy
         self.order = CONTINUATION_ORDERS[order]
         # Group ids are f"{prefix}g{n}": buffers sharing one generator need

@@ -13,6 +13,13 @@ row's `eval.answer_field`. Reported, as fractions of the questions:
   candidate);
 - deepconf_at_k: DeepConf's confidence-weighted vote.
 
+With a head, two diagnostics say what it could add to the majority:
+qhead_ceiling_at_k is the rank vote with a perfect head (every correct
+candidate ranked above every wrong one), and head.auc_within_question_maj_
+right / _maj_wrong split the head's within-question AUC by whether the
+majority was right (a head that only knows what the majority knows has a high
+AUC on the first and none on the second).
+
 A candidate with no extractable answer does not vote (and is not correct).
 Without a quality head (a plain model directory, or a run without ARRoL)
 qhead_at_k is null, with a warning; the rest is reported.
@@ -92,7 +99,7 @@ def head_report(results: list[QuestionResult], l_detect: int) -> dict:
     """How well the head's scores predict correctness on these candidates:
     AUC over all, within a question (the pairs a vote compares), and for
     candidates scored at L_detect vs at their end (shorter, never trained on)."""
-    s, y, q, full = [], [], [], []
+    s, y, q, full, maj_ok = [], [], [], [], []
     unscored = 0
     for i, r in enumerate(results):
         for sc, ok, n in zip(r.scores, r.correct, r.lengths):
@@ -103,14 +110,18 @@ def head_report(results: list[QuestionResult], l_detect: int) -> dict:
             y.append(ok)
             q.append(i)
             full.append(n >= l_detect)
+            maj_ok.append(r.winners_correct["maj"])
     s, y, q, full = np.array(s), np.array(y, dtype=bool), np.array(q), np.array(full, dtype=bool)
+    maj_ok = np.array(maj_ok, dtype=bool)
     out = {"scored": int(s.size), "unscored": unscored, "l_detect": l_detect}
     if s.size:
         out.update(auc=head_auc(s, y), auc_within_question=stratified_auc(s, y, q),
                    accuracy=head_accuracy(1 / (1 + np.exp(-s)), y),
                    auc_at_l_detect=head_auc(s[full], y[full]), n_at_l_detect=int(full.sum()),
                    auc_shorter=head_auc(s[~full], y[~full]), n_shorter=int((~full).sum()),
-                   auc_within_question_at_l_detect=stratified_auc(s[full], y[full], q[full]))
+                   auc_within_question_at_l_detect=stratified_auc(s[full], y[full], q[full]),
+                   auc_within_question_maj_right=stratified_auc(s[maj_ok], y[maj_ok], q[maj_ok]),
+                   auc_within_question_maj_wrong=stratified_auc(s[~maj_ok], y[~maj_ok], q[~maj_ok]))
     return {k: _nan_to_none(v) for k, v in out.items()}
 
 
@@ -140,6 +151,9 @@ def summarize(results: list[QuestionResult], k: int, has_head: bool, l_detect: i
         "disagreement": {"maj_vs_deepconf": disagreement(results, "maj", "deepconf")},
     }
     if has_head:
+        # The perfect head's rank vote: correct candidates share the top ranks.
+        out["qhead_ceiling_at_k"] = frac([any(c and a == rank_vote(r.answers, [float(x) for x in r.correct])
+                                              for a, c in zip(r.answers, r.correct)) for r in results])
         out["disagreement"]["maj_vs_qhead"] = disagreement(results, "maj", "qhead")
         out["disagreement"]["qhead_vs_deepconf"] = disagreement(results, "qhead", "deepconf")
         out["head"] = head_report(results, l_detect)

@@ -99,6 +99,12 @@ def offpolicy_weights(mode: str, old_logp: torch.Tensor, rollout_logp: torch.Ten
     return torch.where(w > behave_cap, torch.zeros_like(w), w)
 
 
+def mask_stale_tokens(weights: torch.Tensor, lag: torch.Tensor, bound: int | None) -> torch.Tensor:
+    """buffer.stale_policy "mask": tokens more than `bound` versions behind
+    get weight 0."""
+    return weights if bound is None else weights * (lag <= bound).to(weights.dtype)
+
+
 def offpolicy_counts(weights: torch.Tensor, old_logp: torch.Tensor, rollout_logp: torch.Tensor | None,
                      lag: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Sums that add over ranks: [tokens, off-policy, masked, lag buckets...,

@@ -11,7 +11,8 @@ import torch
 from stream_rl.buffer.rollouts import Group
 from stream_rl.config import Config
 from stream_rl.learner.correction import (dppo_prune_completions, loss_normalisers, offpolicy_counts,
-                                          offpolicy_stats_from, offpolicy_weights, pruning_weights)
+                                          mask_stale_tokens, offpolicy_stats_from, offpolicy_weights,
+                                          pruning_weights)
 from stream_rl.learner.losses import policy_loss
 from stream_rl.learner.packing import Layout, pack_layout, pad_layout, response_logprobs, split_by_budget
 from stream_rl.learner.samples import Sample, SampleSet, samples_from_groups  # noqa: F401 (re-exported)
@@ -166,8 +167,9 @@ class Learner:
                     rollout = torch.tensor([x for s in mb for x in s.rollout_logprobs], dtype=logp.dtype, device=dev)
                 lag = torch.tensor([(policy_version - v) if policy_version is not None else 0
                                     for s in mb for v in s.versions], dtype=torch.long, device=dev)
-                tok_w = offpolicy_weights(lc.offpolicy, old_flat, rollout, lag, tis_cap=lc.tis_cap,
-                                          behave_cap=lc.behave_cap)
+                tok_w = mask_stale_tokens(offpolicy_weights(lc.offpolicy, old_flat, rollout, lag, tis_cap=lc.tis_cap,
+                                                            behave_cap=lc.behave_cap),
+                                          lag, self.cfg.buffer.token_staleness)
                 offp.append((tok_w, old_flat, rollout, lag))
                 ref = None
                 if self.ref_model is not None:
@@ -180,7 +182,8 @@ class Learner:
                 seq_w = torch.tensor([w_of[id(s)] for s in mb], dtype=logp.dtype, device=dev)
                 terms = policy_loss(lc.loss, lp_rows, rows(old_flat), adv, mask, clip_low=lc.clip_low,
                                     clip_high=lc.clip_high, num_seqs=num_seqs, num_tokens=num_tokens,
-                                    tok_weight=None if lc.offpolicy == "none" else rows(tok_w),
+                                    tok_weight=None if lc.offpolicy == "none" and self.cfg.buffer.token_staleness is None
+                                    else rows(tok_w),
                                     seq_weight=seq_w, ref_logp=None if ref is None else rows(ref),
                                     kl_beta=lc.kl_beta)
                 terms.loss.backward()
