@@ -159,11 +159,6 @@ class BufferConfig(_Section):
     continuation_order: Literal["fifo", "most_generated"] = "fifo"
 
     @property
-    def rollout_staleness(self) -> int | None:
-        """The bound the controller and buffer apply to rollouts and groups."""
-        return None if self.stale_policy == "mask" else self.max_staleness
-
-    @property
     def token_staleness(self) -> int | None:
         """The bound the learner applies to tokens (stale_policy "mask")."""
         return self.max_staleness if self.stale_policy == "mask" else None

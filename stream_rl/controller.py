@@ -78,7 +78,7 @@ class RolloutController:
         self.verifier = verifier
         self.pruner = pruner
         b = cfg.buffer
-        self.buffer = buffer or RecyclingBuffer(cfg.generator.group_size, b.max_groups, b.rollout_staleness,
+        self.buffer = buffer or RecyclingBuffer(cfg.generator.group_size, b.max_groups, b.max_staleness,
                                                 b.stale_policy, b.continuation_order)
 
     # --- requests out ---------------------------------------------------------
@@ -149,7 +149,7 @@ class RolloutController:
         requests outlive weight syncs): they return as partials, and taking
         them to continue restarts or drops them (buffer.stale_policy; "mask"
         lets them run and the learner masks their old tokens)."""
-        bound = self.cfg.buffer.rollout_staleness
+        bound = self.buffer.max_staleness  # None under "mask" (RecyclingBuffer)
         if bound is None:
             return 0
         stale = [rid for rid, r in self.buffer.running.items()

@@ -169,8 +169,11 @@ def test_buffer_must_hold_the_groups_april_keeps_in_flight():
 
 @pytest.mark.parametrize("policy,rollouts,tokens", [("restart", 3, None), ("drop", 3, None), ("mask", None, 3)])
 def test_stale_policy_says_who_applies_the_bound(policy, rollouts, tokens):
+    from stream_rl.buffer.recycling import RecyclingBuffer
+
     b = config_from_dict({"buffer": {"max_staleness": 3, "stale_policy": policy}}).buffer
-    assert (b.rollout_staleness, b.token_staleness) == (rollouts, tokens)
+    buf = RecyclingBuffer(2, b.max_groups, b.max_staleness, b.stale_policy)
+    assert (buf.max_staleness, b.token_staleness) == (rollouts, tokens)
 
 
 @pytest.mark.parametrize("override,needle", [

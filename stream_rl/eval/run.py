@@ -133,6 +133,13 @@ def disagreement(results: list[QuestionResult], a: str, b: str) -> dict:
             f"{b}_right": sum(r.winners_correct[b] and not r.winners_correct[a] for r in diff)}
 
 
+def _ceiling_correct(r: QuestionResult) -> bool:
+    """Whether a perfect head's rank vote (correct candidates share the top
+    ranks) picks a correct answer."""
+    won = rank_vote(r.answers, [float(c) for c in r.correct])
+    return any(c and a == won for a, c in zip(r.answers, r.correct))
+
+
 def summarize(results: list[QuestionResult], k: int, has_head: bool, l_detect: int) -> dict:
     n = len(results)
 
@@ -151,9 +158,7 @@ def summarize(results: list[QuestionResult], k: int, has_head: bool, l_detect: i
         "disagreement": {"maj_vs_deepconf": disagreement(results, "maj", "deepconf")},
     }
     if has_head:
-        # The perfect head's rank vote: correct candidates share the top ranks.
-        out["qhead_ceiling_at_k"] = frac([any(c and a == rank_vote(r.answers, [float(x) for x in r.correct])
-                                              for a, c in zip(r.answers, r.correct)) for r in results])
+        out["qhead_ceiling_at_k"] = frac([_ceiling_correct(r) for r in results])
         out["disagreement"]["maj_vs_qhead"] = disagreement(results, "maj", "qhead")
         out["disagreement"]["qhead_vs_deepconf"] = disagreement(results, "qhead", "deepconf")
         out["head"] = head_report(results, l_detect)
