@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="e2e: snapshot every N steps and score each on the held-out prompts; time to reward "
                         "is measured on that curve (0: on the training reward)")
     p.add_argument("--eval-samples", type=int, default=4, help="e2e: sampled responses per held-out prompt")
+    p.add_argument("--seeds", default=None,
+                   help="e2e: comma-separated run.seed values; the comparison runs once per seed and is pooled "
+                        "over them (default: one run at the config's seed)")
 
     p = sub.add_parser("eval", help="k samples per question: pass@1, pass@k, majority, quality-head and "
                                     "DeepConf votes (JSON)")
@@ -157,8 +160,16 @@ def main(argv: list[str] | None = None) -> int:
             elif args.what == "e2e":
                 from stream_rl.bench.e2e import main as bench_e2e
 
+                seeds = None
+                if args.seeds is not None:
+                    try:
+                        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+                    except ValueError:
+                        raise BenchSetupError(f"--seeds must be comma-separated integers (got {args.seeds!r})")
+                    if not seeds:
+                        raise BenchSetupError("--seeds names no seed")
                 bench_e2e(cfg, args.out_json, steps, [s.strip() for s in args.systems.split(",") if s.strip()],
-                          args.keep, args.eval_every, args.eval_samples)
+                          args.keep, args.eval_every, args.eval_samples, seeds)
             elif args.what == "weight-sync":
                 from stream_rl.bench.weight_sync import main as bench_weight_sync
 

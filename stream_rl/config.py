@@ -122,6 +122,18 @@ class PrunerConfig(_Section):
     # Steps without pruning while the head and the calibrator collect data
     # (both modes, so random and arrol prune over the same steps).
     cold_start_steps: NonNegInt = 20
+    # arrol: after cold start, prune only while the head's AUC on the
+    # rollouts no draw could remove (`prune/head_auc`) is at least this. A
+    # head at chance makes ARRoL random pruning, which costs the update
+    # signal and buys nothing the head knows. 0: always prune after cold start.
+    min_head_auc: Prob = 0.0
+    # arrol: which way the survival probability leans. "fixed" is ARRoL's
+    # Eq. 2 (likely-correct rollouts are kept less often: a group whose pass
+    # rate is above rho moves toward it, one below moves away). "group" leans
+    # each group toward rho from its estimated pass rate (the rewards of its
+    # finished members and the posteriors of its scored ones), both cases of
+    # ARRoL's Lemma 4.1.
+    balance: Literal["fixed", "group"] = "fixed"
     head_hidden: PosInt = 256
     # Rollouts never pruned: the unbiased slice the head's quality is measured on.
     exempt_fraction: Prob = 0.05

@@ -185,6 +185,52 @@ def test_issue_targets_compare_the_final_reward_on_the_clock_s_measure():
     assert issue_targets(systems, None, 3.5, "final_reward") == {"stream_vs_trl_at_least_3": True}
 
 
+def _run(seed, held, svs, **finals):
+    """A bench_e2e result with only what pool_seeds reads: held-out curves
+    {system: (rewards, walls)}, the run's own ratio, final rewards."""
+    return {"measure": "heldout_sampled_reward", "final_reward_measure": "final_heldout_reward",
+            "threshold": {"fraction": 0.9, "window": 1, "reward": 0.0}, "setup": {"seed": seed},
+            "stream_vs_sync": svs, "stream_vs_trl": None,
+            "systems": {s: {"wall_s": w[-1], "time_to_reward_s": w[-1], "final_heldout_reward": finals[s]}
+                        for s, (_, w) in held.items()},
+            "heldout_curves": {s: {"reward": r, "wall_s": w} for s, (r, w) in held.items()}}
+
+
+def test_pool_seeds_thresholds_the_mean_curves():
+    from stream_rl.bench.e2e import pool_seeds
+
+    a = _run(0, {"sync": ([0.3, 0.4, 0.5], [0.0, 10.0, 20.0]), "stream": ([0.3, 0.45, 0.5], [0.0, 4.0, 8.0])},
+             2.5, sync=0.5, stream=0.5)
+    b = _run(1, {"sync": ([0.4, 0.45, 0.6], [0.0, 12.0, 24.0]), "stream": ([0.4, 0.5, 0.55], [0.0, 5.0, 10.0])},
+             2.4, sync=0.6, stream=0.55)
+    out = pool_seeds([a, b])
+    # Mean curves: sync 0.35, 0.425, 0.55 at 0, 11, 22 s; stream 0.35, 0.475, 0.525 at 0, 4.5, 9 s.
+    assert out["mean_curves"]["stream"] == {"reward": [0.35, 0.475, 0.525], "wall_s": [0.0, 4.5, 9.0]}
+    thr = out["threshold"]
+    assert thr["common_start"] == pytest.approx(0.35) and thr["lowest_best"] == pytest.approx(0.525)
+    assert thr["reward"] == pytest.approx(0.35 + 0.9 * 0.175)
+    assert out["systems"]["sync"]["time_to_reward_s"] == 22.0 and out["systems"]["stream"]["time_to_reward_s"] == 9.0
+    assert out["stream_vs_sync"] == pytest.approx(22.0 / 9.0) and out["stream_vs_trl"] is None
+    # Means and ranges over seeds; each seed's own ratio kept.
+    assert out["systems"]["stream"]["final_heldout_reward"] == pytest.approx(0.525)
+    assert out["systems"]["sync"]["wall_s_min"] == 20.0 and out["systems"]["sync"]["wall_s_max"] == 24.0
+    assert [p["stream_vs_sync"] for p in out["per_seed"]] == [2.5, 2.4] and out["seeds"] == [0, 1]
+    assert out["targets"] == {"stream_vs_sync_at_least_2": True, "stream_final_reward_within_0.02_of_sync": False}
+    assert out["runs"] == [a, b]
+
+
+def test_pool_seeds_refuses_runs_on_different_measures():
+    from stream_rl.bench.common import BenchSetupError
+    from stream_rl.bench.e2e import pool_seeds
+
+    a = _run(0, {"sync": ([0.3, 0.4], [0.0, 1.0]), "stream": ([0.3, 0.4], [0.0, 1.0])}, 1.0, sync=0.4, stream=0.4)
+    b = dict(a, measure="training_reward_moving_average")
+    with pytest.raises(BenchSetupError, match="measure"):
+        pool_seeds([a, b])
+    with pytest.raises(BenchSetupError):
+        pool_seeds([])
+
+
 def test_cli_bench_e2e_refuses_what_cannot_give_a_result():
     from stream_rl.cli import main
 
@@ -192,3 +238,6 @@ def test_cli_bench_e2e_refuses_what_cannot_give_a_result():
     assert main(["bench", "e2e", "--config", tiny, "--steps", "3"]) == 2  # below the moving-average window
     assert main(["bench", "e2e", "--config", tiny, "--systems", "sync,vllm"]) == 2
     assert main(["bench", "e2e", "--config", tiny, "--set", "mode=sync", "--set", "pruner.mode=none"]) == 2
+    assert main(["bench", "e2e", "--config", tiny, "--seeds", "0,x"]) == 2
+    assert main(["bench", "e2e", "--config", tiny, "--seeds", "1,1"]) == 2
+    assert main(["bench", "e2e", "--config", tiny, "--seeds", ","]) == 2

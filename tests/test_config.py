@@ -167,6 +167,23 @@ def test_buffer_must_hold_the_groups_april_keeps_in_flight():
         config_from_dict({"buffer": {"max_staleness": -1}})
 
 
+def test_head_options_are_read_by_arrol_only():
+    """balance and min_head_auc belong to the head; the none and random
+    ablations of an arrol config (bench e2e's sync, bench pruning's random)
+    take them as they are and do not read them."""
+    for mode in ("none", "random"):
+        cfg = config_from_dict({"pruner": {"mode": mode, "balance": "group", "min_head_auc": 0.7, "l_detect": 8}})
+        assert (cfg.pruner.balance, cfg.pruner.min_head_auc) == ("group", 0.7)
+    # bench e2e's sync system: the tiny config with the pruner off.
+    tiny = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").read_text())
+    assert tiny["pruner"]["balance"] == "group" and tiny["pruner"]["min_head_auc"] > 0
+    assert config_from_dict(tiny, ["mode=sync", "pruner.mode=none"]).mode == "sync"
+    with pytest.raises(ConfigError, match="allowed values: 'fixed', 'group'"):
+        config_from_dict({"pruner": {"mode": "arrol", "balance": "batch", "l_detect": 8}})
+    with pytest.raises(ConfigError, match="pruner.min_head_auc"):
+        config_from_dict({"pruner": {"mode": "arrol", "min_head_auc": 1.5, "l_detect": 8}})
+
+
 @pytest.mark.parametrize("policy,rollouts,tokens", [("restart", 3, None), ("drop", 3, None), ("mask", None, 3)])
 def test_stale_policy_says_who_applies_the_bound(policy, rollouts, tokens):
     from stream_rl.buffer.recycling import RecyclingBuffer

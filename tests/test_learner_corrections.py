@@ -839,6 +839,49 @@ def test_step_stats(engine_cfg):
     assert stats["samples_trained"] == len(samples)
 
 
+@pytest.mark.parametrize("loss", KINDS)
+def test_step_zero_advantage_samples_only_count_in_the_normalisers(engine_cfg, loss):
+    """A group whose rewards are all equal (advantage 0) adds nothing to the
+    gradient but counts in the normalisers (sequences for grpo and gspo,
+    tokens for dapo), so the update with it is the update without it scaled
+    by N_without / N_with (SGD, no clipping). The learner skips its forward
+    and backward passes; the update must not change."""
+    live = learner_samples(5)
+    rng = random.Random(5)
+    flat = [Sample([rng.randint(1, 258) for _ in range(5)], [rng.randint(1, 258) for _ in range(7)], 0.0,
+                   [-5.0] * 7, [0] * 7, group_id="flat", sample_id=f"flat-{j}", group_size=4) for j in range(4)]
+    kw = dict(sgd=True, learner__loss=loss, learner__grad_clip=1e6)
+    s_live, d_live = step_delta(make_learner(engine_cfg, **kw), live)
+    s_all, d_all = step_delta(make_learner(engine_cfg, **kw), live[:4] + flat + live[4:])
+    assert s_live["samples_without_gradient"] == 0 and s_all["samples_without_gradient"] == 4
+    if loss == "dapo":
+        scale = sum(len(s.response_ids) for s in live) / sum(len(s.response_ids) for s in live + flat)
+    else:
+        scale = len(live) / (len(live) + len(flat))
+    assert any(float(d.abs().max()) > 0 for d in d_live.values())
+    assert_same_update(d_all, {k: v * scale for k, v in d_live.items()}, atol=1e-7)
+
+
+def test_step_with_no_gradient_is_still_an_optimizer_step(engine_cfg):
+    """A batch of zero-advantage samples trains nothing, but AdamW still
+    steps with a zero gradient (its momentum moves the weights), as the full
+    pass over those samples would."""
+    live = learner_samples(6)
+    flat = [dataclasses.replace(s, advantage=0.0) for s in learner_samples(7)]
+    a, b = make_learner(engine_cfg), make_learner(engine_cfg)
+    a.step(live)
+    b.step(live)
+    stats, delta = step_delta(a, flat)
+    assert stats["samples_without_gradient"] == len(flat) and stats["grad_norm"] == 0.0
+    before = params(b)
+    for p in b.model.parameters():
+        p.grad = torch.zeros_like(p)
+    b.opt.step()
+    ref = {k: v.detach() - before[k] for k, v in b.model.named_parameters()}
+    assert any(float(d.abs().max()) > 0 for d in ref.values())
+    assert_same_update(delta, ref, atol=0.0)
+
+
 @pytest.mark.parametrize("mode", ["tis", "decoupled"])
 def test_step_is_modes_with_rollout_equal_to_learner_are_plain(engine_cfg, mode):
     """When the rollout log-probs are the learner's own, every IS weight is 1:

@@ -25,7 +25,7 @@ from stream_rl.buffer.rollouts import Group, Rollout
 from stream_rl.config import config_from_dict
 from stream_rl.learner.quality_head import QualityHeadTrainer
 from stream_rl.protocol import Decoder, QualityScore, TokenChunk, encode
-from stream_rl.pruner.arrol import SCORE_GRACE_TOKENS, ArrolPruner
+from stream_rl.pruner.arrol import SCORE_GRACE_TOKENS, ArrolPruner, sigmoid
 from stream_rl.pruner.base import Pruner, RandomPruner, make_pruner
 from stream_rl.pruner.calibration import BinnedCalibrator, binned_posterior, score_bins
 from stream_rl.pruner.head import (CONFIDENCE_FEATURES, QualityHead, decode_features, encode_features, head_features,
@@ -322,6 +322,24 @@ def test_probs_bounded_and_non_increasing_in_q(policy, delta, qs):
     raw = policy.kappa + delta + policy.lam * (policy.rho - qs)
     inside = (raw > policy.p_min) & (raw < policy.p_max)
     np.testing.assert_allclose(p[inside], raw[inside])
+
+
+@PROPS
+@given(policies(), st.lists(st.tuples(st.floats(0.0, 1.0), st.sampled_from([-1.0, 0.0, 1.0])), min_size=1,
+                            max_size=300))
+def test_solve_delta_with_directions_hits_kappa(policy, pairs):
+    """With per-rollout leans d in {-1, 0, 1} the mean p over the reference
+    (q, d) pairs is still kappa; d = -1 makes p non-decreasing in q, d = 0
+    constant."""
+    q = np.array([x for x, _ in pairs])
+    d = np.array([y for _, y in pairs])
+    delta = policy.solve_delta(q, d)
+    p = np.clip(policy.kappa + delta + policy.lam * d * (policy.rho - q), policy.p_min, policy.p_max)
+    assert abs(p.mean() - policy.kappa) <= 1e-3
+    np.testing.assert_allclose(policy.probs(q, d), p)
+    qs = np.sort(q)
+    assert np.all(np.diff(policy.probs(qs, -1.0)) >= -1e-12)
+    assert np.ptp(policy.probs(qs, 0.0)) == 0.0
 
 
 def test_solve_delta_hand_example_and_empty():
@@ -769,6 +787,75 @@ def test_arrol_summary_uses_exempt_slice_only():
     assert s["head_spearman"] == pytest.approx(ref_spearman([r.score for r in ex], [r.reward for r in ex]))
     acc = sum((r.score >= 0) == (r.reward >= 0.5) for r in ex) / len(ex)  # sigmoid(s) >= 1/2 iff s >= 0
     assert s["head_accuracy"] == pytest.approx(acc)
+
+
+def test_arrol_min_head_auc_gates_pruning_on_the_measured_head():
+    """min_head_auc: after cold start the pruner prunes only while the head's
+    AUC on the rollouts no draw removed is at least the gate; until then
+    every rollout passes as in cold start (and feeds the measure)."""
+    p = arrol_pruner(cold_start_steps=1, min_head_auc=0.7, exempt_fraction=0.0, kappa=0.5, min_survivors=1)
+
+    def step(k: int, informative: bool) -> tuple[list[str], dict]:
+        rs = [mk(i, 8, f"s{k}", score=((2.0 if i % 2 else -2.0) if informative else 0.0), reward=float(i % 2))
+              for i in range(16)]
+        for r in rs:
+            p.review(r, rs)
+            r.finish_reason = "pruned" if r.decision == "pruned" else "stop"
+        return [r.decision for r in rs], p.end_step([Group(group_id=f"s{k}", rollouts=rs)])
+
+    # Cold start, a head at chance (equal scores: AUC 0.5).
+    dec, m = step(0, informative=False)
+    assert set(dec) == {"cold"} and m["head_auc"] == pytest.approx(0.5)
+    # After cold start the gate stays shut: AUC 0.5 < 0.7. A perfect head
+    # this step lifts the pooled AUC to (64 x 0.5 + 64 x 1) / 128 = 0.75.
+    dec, m = step(1, informative=True)
+    assert set(dec) == {"cold"} and m["prune_active"] == 0.0 and m["head_auc"] == pytest.approx(0.75)
+    # Open: the survival draws decide.
+    dec, m = step(2, informative=True)
+    assert m["prune_active"] == 1.0 and "pruned" in dec and "cold" not in dec
+    # The gate is part of the state a resumed pruner takes up.
+    q = arrol_pruner(cold_start_steps=1, min_head_auc=0.7, exempt_fraction=0.0, kappa=0.5, min_survivors=1)
+    q.load_state_dict(p.state_dict())
+    assert q.active and q.head_auc == p.head_auc
+    # Without a gate the same pruner prunes right after cold start.
+    free = arrol_pruner(cold_start_steps=1, exempt_fraction=0.0, kappa=0.5, min_survivors=1)
+    p = free
+    step(0, informative=False)
+    dec, m = step(1, informative=False)
+    assert m["prune_active"] == 1.0 and "cold" not in dec
+
+
+@pytest.mark.parametrize("balance", ["fixed", "group"])
+def test_arrol_balance_leans_each_group_toward_rho(balance):
+    """A likely-correct rollout (high q) and a likely-wrong one, in a group
+    whose finished members all failed and in one whose finished members all
+    passed. ARRoL's Eq. 2 ("fixed") keeps the likely-wrong one more often in
+    both, which pushes the failing group further from rho = 0.5; "group"
+    leans the failing group the other way (ARRoL's Lemma 4.1, second case)."""
+    p = arrol_pruner(balance=balance, cold_start_steps=0, bins=4, kappa=0.5, rho=0.5, lam=0.5)
+    for _ in range(20):  # a calibrated head: high scores pass, low ones fail
+        p.calibrator.observe(sigmoid(3.0), True)
+        p.calibrator.observe(sigmoid(-3.0), False)
+    probs = {}
+    for name, reward in (("failing", 0.0), ("passing", 1.0)):
+        done = [mk(i, 20, name, reward=reward, finish="stop") for i in range(6)]
+        hi, lo = mk(6, 8, name, score=3.0), mk(7, 8, name, score=-3.0)
+        members = done + [hi, lo]
+        for r in (hi, lo):
+            assert p.at_decision_point(r, members)
+        assert hi.q > 0.5 > lo.q
+        probs[name] = (p.keep_probability(hi, members), p.keep_probability(lo, members))
+    assert probs["passing"][0] < probs["passing"][1]
+    if balance == "fixed":
+        assert probs["failing"][0] < probs["failing"][1]
+        assert list(p.recent_directions) == [1.0] * 4
+    else:
+        assert probs["failing"][0] > probs["failing"][1]
+        assert list(p.recent_directions) == [-1.0, -1.0, 1.0, 1.0]
+    # The leans are part of the state a resumed pruner takes up.
+    q = arrol_pruner(balance=balance, cold_start_steps=0, bins=4, kappa=0.5, rho=0.5, lam=0.5)
+    q.load_state_dict(p.state_dict())
+    assert list(q.recent_directions) == list(p.recent_directions)
 
 
 def test_arrol_end_step_shared_metrics():

@@ -129,6 +129,7 @@ def test_arrol_prunes_inside_the_engine(generator, head_loaded, engine_cfg, worl
     tokens past L_detect, never run to their budget) and complete their group
     as "pruned"; groups keep min_survivors or are dropped and replaced."""
     cfg = cfg_with(engine_cfg, pruner__mode="arrol", pruner__cold_start_steps=0, pruner__exempt_fraction=0.0,
+                   pruner__min_head_auc=0.0,  # the mechanics of pruning, whatever the head's quality
                    pruner__small_groups=small_groups, generator__target_groups=6, generator__max_tokens=300)
     tok, dataset = world
     pruner = make_pruner(cfg)
@@ -171,7 +172,8 @@ def test_train_with_arrol_trains_and_syncs_the_head(generator, engine_cfg, tmp_p
     pruner reports its metrics every step, and pruning starts after cold start."""
     from stream_rl.train import train
 
-    cfg = cfg_with(engine_cfg, pruner__mode="arrol", pruner__cold_start_steps=1, generator__target_groups=8)
+    cfg = cfg_with(engine_cfg, pruner__mode="arrol", pruner__cold_start_steps=1, generator__target_groups=8,
+                   pruner__min_head_auc=0.0)  # no gate: pruning starts right after cold start
     summary = train(cfg, tmp_path, max_steps=3, generator=generator)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]

@@ -31,10 +31,17 @@ systems of their first full window) plus `fraction` of the way to the lowest
 of the systems' best values (the lowest best itself if some system never
 rose above the start). stream_vs_sync and stream_vs_trl are ratios of
 time_to_reward (higher: stream is faster). Both curves are in the JSON.
+
+With `--seeds 0,1,2` the whole comparison runs once per seed and
+`pool_seeds` compares the systems on their curves averaged over seeds (one
+run rests on one training trajectory; the same config's seeds differ by up
+to ~0.1 in held-out gain on the tiny world). Each seed's own result is
+written beside the JSON as it completes.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -244,7 +251,90 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
     return result
 
 
+# Per-system numbers averaged over seeds (those every run has).
+POOLED_KEYS = ("wall_s", "step_s_median", "time_to_reward_s", "final_reward", "final_heldout_reward",
+               "heldout_accuracy", "trained_tokens_per_s")
+
+
+def pool_seeds(runs: list[dict]) -> dict:
+    """One `bench_e2e` result per seed -> the comparison over all of them.
+
+    One run's time to reward rests on one training trajectory, and the same
+    config's seeds differ by up to ~0.1 in held-out gain here, so the pooled
+    numbers come from the mean curve: each system's reward curves (held-out
+    snapshots, or training-reward moving averages), averaged over seeds point
+    by point with their wall times, are thresholded by the same rule as one
+    run's (`reward_threshold`, the runs' `fraction`). Per seed, its own
+    ratios; per system, means of `POOLED_KEYS`."""
+    if not runs:
+        raise BenchSetupError("no runs to pool")
+    measure = runs[0]["measure"]
+    if any(r["measure"] != measure for r in runs):
+        raise BenchSetupError("runs to pool must share their reward measure")
+    held = measure == "heldout_sampled_reward"
+    key = "heldout_curves" if held else "curves"
+    window = 1 if held else runs[0]["threshold"]["window"]
+    fraction = runs[0]["threshold"]["fraction"]
+    systems = list(runs[0]["systems"])
+    curves = {}
+    for s in systems:
+        rewards = [r[key][s]["reward"] for r in runs]
+        walls = [r[key][s]["wall_s"] for r in runs]
+        n = min(len(c) for c in rewards)
+        mean_reward = [statistics.fmean(c[i] for c in rewards) for i in range(n)]
+        curves[s] = ((mean_reward if held else moving_average(mean_reward, window)),
+                     [statistics.fmean(w[i] for w in walls) for i in range(n)])
+    threshold, start, lowest_best = reward_threshold({s: c[0] for s, c in curves.items()}, fraction, window)
+    pooled = {}
+    for s in systems:
+        vals = {k: [r["systems"][s][k] for r in runs] for k in POOLED_KEYS
+                if all(isinstance(r["systems"][s].get(k), (int, float)) for r in runs)}
+        pooled[s] = {k: statistics.fmean(v) for k, v in vals.items()}
+        pooled[s].update({f"{k}_min": min(v) for k, v in vals.items()})
+        pooled[s].update({f"{k}_max": max(v) for k, v in vals.items()})
+        pooled[s]["time_to_reward_s"] = time_to(*curves[s], threshold, window)
+
+    def ratio(a: str, b: str) -> float | None:
+        if a not in pooled or b not in pooled or not pooled[a]["time_to_reward_s"] \
+                or pooled[b]["time_to_reward_s"] is None:
+            return None
+        return pooled[b]["time_to_reward_s"] / pooled[a]["time_to_reward_s"]
+
+    result = {
+        "benchmark": "e2e", "seeds": [r["setup"]["seed"] for r in runs], "measure": measure, "systems": pooled,
+        "threshold": {"reward": threshold, "common_start": start, "lowest_best": lowest_best, "fraction": fraction,
+                      "window": window, "rose": lowest_best > start},
+        "mean_curves": {s: {"wall_s": [round(w, 2) for w in c[1]], "reward": [round(x, 4) for x in c[0]]}
+                        for s, c in curves.items()},
+        "stream_vs_sync": ratio("stream", "sync"), "stream_vs_trl": ratio("stream", "trl"),
+        "per_seed": [{"seed": r["setup"]["seed"], "stream_vs_sync": r["stream_vs_sync"],
+                      "stream_vs_trl": r["stream_vs_trl"], "threshold": r["threshold"]["reward"],
+                      **{f"{s}_{k}": r["systems"][s].get(k) for s in systems
+                         for k in ("wall_s", "time_to_reward_s", runs[0]["final_reward_measure"])}}
+                     for r in runs],
+        "final_reward_measure": runs[0]["final_reward_measure"],
+    }
+    result["targets"] = issue_targets(pooled, result["stream_vs_sync"], result["stream_vs_trl"],
+                                      result["final_reward_measure"])
+    result["runs"] = runs
+    return result
+
+
 def main(cfg: Config, out_json: str | None, steps: int, systems: list[str], keep_dir: str | None = None,
-         eval_every: int = 10, eval_samples: int = 4) -> dict:
-    return emit(bench_e2e(cfg, steps, systems, keep_dir=keep_dir, eval_every=eval_every,
-                          eval_samples=eval_samples), out_json)
+         eval_every: int = 10, eval_samples: int = 4, seeds: list[int] | None = None) -> dict:
+    """One run at the config's seed, or one per seed in `seeds`, pooled (`pool_seeds`)."""
+    if not seeds:
+        return emit(bench_e2e(cfg, steps, systems, keep_dir=keep_dir, eval_every=eval_every,
+                              eval_samples=eval_samples), out_json)
+    if len(set(seeds)) != len(seeds):
+        raise BenchSetupError(f"--seeds must differ from each other (got {seeds})")
+    runs = []
+    for seed in seeds:
+        scfg = msgspec.structs.replace(cfg, run=msgspec.structs.replace(cfg.run, seed=seed))
+        runs.append(bench_e2e(scfg, steps, systems, keep_dir=keep_dir and str(Path(keep_dir) / f"seed{seed}"),
+                              eval_every=eval_every, eval_samples=eval_samples))
+        if out_json:  # each seed's result as soon as it is in: a later seed's failure loses nothing
+            path = Path(out_json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_name(f"{path.stem}.seed{seed}{path.suffix}").write_text(json.dumps(runs[-1], indent=2) + "\n")
+    return emit(pool_seeds(runs), out_json)

@@ -7,7 +7,9 @@ responses each sampled from the checkpoint with Hugging Face `generate`
 (temperature `generator.temperature`, at most `generator.max_tokens` tokens,
 ending at and keeping the EOS token; the sampling log-probs stand for the
 engine's rollout log-probs, which `learner.offpolicy` tis/decoupled need),
-random 0/1 rewards and group advantages, every token of version 0. The
+random 0/1 rewards and group advantages, every token of version 0 (a
+group whose rewards come out all equal has no gradient, and the update pass
+skips it, as in training: `update_samples_without_gradient`). The
 pruned batch (kappa = 0.5) is a seeded random half of each group (inclusion
 0.5, advantages over the survivors, as `samples_from_groups` computes them).
 
@@ -188,6 +190,8 @@ def bench_learner(cfg: Config, repeats: int = 3) -> dict:
             "total_tokens": resp + sum(len(s.prompt_ids) for s in batch),
             "forward_tokens": fwd_tokens, "micro_batches": n_mb,
             "padding_fraction": pad_lp, "update_padding_fraction": stats["padding_fraction"],
+            # The update pass skips these (all-equal rewards in their group: no gradient).
+            "update_samples_without_gradient": stats["samples_without_gradient"],
             # Checks, on the checkpoint's weights: the learner's log-probs
             # against the sampler's, and (packed) against the padded layout's.
             "rollout_logprob_abs_diff": stats["rollout_logprob_abs_diff"],

@@ -148,7 +148,13 @@ class Learner:
         w_of = {id(s): w for s, w in zip(samples, weights)}
         n_mb = min(lc.minibatches, len(samples))
         minibatches = [samples[i::n_mb] for i in range(n_mb)]
-        mine = lambda xs: xs[self.rank::self.world_size]  # noqa: E731
+        # A sample with advantage 0 (its group's rewards all equal) has a loss
+        # term and a gradient of exactly 0 when there is no KL term: it only
+        # counts in the normalisers, which come from the whole batch. Its
+        # forward and backward are skipped; ranks share the rest.
+        live = (lambda xs: xs) if lc.kl_beta > 0 else (lambda xs: [s for s in xs if s.advantage != 0.0])  # noqa: E731
+        mine = lambda xs: live(xs)[self.rank::self.world_size]  # noqa: E731
+        stats["samples_without_gradient"] = len(samples) - len(live(samples))
         # π_old must be fixed before the first update when there are several.
         old, _ = self.logprobs([s for mb in minibatches for s in mine(mb)]) if n_mb > 1 else ({}, 0.0)
         # Sums reduced over ranks at the end: loss, clipped, tokens, |Δlogp|, n(Δ), real, total.
@@ -198,6 +204,9 @@ class Learner:
                     acc[4] += float(same.sum())
                 acc[5] += lay.real_tokens
                 acc[6] += lay.ids.numel()
+            for p in self.model.parameters():  # nothing to train here: a zero gradient, as the full pass gives
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             self._reduce_grads()
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)
             for g in self.opt.param_groups:
@@ -211,7 +220,7 @@ class Learner:
         stats["clip_frac"] = float(acc[1] / max(acc[2], 1.0))
         stats["rollout_logprob_abs_diff"] = float(acc[3] / max(acc[4], 1.0))
         stats["padding_fraction"] = float(1.0 - acc[5] / max(acc[6], 1.0))
-        # Off-policy statistics over every rank's tokens.
+        # Off-policy statistics over every rank's tokens that carry a gradient.
         cat = lambda k: torch.cat([o[k] for o in offp]) if offp else torch.zeros(0)  # noqa: E731
         has_rollout = bool(offp) and all(o[2] is not None for o in offp)
         sums, w_max = offpolicy_counts(cat(0), cat(1), cat(2) if has_rollout else None, cat(3).long())
@@ -232,10 +241,7 @@ class Learner:
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        params = list(self.model.parameters())
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        params = list(self.model.parameters())  # every one has a gradient (`step`)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)

@@ -12,7 +12,9 @@ rate follows kappa.
 
 The head's quality is measured on rollouts no draw could remove (the
 exempt slice, and everything during cold start): survivors alone are a
-sample selected by the head itself.
+sample selected by the head itself. With `min_head_auc` that measure also
+gates pruning: while the head is no better than it, every rollout passes
+(as in cold start) and counts toward the measure.
 """
 
 from __future__ import annotations
@@ -45,28 +47,55 @@ class ArrolPruner(SamplingPruner):
         self.calibrator = BinnedCalibrator(cfg.bins, cfg.alpha, cfg.calib_window)
         self.policy = SurvivalPolicy(cfg.kappa, cfg.rho, cfg.lam, cfg.p_min, cfg.p_max)
         self.recent_scores: deque[float] = deque(maxlen=cfg.score_window)
+        # The lean d_i of each of those (`SurvivalPolicy`), for delta's solve.
+        self.recent_directions: deque[float] = deque(maxlen=cfg.score_window)
         # (score, label, after cold start, step) of every rollout no draw could remove.
         self.unbiased: list[tuple[float, bool, bool, int]] = []
+        # prune/head_auc at the last step's end: the gate of `min_head_auc`.
+        self.head_auc = math.nan
+
+    @property
+    def active(self) -> bool:
+        # NaN (no pairs yet) keeps the gate shut.
+        gate = self.cfg.min_head_auc <= 0.0 or self.head_auc >= self.cfg.min_head_auc
+        return super().active and gate
 
     def score_at(self, r: Rollout) -> int | None:
         if r.score is not None or r.decision is not None or len(r.response_ids) > self.cfg.l_detect:
             return None
         return self.cfg.l_detect
 
-    def at_decision_point(self, r: Rollout) -> bool:
+    def at_decision_point(self, r: Rollout, members: list[Rollout]) -> bool:
         if r.score is not None:
             if not math.isfinite(r.score):
                 self._decide(r, "unscored")  # a broken head says nothing: keep
                 return False
             self.recent_scores.append(sigmoid(r.score))
+            # q of every scored rollout, drawn or not: its group's pass-rate estimate uses it.
+            r.q = float(self.calibrator.posterior(sigmoid(r.score)))
+            self.recent_directions.append(self.direction(r, members))
             return True
         if len(r.response_ids) >= self.cfg.l_detect + SCORE_GRACE_TOKENS:
             self._decide(r, "unscored")  # kept: a decision without its evidence would be random
         return False
 
-    def keep_probability(self, r: Rollout) -> float:
-        r.q = float(self.calibrator.posterior(sigmoid(r.score)))
-        return float(self.policy.probs(r.q))
+    def keep_probability(self, r: Rollout, members: list[Rollout]) -> float:
+        return float(self.policy.probs(r.q, self.direction(r, members)))
+
+    def direction(self, r: Rollout, members: list[Rollout]) -> float:
+        """d_i: 1 under `balance: fixed`; under "group", the sign of (the
+        group's estimated pass rate - rho), the estimate being the mean over
+        its members of the reward where known, else the posterior q where
+        scored (r's own included)."""
+        if self.cfg.balance == "fixed":
+            return 1.0
+        est = []
+        for m in members:
+            if m.reward is not None and m.finish_reason != "pruned":
+                est.append(float(m.reward >= 0.5))
+            elif m.q is not None:
+                est.append(m.q)
+        return float(np.sign(np.mean(est) - self.cfg.rho)) if est else 1.0
 
     def end_step(self, groups: list[Group]) -> dict:
         out = super().end_step(groups)
@@ -81,12 +110,14 @@ class ArrolPruner(SamplingPruner):
                 step_labels.append(y)
                 if r.decision in ("cold", "exempt"):
                     self.unbiased.append((s, y, r.decision == "exempt", self.steps))
-        self.policy.solve_delta(self.calibrator.posterior(np.array(self.recent_scores)))
+        self.policy.solve_delta(self.calibrator.posterior(np.array(self.recent_scores)),
+                                np.array(self.recent_directions))
         recent = self.unbiased[-QUALITY_WINDOW:]
         us = np.array([u[0] for u in recent])
         uy = np.array([u[1] for u in recent], dtype=bool)
+        self.head_auc = stratified_auc(us, uy, [u[3] for u in recent])
         out.update({
-            "head_auc": stratified_auc(us, uy, [u[3] for u in recent]),
+            "head_auc": self.head_auc,
             "head_spearman": head_spearman(us, uy),
             "head_accuracy": head_accuracy(us, uy),
             "head_eval_n": len(us),
@@ -100,7 +131,9 @@ class ArrolPruner(SamplingPruner):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "calibrator": self.calibrator.state_dict(),
                 "policy": self.policy.state_dict(), "recent_scores": [float(s) for s in self.recent_scores],
-                "unbiased": [[float(s), bool(y), bool(e), int(k)] for s, y, e, k in self.unbiased]}
+                "recent_directions": [float(d) for d in self.recent_directions],
+                "unbiased": [[float(s), bool(y), bool(e), int(k)] for s, y, e, k in self.unbiased],
+                "head_auc": float(self.head_auc)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -108,7 +141,10 @@ class ArrolPruner(SamplingPruner):
         self.policy.load_state_dict(state["policy"])
         self.recent_scores.clear()
         self.recent_scores.extend(float(s) for s in state["recent_scores"])
+        self.recent_directions.clear()
+        self.recent_directions.extend(float(d) for d in state["recent_directions"])
         self.unbiased = [(float(s), bool(y), bool(e), int(k)) for s, y, e, k in state["unbiased"]]
+        self.head_auc = float(state["head_auc"])
 
     def summary(self) -> dict:
         """The head's quality over the whole run's exempt slice after cold start."""

@@ -73,23 +73,23 @@ class SamplingPruner(Pruner):
 
     # --- per mode ----------------------------------------------------------------
 
-    def at_decision_point(self, r: Rollout) -> bool:
+    def at_decision_point(self, r: Rollout, members: list[Rollout]) -> bool:
         return len(r.response_ids) >= self.cfg.l_detect
 
-    def keep_probability(self, r: Rollout) -> float:
+    def keep_probability(self, r: Rollout, members: list[Rollout]) -> float:
         """p_i for a rollout at its decision point (may set r.q)."""
         return self.cfg.kappa
 
     # --- shared ------------------------------------------------------------------
 
     def review(self, r: Rollout, members: list[Rollout]) -> bool:
-        if r.decision is not None or not self.at_decision_point(r):
+        if r.decision is not None or not self.at_decision_point(r, members):
             return True
         if not self.active:
             return self._decide(r, "cold")
         if self.rng.random() < self.cfg.exempt_fraction:
             return self._decide(r, "exempt")
-        p = float(self.keep_probability(r))
+        p = float(self.keep_probability(r, members))
         if self.rng.random() < p:
             return self._decide(r, "kept", p)
         alive = sum(m.decision != "pruned" for m in members) - 1  # without r
