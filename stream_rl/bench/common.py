@@ -14,13 +14,17 @@ class BenchSetupError(ValueError):
     """The benchmark's own arguments cannot give a result."""
 
 
+def write_json(result: dict, path: str | Path) -> str:
+    """Write the result as indented JSON to `path` (its folder made); the text."""
+    text = json.dumps(result, indent=2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text + "\n")
+    return text
+
+
 def emit(result: dict, out_json: str | None) -> dict:
     """Print the result as JSON (and write it to `out_json`)."""
-    text = json.dumps(result, indent=2)
-    if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(text + "\n")
-    print(text)
+    print(write_json(result, out_json) if out_json else json.dumps(result, indent=2))
     return result
 
 

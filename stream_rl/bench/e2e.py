@@ -41,7 +41,6 @@ written beside the JSON as it completes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -52,7 +51,7 @@ from pathlib import Path
 
 import msgspec
 
-from stream_rl.bench.common import BenchSetupError, emit, with_free_ports
+from stream_rl.bench.common import BenchSetupError, emit, with_free_ports, write_json
 from stream_rl.config import Config
 from stream_rl.metrics import read_metrics
 
@@ -131,6 +130,15 @@ def heldout_curve(cfg: Config, run_dir: Path, records: list[dict], every: int, s
             rewards.append(heldout_reward(snapshot_path(run_dir, rec["step"]), cfg, samples, limit))
             walls.append(rec["wall_s"])
     return rewards, walls
+
+
+def speedup(systems: dict, a: str, b: str) -> float | None:
+    """time_to_reward of `b` over that of `a` (higher: `a` is faster); None
+    when either system did not run or never reached the threshold."""
+    if a not in systems or b not in systems or not systems[a]["time_to_reward_s"] \
+            or systems[b]["time_to_reward_s"] is None:
+        return None
+    return systems[b]["time_to_reward_s"] / systems[a]["time_to_reward_s"]
 
 
 def issue_targets(systems: dict, stream_vs_sync: float | None, stream_vs_trl: float | None,
@@ -217,11 +225,6 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
         for system, (curve, walls) in heldout.items():
             out[system]["time_to_reward_s"] = time_to(curve, walls, threshold, 1)
 
-    def ratio(a: str, b: str) -> float | None:
-        if a not in out or b not in out or not out[a]["time_to_reward_s"] or out[b]["time_to_reward_s"] is None:
-            return None
-        return out[b]["time_to_reward_s"] / out[a]["time_to_reward_s"]
-
     result = {
         "benchmark": "e2e", "systems": out,
         "measure": "heldout_sampled_reward" if eval_every else "training_reward_moving_average",
@@ -235,7 +238,7 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
         # Per system and snapshot (the initial policy first): wall time and held-out reward.
         "heldout_curves": {s: {"wall_s": [round(w, 2) for w in c[1]], "reward": [round(r, 4) for r in c[0]]}
                            for s, c in heldout.items()},
-        "stream_vs_sync": ratio("stream", "sync"), "stream_vs_trl": ratio("stream", "trl"),
+        "stream_vs_sync": speedup(out, "stream", "sync"), "stream_vs_trl": speedup(out, "stream", "trl"),
     }
     result["final_reward_measure"] = "final_heldout_reward" if eval_every else "final_reward"
     result["targets"] = issue_targets(out, result["stream_vs_sync"], result["stream_vs_trl"],
@@ -294,19 +297,13 @@ def pool_seeds(runs: list[dict]) -> dict:
         pooled[s].update({f"{k}_max": max(v) for k, v in vals.items()})
         pooled[s]["time_to_reward_s"] = time_to(*curves[s], threshold, window)
 
-    def ratio(a: str, b: str) -> float | None:
-        if a not in pooled or b not in pooled or not pooled[a]["time_to_reward_s"] \
-                or pooled[b]["time_to_reward_s"] is None:
-            return None
-        return pooled[b]["time_to_reward_s"] / pooled[a]["time_to_reward_s"]
-
     result = {
         "benchmark": "e2e", "seeds": [r["setup"]["seed"] for r in runs], "measure": measure, "systems": pooled,
         "threshold": {"reward": threshold, "common_start": start, "lowest_best": lowest_best, "fraction": fraction,
                       "window": window, "rose": lowest_best > start},
         "mean_curves": {s: {"wall_s": [round(w, 2) for w in c[1]], "reward": [round(x, 4) for x in c[0]]}
                         for s, c in curves.items()},
-        "stream_vs_sync": ratio("stream", "sync"), "stream_vs_trl": ratio("stream", "trl"),
+        "stream_vs_sync": speedup(pooled, "stream", "sync"), "stream_vs_trl": speedup(pooled, "stream", "trl"),
         "per_seed": [{"seed": r["setup"]["seed"], "stream_vs_sync": r["stream_vs_sync"],
                       "stream_vs_trl": r["stream_vs_trl"], "threshold": r["threshold"]["reward"],
                       **{f"{s}_{k}": r["systems"][s].get(k) for s in systems
@@ -335,6 +332,5 @@ def main(cfg: Config, out_json: str | None, steps: int, systems: list[str], keep
                               eval_every=eval_every, eval_samples=eval_samples))
         if out_json:  # each seed's result as soon as it is in: a later seed's failure loses nothing
             path = Path(out_json)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_name(f"{path.stem}.seed{seed}{path.suffix}").write_text(json.dumps(runs[-1], indent=2) + "\n")
+            write_json(runs[-1], path.with_name(f"{path.stem}.seed{seed}{path.suffix}"))
     return emit(pool_seeds(runs), out_json)

@@ -70,9 +70,10 @@ class ArrolPruner(SamplingPruner):
             if not math.isfinite(r.score):
                 self._decide(r, "unscored")  # a broken head says nothing: keep
                 return False
-            self.recent_scores.append(sigmoid(r.score))
+            s = sigmoid(r.score)
+            self.recent_scores.append(s)
             # q of every scored rollout, drawn or not: its group's pass-rate estimate uses it.
-            r.q = float(self.calibrator.posterior(sigmoid(r.score)))
+            r.q = float(self.calibrator.posterior(s))
             self.recent_directions.append(self.direction(r, members))
             return True
         if len(r.response_ids) >= self.cfg.l_detect + SCORE_GRACE_TOKENS:

@@ -77,7 +77,7 @@ class SamplingPruner(Pruner):
         return len(r.response_ids) >= self.cfg.l_detect
 
     def keep_probability(self, r: Rollout, members: list[Rollout]) -> float:
-        """p_i for a rollout at its decision point (may set r.q)."""
+        """p_i for a rollout at its decision point (`members`: its group)."""
         return self.cfg.kappa
 
     # --- shared ------------------------------------------------------------------
