@@ -61,3 +61,15 @@ def test_mode_tally_reports_rates_and_busy_fraction():
     assert r["useful_tokens_per_s"] == 100.0 and r["step_s"] == 2.0
     assert r["engine_busy_fraction"] == 0.4 and r["mean_requests_in_flight"] == 40.0
     assert r["frontend_cpu_s_per_1k_tokens"] == 0.1 and r["aborted_at_step_end"] == 5
+
+
+def test_bench_generation_refuses_a_config_without_over_provisioning(capsys):
+    """The tiny default streams with generator.overprovision 1.0; the APRIL
+    step this bench measures needs more, and the error says which field."""
+    from pathlib import Path
+
+    from stream_rl.cli import main
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert main(["bench", "generation", "--config", tiny, "--steps", "1"]) == 2
+    assert "generator.overprovision is 1.0" in capsys.readouterr().err

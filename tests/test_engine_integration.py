@@ -303,9 +303,9 @@ def test_train_runs_end_to_end(generator, engine_cfg, tmp_path, mode):
     assert saved["steps"] == summary["steps"] == 3 and saved["mode"] == mode
     assert (tmp_path / "final_model" / "config.json").is_file() and (tmp_path / "learner.log").is_file()
     # What was in flight at the end is saved for a later run: unfinished
-    # members as partials, complete groups as ready. Stream keeps twice a
-    # batch in flight, so something is always carried (all of it may have
-    # finished while the last update ran); sync leaves nothing.
+    # members as partials, complete groups as ready. Stream keeps the next
+    # batch's groups in flight, so something is always carried (all of it
+    # may have finished while the last update ran); sync leaves nothing.
     from stream_rl.buffer.recycling import RecyclingBuffer
 
     buf = RecyclingBuffer(cfg.generator.group_size, cfg.buffer.max_groups)

@@ -78,8 +78,8 @@ def test_roles_over_tcp_killed_and_resumed(engine_cfg, tmp_path):
     cfg = cfg_with(engine_cfg, generator__count=2, generator__request_addr=f"tcp://127.0.0.1:{base}",
                    generator__stream_addr=f"tcp://127.0.0.1:{base + 1}", generator__target_groups=6,
                    learner__addr=f"tcp://127.0.0.1:{lport[0]}", learner__reply_addr=f"tcp://127.0.0.1:{lport[1]}",
-                   weights_sync__backend="torch_dist", weights_sync__timeout_s=120.0, pruner__cold_start_steps=1,
-                   pruner__min_head_auc=0.0, run__checkpoint_every=2)
+                   weights_sync__backend="torch_dist", weights_sync__timeout_s=120.0, pruner__mode="arrol",
+                   pruner__cold_start_steps=1, pruner__min_head_auc=0.0, run__checkpoint_every=2)
     cfg_path = tmp_path / "config.json"
     cfg_path.write_bytes(msgspec.json.encode(cfg))
     run = tmp_path / "run"

@@ -64,7 +64,7 @@ def test_shipped_gpu_config_validates_offline():
 
     cfg = load_config(ROOT / "configs" / "qwen3-1.7b-dapo-math.yaml")
     assert cfg.generator.group_size == 16 and cfg.learner.lr == 1e-6
-    assert cfg.pruner.kappa == cfg.pruner.rho == 0.5 and cfg.pruner.l_detect == 512
+    assert cfg.pruner.mode == "arrol" and cfg.pruner.kappa == cfg.pruner.rho == 0.5 and cfg.pruner.l_detect == 512
     assert cfg.generator.max_tokens == 8192
 
 

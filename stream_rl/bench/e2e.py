@@ -7,7 +7,8 @@ of steps, one after the other on this machine:
 - `sync`: `stream-rl train` with `mode: sync` (pruner off), the synchronous
   GRPO baseline of this code base;
 - `stream`: `stream-rl train` with the config as given (the tiny default:
-  stream mode, APRIL over-provisioning, ARRoL pruning, in-flight syncs);
+  stream mode, generation one batch ahead of the updates, in-flight syncs,
+  TIS; pruning off, `--set pruner.mode=arrol` turns ARRoL on);
 - `trl`: TRL's `GRPOTrainer` (`bench/trl_peer.py`).
 
 Per system: `wall_s` (training only: from the first step's start to the

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import msgspec
 
-from stream_rl.bench.common import emit, with_free_ports
+from stream_rl.bench.common import BenchSetupError, emit, with_free_ports
 from stream_rl.config import Config
 from stream_rl.controller import RolloutController, request_seed
 from stream_rl.data import PromptDataset, PromptSampler
@@ -207,6 +207,12 @@ def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdi
 
     from stream_rl.generator.client import GeneratorProcess
 
+    if cfg.generator.overprovision <= 1.0:
+        # The tiny default streams with 1.0 (stream mode needs no more); the
+        # synchronous APRIL step measured here is nothing without it.
+        raise BenchSetupError(f"generator.overprovision is {cfg.generator.overprovision}: the april mode keeps "
+                              "no more groups in flight than sync; pass --set generator.overprovision=2.0 "
+                              "(APRIL's setting)")
     cfg = _with(cfg, seeded=True)
     g = cfg.generator
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
