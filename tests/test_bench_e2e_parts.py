@@ -214,6 +214,8 @@ def test_pool_seeds_thresholds_the_mean_curves():
     # Means and ranges over seeds; each seed's own ratio kept.
     assert out["systems"]["stream"]["final_heldout_reward"] == pytest.approx(0.525)
     assert out["systems"]["sync"]["wall_s_min"] == 20.0 and out["systems"]["sync"]["wall_s_max"] == 24.0
+    # A seed's time to reward is against its own threshold: no range of those beside the mean curve's.
+    assert "time_to_reward_s_min" not in out["systems"]["sync"]
     assert [p["stream_vs_sync"] for p in out["per_seed"]] == [2.5, 2.4] and out["seeds"] == [0, 1]
     assert out["targets"] == {"stream_vs_sync_at_least_2": True, "stream_final_reward_within_0.02_of_sync": False}
     assert out["runs"] == [a, b]
