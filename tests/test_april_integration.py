@@ -131,8 +131,8 @@ def test_april_steps_recycle_partials_without_losing_a_token(generator, engine_c
 
 @pytest.mark.parametrize("policy", ["restart", "drop"])
 def test_stale_partials_are_restarted_or_dropped(generator, engine_cfg, world, sync_to, policy):
-    cfg = _cfg(engine_cfg, generator__mode="april", generator__target_groups=3, generator__max_tokens=300,
-               buffer__max_staleness=0, buffer__stale_policy=policy)
+    cfg = _cfg(engine_cfg, generator__mode="april", generator__overprovision=2.0, generator__target_groups=3,
+               generator__max_tokens=300, buffer__max_staleness=0, buffer__stale_policy=policy)
     rec = Recorder(generator)
     ctl = _controller(cfg, rec, world, seed=23)
     _, first = ctl.collect(3)
@@ -156,7 +156,8 @@ def test_stale_partials_are_restarted_or_dropped(generator, engine_cfg, world, s
 
 
 def test_buffer_saved_and_restored_continues_its_partials(generator, engine_cfg, world, tmp_path):
-    cfg = _cfg(engine_cfg, generator__mode="april", generator__target_groups=3, generator__max_tokens=300)
+    cfg = _cfg(engine_cfg, generator__mode="april", generator__overprovision=2.0, generator__target_groups=3,
+               generator__max_tokens=300)
     rec = Recorder(generator)
     ctl = _controller(cfg, rec, world, seed=5)
     ctl.collect(3)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
 
-from stream_rl.transport import free_ports
 from tests.conftest import STREAM_LOGPROB_GAP, cfg_with
 
 pytestmark = pytest.mark.engine
@@ -25,13 +26,17 @@ STEPS = 6
 
 
 def _consecutive_free_ports(n: int) -> int:
-    """A port p with p .. p+n-1 free (generator i uses base ports + 2i)."""
+    """A port p with p .. p+n-1 free (generator i uses base ports + 2i).
+    Below the kernel's ephemeral range: the roles bind them tens of seconds
+    from now, and an ephemeral port can meanwhile go to any connection the
+    engines open (a generator once failed with "Address already in use")."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    rng = random.Random()
     for _ in range(100):
         socks = []
         try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                base = s.getsockname()[1]
+            base = rng.randrange(max(1024, low - 12000), low - n)
             for p in range(base, base + n):
                 sk = socket.socket()
                 socks.append(sk)
@@ -73,8 +78,8 @@ def test_roles_over_tcp_killed_and_resumed(engine_cfg, tmp_path):
     from stream_rl.learner.checkpoint import CONTROLLER_FILE, find_checkpoint
     from stream_rl.roles import start_role
 
-    base = _consecutive_free_ports(4)
-    lport = free_ports(2)
+    base = _consecutive_free_ports(6)
+    lport = [base + 4, base + 5]
     cfg = cfg_with(engine_cfg, generator__count=2, generator__request_addr=f"tcp://127.0.0.1:{base}",
                    generator__stream_addr=f"tcp://127.0.0.1:{base + 1}", generator__target_groups=6,
                    learner__addr=f"tcp://127.0.0.1:{lport[0]}", learner__reply_addr=f"tcp://127.0.0.1:{lport[1]}",
