@@ -9,9 +9,11 @@ foreign or corrupt sender cannot crash a service.
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -123,12 +125,39 @@ class AsyncZmqChannel(_Decoding):
         self._sock.close(0)
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sk in socks:
-            sk.bind(("127.0.0.1", 0))
-        return [sk.getsockname()[1] for sk in socks]
-    finally:
-        for sk in socks:
-            sk.close()
+def _port_band() -> range:
+    """Ports to pick from: below the kernel's ephemeral range when there is
+    room (else above it). The caller's processes bind a picked port seconds
+    later, and an ephemeral port can meanwhile go to any outgoing connection
+    (an engine's, say): a generator once failed with "Address already in use"."""
+    path = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low, high = (int(x) for x in path.read_text().split()) if path.exists() else (32768, 60999)
+    if low - 1024 >= 4096:
+        return range(max(1024, low - 16384), low)
+    if 65535 - high >= 4096:
+        return range(high + 1, 65536)
+    return range(1024, 65536)
+
+
+def free_ports(n: int, consecutive: bool = False) -> list[int]:
+    """`n` loopback ports that are free now (consecutive: p, p+1, ..., for
+    several generators' ports at base + 2i), outside the ephemeral range."""
+    band, rng = _port_band(), random.Random()
+    for _ in range(200):
+        if consecutive:
+            base = rng.randrange(band.start, band.stop - n)
+            ports = list(range(base, base + n))
+        else:
+            ports = rng.sample(band, n)
+        socks = []
+        try:
+            for p in ports:
+                socks.append(socket.socket())
+                socks[-1].bind(("127.0.0.1", p))
+            return ports
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+    raise RuntimeError(f"no {n} free loopback ports in {band.start}..{band.stop - 1}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stream_rl.protocol import (RequestRejected, RolloutFinished, RolloutRequest, TokenChunk)
-from tests.conftest import STREAM_LOGPROB_GAP, cfg_with
+from tests.conftest import LOGPROB_GAP, cfg_with
 
 pytestmark = pytest.mark.engine
 
@@ -229,6 +229,59 @@ def test_weight_sync_generator_logprobs_match_learner(generator, tokenizer, engi
     sender.close()
 
 
+def test_sync_in_flight_recomputes_the_running_requests(generator, tokenizer, engine_cfg, tmp_path):
+    """A sync while requests run: their later tokens carry the new version and
+    exactly the new weights' log-probs, so the KV of their prompt and earlier
+    tokens was recomputed on the new weights, not kept from the old ones."""
+    from stream_rl.config import config_from_dict, config_to_dict
+    from stream_rl.learner.trainer import Learner, Sample
+    from stream_rl.weights_sync import make_weight_sender
+
+    raw = config_to_dict(engine_cfg)
+    raw["learner"]["lr"] = 5e-3  # far enough that old-weight KV would show
+    raw["weights_sync"]["backend"] = "file"
+    learner = Learner(config_from_dict(raw))
+    sender = make_weight_sender(config_from_dict(raw), tmp_path)
+
+    def sync():
+        v = generator.version + 1
+        generator.update_weights(v, sender.stage(learner.weights_for_sync(), v))
+        sender.release(v)
+        return v
+
+    v1 = sync()
+    prompt = _prompt(tokenizer, "83d=")
+    r = _rid("move")
+    generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=prompt, max_tokens=40))
+    chunks, _ = collect(generator, [r])
+    toks = [t for c in chunks[r] for t in c.token_ids]
+    lps = [lp for c in chunks[r] for lp in c.logprobs]
+    vers = [v for c in chunks[r] for v in c.versions]
+    learner.step([Sample(prompt, toks, 1.0, lps, vers), Sample(prompt, toks[:5], -1.0, lps[:5], vers[:5])])
+
+    reqs = dict(_fixed_length(tokenizer, "inflight", n=4, max_tokens=300))
+    for req in reqs.values():
+        generator.submit(req)
+    synced = []
+    chunks, _ = collect(generator, list(reqs), on_chunk=lambda _: synced or synced.append(sync()))
+    v2 = synced[0]
+    straddled, old_gap = 0, 0.0
+    for r, req in reqs.items():
+        toks = [t for c in chunks[r] for t in c.token_ids]
+        vers = [v for c in chunks[r] for v in c.versions]
+        assert len(toks) == 300 and vers == sorted(vers) and set(vers) <= {v1, v2}
+        gap = (_learner_logprobs(learner.model, req.prompt_ids, toks)
+               - torch.tensor([lp for c in chunks[r] for lp in c.logprobs])).abs()
+        new = torch.tensor([v == v2 for v in vers])
+        straddled += bool(new.any() and not new.all())
+        assert gap[new].max() < 1e-3, f"tokens after the sync miss the new weights by {gap[new].max():.2e}"
+        if not new.all():
+            old_gap = max(old_gap, float(gap[~new].max()))
+    assert straddled > 0  # the sync landed while requests ran
+    assert old_gap > 1e-2  # and the weights it brought differ visibly
+    sender.close()
+
+
 def test_weight_sync_refuses_mismatched_or_stale_weights_and_keeps_serving(generator, tokenizer, engine_cfg,
                                                                            tmp_path):
     """All or nothing: weights with a wrong shape or an unknown name, or an
@@ -286,8 +339,7 @@ def test_train_runs_end_to_end(generator, engine_cfg, tmp_path, mode):
     assert all(r["groups"] == cfg.generator.target_groups for r in records)
     assert sum(r["tokens_generated"] for r in records) > 0 and all(0.0 <= r["reward_mean"] <= 1.0 for r in records)
     # The learner scores the current version's tokens as the engine sampled them.
-    gap = 1e-3 if mode == "sync" else STREAM_LOGPROB_GAP
-    assert all(r["rollout_logprob_abs_diff"] < gap for r in records)
+    assert all(r["rollout_logprob_abs_diff"] < LOGPROB_GAP for r in records)
     assert all(r["aborted_at_step_end"] == 0 for r in records)
     if mode == "sync":
         # On-policy: every token of a batch was sampled by the weights it updates.

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import STREAM_LOGPROB_GAP, cfg_with
+from conftest import LOGPROB_GAP, cfg_with
 
 pytestmark = pytest.mark.engine
 
@@ -38,7 +38,7 @@ def test_train_runs_with_learner_options(generator, engine_cfg, tmp_path, name):
                                                                ("0", "1", "2", "3", "4+")), 1.0)
         # The generator samples with the weights the learner had: the
         # current version's tokens agree.
-        assert r["rollout_logprob_abs_diff"] < STREAM_LOGPROB_GAP
+        assert r["rollout_logprob_abs_diff"] < LOGPROB_GAP
     if cfg.learner.pruning_correction == "ht":
         assert max(r["ht_weight_max"] for r in records) > 1.0  # something was pruned and reweighted
     # Recycled partials are off-policy by the second step.

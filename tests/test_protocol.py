@@ -31,7 +31,7 @@ from stream_rl.protocol import (
     WeightsUpdateFailed,
     encode,
 )
-from stream_rl.transport import AsyncZmqChannel, ZmqChannel
+from stream_rl.transport import AsyncZmqChannel, ZmqChannel, free_ports
 
 ALL_MESSAGES = [
     RolloutRequest(request_id="r0", group_id="g0", prompt_ids=[1, 2, 3], max_tokens=16),
@@ -227,9 +227,23 @@ def test_from_generator_decoder_rejects_rollout_request():
 # --- ZMQ channels --------------------------------------------------------------------
 
 def free_addr() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_ports(1)[0]}"
+
+
+@pytest.mark.parametrize("consecutive", [False, True])
+def test_free_ports_are_free_distinct_and_outside_the_ephemeral_range(consecutive):
+    low, high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    ports = free_ports(6, consecutive=consecutive)
+    assert len(set(ports)) == 6 and not any(low <= p <= high for p in ports)
+    if consecutive:
+        assert ports == list(range(ports[0], ports[0] + 6))
+    socks = [socket.socket() for _ in ports]
+    try:
+        for sk, p in zip(socks, ports):
+            sk.bind(("127.0.0.1", p))
+    finally:
+        for sk in socks:
+            sk.close()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-from fractions import Fraction
 
 import msgspec
 import numpy as np

@@ -8,46 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import time
-from pathlib import Path
 
 import msgspec
 import pytest
 
-from tests.conftest import STREAM_LOGPROB_GAP, cfg_with
+from stream_rl.transport import free_ports
+from tests.conftest import LOGPROB_GAP, cfg_with
 
 pytestmark = pytest.mark.engine
 
 STEPS = 6
-
-
-def _consecutive_free_ports(n: int) -> int:
-    """A port p with p .. p+n-1 free (generator i uses base ports + 2i).
-    Below the kernel's ephemeral range: the roles bind them tens of seconds
-    from now, and an ephemeral port can meanwhile go to any connection the
-    engines open (a generator once failed with "Address already in use")."""
-    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
-    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
-    rng = random.Random()
-    for _ in range(100):
-        socks = []
-        try:
-            base = rng.randrange(max(1024, low - 12000), low - n)
-            for p in range(base, base + n):
-                sk = socket.socket()
-                socks.append(sk)
-                sk.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sk in socks:
-                sk.close()
-    raise RuntimeError("no run of free ports")
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -78,7 +51,7 @@ def test_roles_over_tcp_killed_and_resumed(engine_cfg, tmp_path):
     from stream_rl.learner.checkpoint import CONTROLLER_FILE, find_checkpoint
     from stream_rl.roles import start_role
 
-    base = _consecutive_free_ports(6)
+    base = free_ports(6, consecutive=True)[0]
     lport = [base + 4, base + 5]
     cfg = cfg_with(engine_cfg, generator__count=2, generator__request_addr=f"tcp://127.0.0.1:{base}",
                    generator__stream_addr=f"tcp://127.0.0.1:{base + 1}", generator__target_groups=6,
@@ -156,6 +129,6 @@ def test_roles_over_tcp_killed_and_resumed(engine_cfg, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert min(summary["requests_per_generator"]) > 0
     assert len(set(summary["generator_versions"])) == 1
-    assert all(r["rollout_logprob_abs_diff"] < STREAM_LOGPROB_GAP for r in records if r["step"] > k)
+    assert all(r["rollout_logprob_abs_diff"] < LOGPROB_GAP for r in records if r["step"] > k)
     assert sum(r["prune/pruned"] for r in records[1:]) > 0  # head scores reach the controller
     assert (run / "final_model" / "config.json").is_file()

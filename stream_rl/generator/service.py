@@ -172,7 +172,8 @@ class GeneratorService:
             return
         t_pause = time.perf_counter()
         # "keep" freezes running requests in place; they continue on the new
-        # weights after resume, and their later tokens carry the new version.
+        # weights after resume (recomputed, below), and their later tokens
+        # carry the new version.
         await self.engine.pause_generation(mode="keep", clear_cache=False)
         try:
             await self.engine.collective_rpc(load[0], args=load[1])
@@ -180,8 +181,15 @@ class GeneratorService:
             # take their version from that label (see token_versions).
             await self.engine.update_weight_version(str(msg.version))
             self.version = msg.version
-            # Cached prefixes were computed by the old weights.
-            await self.engine.reset_prefix_cache()
+            # The running requests' KV and every cached prefix were computed
+            # by the old weights. The running requests are preempted, so their
+            # prompt and tokens so far are prefilled again on the new weights
+            # (AReaL's interrupt-and-recompute) and their later tokens are the
+            # new version's exactly; vLLM won't drop a prefix cache that
+            # running requests still hold, so without the preemption later
+            # requests would attend to old-weight blocks.
+            if not await self.engine.reset_prefix_cache(reset_running_requests=True):
+                log.warning("vLLM did not reset its prefix cache after weights version %d", msg.version)
         except Exception as err:
             log.exception("weight update to version %d failed", msg.version)
             await self.outbox.send(WeightsUpdateFailed(version=msg.version, error=f"{type(err).__name__}: {err}"))
