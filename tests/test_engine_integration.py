@@ -182,14 +182,31 @@ def _learner_logprobs(model, prompt, response):
     return lp[len(prompt) - 1:]
 
 
-@pytest.mark.parametrize("backend", ["torch_dist", "shm", "file"])
-def test_weight_sync_generator_logprobs_match_learner(generator, tokenizer, engine_cfg, tmp_path, backend):
+def _joined(chunks):
+    """(token ids, log-probs, versions) of one request's chunks, in order."""
+    return ([t for c in chunks for t in c.token_ids], [lp for c in chunks for lp in c.logprobs],
+            [v for c in chunks for v in c.versions])
+
+
+def _sample(generator, tokenizer, tag):
+    """One response to a fixed prompt: (prompt, token ids, log-probs, versions)."""
+    r = _rid(tag)
+    prompt = _prompt(tokenizer, "83d=")
+    generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=prompt, max_tokens=60))
+    chunks, _ = collect(generator, [r])
+    return (prompt, *_joined(chunks[r]))
+
+
+def _learner_and_sync(generator, engine_cfg, tmp_path, backend):
+    """A learner whose one step moves the weights far enough to see a stale
+    copy (lr 5e-3), and `sync()`: its weights into the generator over
+    `backend`, returning the version now served."""
     from stream_rl.config import config_from_dict, config_to_dict
-    from stream_rl.learner.trainer import Learner, Sample
+    from stream_rl.learner.trainer import Learner
     from stream_rl.weights_sync import make_weight_sender
 
     raw = config_to_dict(engine_cfg)
-    raw["learner"]["lr"] = 5e-3  # move the weights far enough to see a stale copy
+    raw["learner"]["lr"] = 5e-3
     raw["weights_sync"]["backend"] = backend
     raw["weights_sync"]["bucket_mb"] = 1  # several buckets even for the tiny model
     learner = Learner(config_from_dict(raw))
@@ -202,27 +219,31 @@ def test_weight_sync_generator_logprobs_match_learner(generator, tokenizer, engi
         assert done.pause_s <= done.load_s
         return v
 
-    def sample(tag):
-        r = _rid(tag)
-        prompt = _prompt(tokenizer, "83d=")
-        generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=prompt, max_tokens=60))
-        chunks, _ = collect(generator, [r])
-        toks = [t for c in chunks[r] for t in c.token_ids]
-        return prompt, toks, [lp for c in chunks[r] for lp in c.logprobs], [v for c in chunks[r] for v in c.versions]
+    return learner, sender, sync
 
+
+def _step_on(learner, prompt, toks, lps, versions):
+    from stream_rl.learner.trainer import Sample
+
+    learner.step([Sample(prompt, toks, 1.0, lps, versions), Sample(prompt, toks[:5], -1.0, lps[:5], versions[:5])])
+
+
+@pytest.mark.parametrize("backend", ["torch_dist", "shm", "file"])
+def test_weight_sync_generator_logprobs_match_learner(generator, tokenizer, engine_cfg, tmp_path, backend):
+    learner, sender, sync = _learner_and_sync(generator, engine_cfg, tmp_path, backend)
     v = sync()  # start from the learner's weights
-    prompt, toks, gen_lp, versions = sample("before")
+    prompt, toks, gen_lp, versions = _sample(generator, tokenizer, "before")
     assert set(versions) == {v}
     diff = (_learner_logprobs(learner.model, prompt, toks) - torch.tensor(gen_lp)).abs().max()
     assert diff < 1e-3, f"generator and learner disagree by {diff:.2e} right after a sync"
 
     # Update the learner only: the generator is now stale, and it shows.
-    learner.step([Sample(prompt, toks, 1.0, gen_lp, versions), Sample(prompt, toks[:5], -1.0, gen_lp[:5], versions[:5])])
+    _step_on(learner, prompt, toks, gen_lp, versions)
     stale = (_learner_logprobs(learner.model, prompt, toks) - torch.tensor(gen_lp)).abs().max()
     assert stale > 1e-2
 
     v2 = sync()
-    prompt, toks, gen_lp, versions = sample("after")
+    prompt, toks, gen_lp, versions = _sample(generator, tokenizer, "after")
     assert set(versions) == {v2} and v2 == v + 1
     diff = (_learner_logprobs(learner.model, prompt, toks) - torch.tensor(gen_lp)).abs().max()
     assert diff < 1e-3, f"generator and learner disagree by {diff:.2e} after syncing version {v2}"
@@ -233,31 +254,9 @@ def test_sync_in_flight_recomputes_the_running_requests(generator, tokenizer, en
     """A sync while requests run: their later tokens carry the new version and
     exactly the new weights' log-probs, so the KV of their prompt and earlier
     tokens was recomputed on the new weights, not kept from the old ones."""
-    from stream_rl.config import config_from_dict, config_to_dict
-    from stream_rl.learner.trainer import Learner, Sample
-    from stream_rl.weights_sync import make_weight_sender
-
-    raw = config_to_dict(engine_cfg)
-    raw["learner"]["lr"] = 5e-3  # far enough that old-weight KV would show
-    raw["weights_sync"]["backend"] = "file"
-    learner = Learner(config_from_dict(raw))
-    sender = make_weight_sender(config_from_dict(raw), tmp_path)
-
-    def sync():
-        v = generator.version + 1
-        generator.update_weights(v, sender.stage(learner.weights_for_sync(), v))
-        sender.release(v)
-        return v
-
+    learner, sender, sync = _learner_and_sync(generator, engine_cfg, tmp_path, "file")
     v1 = sync()
-    prompt = _prompt(tokenizer, "83d=")
-    r = _rid("move")
-    generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=prompt, max_tokens=40))
-    chunks, _ = collect(generator, [r])
-    toks = [t for c in chunks[r] for t in c.token_ids]
-    lps = [lp for c in chunks[r] for lp in c.logprobs]
-    vers = [v for c in chunks[r] for v in c.versions]
-    learner.step([Sample(prompt, toks, 1.0, lps, vers), Sample(prompt, toks[:5], -1.0, lps[:5], vers[:5])])
+    _step_on(learner, *_sample(generator, tokenizer, "move"))  # the generator is now stale
 
     reqs = dict(_fixed_length(tokenizer, "inflight", n=4, max_tokens=300))
     for req in reqs.values():
@@ -267,11 +266,9 @@ def test_sync_in_flight_recomputes_the_running_requests(generator, tokenizer, en
     v2 = synced[0]
     straddled, old_gap = 0, 0.0
     for r, req in reqs.items():
-        toks = [t for c in chunks[r] for t in c.token_ids]
-        vers = [v for c in chunks[r] for v in c.versions]
+        toks, lps, vers = _joined(chunks[r])
         assert len(toks) == 300 and vers == sorted(vers) and set(vers) <= {v1, v2}
-        gap = (_learner_logprobs(learner.model, req.prompt_ids, toks)
-               - torch.tensor([lp for c in chunks[r] for lp in c.logprobs])).abs()
+        gap = (_learner_logprobs(learner.model, req.prompt_ids, toks) - torch.tensor(lps)).abs()
         new = torch.tensor([v == v2 for v in vers])
         straddled += bool(new.any() and not new.all())
         assert gap[new].max() < 1e-3, f"tokens after the sync miss the new weights by {gap[new].max():.2e}"
