@@ -8,6 +8,15 @@ import logging
 import sys
 
 
+def _cores(text: str) -> list[int]:
+    from stream_rl.placement import PlacementError, parse_cores
+
+    try:
+        return parse_cores(text)
+    except PlacementError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -21,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare-tiny", help="build the tiny tokenizer, model, task and warm start (cached)")
     p.add_argument("--out", default=".cache/tiny")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--rebuild", action="store_true",
+                   help="train the warm start here instead of loading the shipped one (~4 min on 2 cores)")
 
     p = sub.add_parser("train", help="train a policy with streamed rollouts")
     _add_config_args(p)
@@ -31,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generator", help="run a generator service (vLLM engine behind ZMQ)")
     _add_config_args(p)
     p.add_argument("--index", type=int, default=0, help="which of generator.count (its addresses follow)")
+    p.add_argument("--engine-cpus", type=_cores, default=None,
+                   help="cores for the vLLM engine's own processes, e.g. 0-3 (CPU engines; see generator.engine_cpus)")
+    p.add_argument("--front-cpus", type=_cores, default=None,
+                   help="cores for this process once its engine has started")
 
     p = sub.add_parser("learner", help="run the learner (under torchrun for several ranks)")
     _add_config_args(p)
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "prepare-tiny":
         from stream_rl.tiny.prepare import prepare_tiny
 
-        prepare_tiny(args.out, force=args.force)
+        prepare_tiny(args.out, force=args.force, rebuild=args.rebuild)
     elif args.cmd == "check-config":
         from stream_rl.config import config_to_dict
 
@@ -126,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: --index {args.index} is not below generator.count={cfg.generator.count}",
                   file=sys.stderr)
             return 2
-        serve(cfg, args.index)
+        serve(cfg, args.index, args.engine_cpus, args.front_cpus)
     elif args.cmd == "learner":
         from stream_rl.learner.service import serve as serve_learner
 

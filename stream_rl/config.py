@@ -103,6 +103,14 @@ class GeneratorConfig(_Section):
     # instead of dropping.
     hwm: PosInt = 10000
     startup_timeout_s: PosFloat = 600.0
+    # CPU engines that `stream-rl train` starts beside the learner: the cores
+    # the engine's own processes (scheduler and worker, which busy-wait on
+    # each other) run on; the generators' front ends, the controller and the
+    # learner get this host's other cores (stream_rl.placement). None: vLLM
+    # and the kernel decide. "auto": all cores but one for CPU engines (GPU
+    # engines: no change). A list such as [0, 1, 2]: those cores, split among
+    # the generators.
+    engine_cpus: list[NonNegInt] | Literal["auto"] | None = None
 
 
 class PrunerConfig(_Section):
@@ -335,6 +343,10 @@ def _check(cfg: Config) -> None:
     if cfg.mode == "sync" and p.mode != "none":
         raise ConfigError(f"mode=sync is the unpruned synchronous baseline; it needs pruner.mode=none "
                           f"(got {p.mode!r})")
+    if isinstance(g.engine_cpus, list) and (not g.engine_cpus or g.hosts):
+        raise ConfigError("generator.engine_cpus must list at least one core, and only for generators that "
+                          "`stream-rl train` starts on its own host (no generator.hosts); got "
+                          f"{g.engine_cpus} with generator.hosts={g.hosts}")
     if g.hosts and len(g.hosts) != g.count:
         raise ConfigError(f"generator.hosts has {len(g.hosts)} entries for generator.count={g.count}")
     addrs = [a for i in range(g.count) for a in generator_addrs(g, i)] + [cfg.learner.addr, cfg.learner.reply_addr]

@@ -80,6 +80,8 @@ class RolloutController:
         b = cfg.buffer
         self.buffer = buffer or RecyclingBuffer(cfg.generator.group_size, b.max_groups, b.max_staleness,
                                                 b.stale_policy, b.continuation_order)
+        # Requests that stop at their rollout's decision point -> its length there.
+        self.paused_at: dict[str, int] = {}
 
     # --- requests out ---------------------------------------------------------
 
@@ -90,8 +92,17 @@ class RolloutController:
         # Token-in continuation: the engine sees prompt + tokens so far and may
         # generate only what is left of the rollout's budget (and, if it is
         # still to be scored, their log-probs for the head's features).
+        budget = r.tokens_left
+        if score_at is not None and 0 < score_at + 1 - len(r.response_ids) < budget:
+            # A rollout to be scored stops at its decision point (the step
+            # that scores it samples token score_at + 1) and waits there for
+            # the pruner: an abort sent after the score raced the engine,
+            # which finished whole 300-token rollouts before their abort
+            # arrived. Kept, it continues from there (prefix-cached).
+            budget = score_at + 1 - len(r.response_ids)
+            self.paused_at[rid] = score_at + 1
         self.client.submit(RolloutRequest(request_id=rid, group_id=r.group_id, prompt_ids=r.prompt_ids,
-                                          response_ids=r.response_ids, max_tokens=r.tokens_left,
+                                          response_ids=r.response_ids, max_tokens=budget,
                                           temperature=g.temperature, top_p=g.top_p,
                                           seed=request_seed(self.cfg.run.seed, rid) if g.seeded else None,
                                           score_at=score_at,
@@ -130,8 +141,10 @@ class RolloutController:
         else:
             for _ in range(max(0, target_groups - self.buffer.num_ready - self.buffer.num_open_groups)):
                 self._new_group()
+        # After each message: continue partials (rollouts kept at their
+        # decision point too) and, under APRIL, refill.
         self._pump(lambda: self.buffer.num_ready >= target_groups, stats, timeout_s, "rollout step did not finish",
-                   after=(lambda: self.fill(open_limit)) if april else None)
+                   after=lambda: self.fill(open_limit))
         # The batch is ready: everything still generating becomes a partial
         # (its final tokens and abort notice arrive during the next step).
         running = list(self.buffer.running)
@@ -207,6 +220,13 @@ class RolloutController:
                     stats.pruned_groups_dropped += 1
                     self._replace_group(r.group_id)
         elif isinstance(msg, RolloutFinished):
+            at = self.paused_at.pop(msg.request_id, None)
+            r = self.buffer.running.get(msg.request_id)
+            if at is not None and msg.finish_reason == "length" and r is not None and len(r.response_ids) == at \
+                    and msg.request_id not in self.buffer.pruning:
+                # Stopped at its decision point and kept: it continues (fill).
+                self.buffer.on_finished(msg.request_id, "abort", paused=True)
+                return
             reward = None
             if self.buffer.needs_reward(msg.request_id, msg.finish_reason):
                 r = self.buffer.running[msg.request_id]

@@ -28,12 +28,18 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def start_role(args: list[str], log_path: Path) -> tuple[subprocess.Popen, object]:
-    """`python <args>` in a session of its own, output to `log_path`;
-    returns the process and the open log."""
+def start_role(args: list[str], log_path: Path, cpus: list[int] | None = None) -> tuple[subprocess.Popen, object]:
+    """`python <args>` in a session of its own, output to `log_path`, on
+    `cpus` (with its children) when given; returns the process and the open log."""
     log = open(log_path, "ab")
+
+    def setup() -> None:
+        _exit_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_exit_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            preexec_fn=setup, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return proc, log
 
 

@@ -41,6 +41,7 @@ from stream_rl.learner.samples import samples_from_groups
 from stream_rl.metrics import MetricsLogger, read_metrics
 from stream_rl.protocol import (CheckpointSaved, Hello, LearnerReady, SaveCheckpoint, Shutdown, StepDone, SyncWeights,
                                 TrainBatch, WeightsLoaded, WeightsStaged)
+from stream_rl.placement import allowed_cores, for_job, pin
 from stream_rl.pruner.base import make_pruner
 from stream_rl.pruner.quality import inclusion_weighted_mean
 from stream_rl.verifier import make_verifier
@@ -84,12 +85,20 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     ckpt = find_checkpoint(out / "checkpoint") if resume else None
-    learner = LearnerProcess(cfg, out, resume=ckpt)  # starts while the engines load
-    gens: list[GeneratorClient] = []
     owned = generator is None
+    # Engines started here get cores of their own (generator.engine_cpus).
+    placement = for_job(cfg) if owned else None
+    own_cores = allowed_cores()
+    if placement is not None:
+        log.info("cores: engine(s) %s; front end(s), controller and learner %s", placement.engines, placement.rest)
+    learner = LearnerProcess(cfg, out, resume=ckpt, cpus=placement and placement.rest)  # starts while the engines load
+    gens: list[GeneratorClient] = []
     try:
         if owned:
-            gens = [GeneratorProcess(cfg, out, index=i, wait=False) for i in range(cfg.generator.count)]
+            gens = [GeneratorProcess(cfg, out, index=i, wait=False, placement=placement)
+                    for i in range(cfg.generator.count)]
+            if placement is not None:
+                pin(placement.rest)
             for g in gens:
                 g.wait_ready(cfg.generator.startup_timeout_s)
         else:
@@ -102,6 +111,8 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
         if owned:
             for g in gens:
                 g.stop()
+        if placement is not None:
+            pin(own_cores)
 
 
 def controller(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None = None,

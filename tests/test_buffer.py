@@ -1091,3 +1091,24 @@ def test_stale_complete_groups_are_dropped_unless_kept():
     assert buf.drop_stale_ready(5) == 1 and [g.group_id for g in buf.ready] == [new]
     assert buf.stats.stale_dropped_groups == 1 and buf.stats.tokens_discarded == 4
     assert make_buffer(max_staleness=None).drop_stale_ready(100) == 0
+
+
+def test_a_rollout_paused_at_its_decision_point_continues_and_is_no_recycled_partial():
+    buf = make_buffer()
+    (r0, r1), (a, b) = open_group(buf, max_tokens=8)
+    gen(buf, a, 3)
+    buf.on_finished(a, "abort", paused=True)  # stopped at the decision point, kept
+    assert list(buf.partials) == [r0] and not r0.finished
+    out, abort = buf.take_partials(version=0)
+    assert out == [r0] and not abort
+    assert buf.stats.partials_created == 0 and buf.stats.partials_continued == 0
+    a2 = buf.start(r0)
+    gen(buf, a2, 2)
+    buf.on_finished(a2, "abort")  # a step-end abort afterwards is a recycled partial again
+    buf.take_partials(version=0)
+    assert buf.stats.partials_created == 1 and buf.stats.partials_continued == 1
+    # Pruned at its decision point: it ends there and completes its group.
+    buf.prune(b)
+    gen(buf, b, 3)
+    buf.on_finished(b, "length")
+    assert r1.finish_reason == "pruned" and r1.reward is None

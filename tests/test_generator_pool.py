@@ -100,11 +100,3 @@ def test_weight_update_completes_when_every_generator_serves_it(two):
     gens[1].outbox.send(WeightsUpdateFailed(version=2, error="shape mismatch"))
     with pytest.raises(GeneratorError, match="generator 1 failed .* shape mismatch"):
         pool.recv(2000)
-
-
-def test_generators_on_one_host_get_their_own_cores():
-    from stream_rl.generator.engine import cpu_cores_for
-
-    assert [cpu_cores_for(i, 2, [0, 1]) for i in range(2)] == [[0], [1]]
-    assert [cpu_cores_for(i, 2, [0, 1, 2, 3, 4]) for i in range(2)] == [[0, 1], [2, 3]]
-    assert [cpu_cores_for(i, 3, [4, 5]) for i in range(3)] == [[4], [5], [4]]  # more engines than cores

@@ -76,3 +76,12 @@ def test_teacher_slip_is_wrong_from_the_first_number_and_follows_the_rule_after(
     assert slip == "73 " + right and slip.split()[0] != right.split()[0]
     p = task.make_dataset(1, seed=0)[0]
     assert p.solution == task.countdown(p.start, p.step) and p.prompt.startswith(f"{p.start:02d}")
+
+
+def test_the_shipped_warm_start_is_this_recipes_and_is_used(tiny_world):
+    from stream_rl.tiny.prepare import shipped_weights
+
+    # RECIPE changed without a new shipped warm start: `prepare-tiny --rebuild`
+    # then `stream_rl.tiny.prepare.ship_warm_start(OUT/model)`.
+    assert shipped_weights() is not None
+    assert tiny_world["stats"]["warm_start"] == "shipped"

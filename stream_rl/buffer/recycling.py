@@ -82,6 +82,7 @@ class RecyclingBuffer:
         self.running: dict[str, Rollout] = {}  # by engine request id
         self.partials: deque[Rollout] = deque()
         self.pruning: set[str] = set()  # request ids whose abort means "pruned"
+        self._paused: set[str] = set()  # partials that stopped at the pruner's decision point
         self.ready: list[Group] = []
         self.next_group = 0
         self.stats = BufferStats()
@@ -129,6 +130,7 @@ class RecyclingBuffer:
         out, abort = [], []
         for r in waiting:
             if r.group_id not in self.groups:
+                self._paused.discard(r.rollout_id)
                 continue  # its group was dropped meanwhile
             if limit is not None and len(out) >= limit:
                 self.partials.append(r)
@@ -144,7 +146,8 @@ class RecyclingBuffer:
                     out = [o for o in out if o.group_id != r.group_id]
                     continue
             out.append(r)
-        self.stats.partials_continued += sum(bool(r.response_ids) for r in out)
+        self.stats.partials_continued += sum(bool(r.response_ids) and r.rollout_id not in self._paused for r in out)
+        self._paused -= {r.rollout_id for r in out}
         return out, abort
 
     # --- stream events -----------------------------------------------------------
@@ -157,9 +160,12 @@ class RecyclingBuffer:
         r.append(chunk)
         return r
 
-    def on_finished(self, request_id: str, reason: str, reward: float | None = None) -> Rollout | None:
+    def on_finished(self, request_id: str, reason: str, reward: float | None = None,
+                    paused: bool = False) -> Rollout | None:
         """An engine request ended. `abort` makes the rollout a partial (unless
-        its budget is spent); otherwise it is finished with `reward`."""
+        its budget is spent); otherwise it is finished with `reward`.
+        `paused`: it stopped at the pruner's decision point and was kept; it
+        continues as a partial but is no recycled step-end partial in the stats."""
         if reason != "abort" and reason not in FINISH_REASONS:
             raise BufferError(f"unknown finish reason {reason!r} for {request_id}")
         r = self.running.pop(request_id, None)
@@ -171,7 +177,10 @@ class RecyclingBuffer:
             reason, reward = "pruned", None
         elif not self._ends(r, reason):
             self.partials.append(r)
-            self.stats.partials_created += 1
+            if paused:
+                self._paused.add(r.rollout_id)
+            else:
+                self.stats.partials_created += 1
             return r
         self.finish(r, "length" if reason == "abort" else reason, reward)
         return r

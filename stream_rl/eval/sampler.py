@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,8 @@ class EvalEngine:
             fut = futs[rid]
             if fut in done:
                 s = fut.result()
-                c.score, c.scored_at = float(s.logit), int(s.at_tokens)
+                if math.isfinite(s.logit):  # NaN: the engine has no head loaded
+                    c.score, c.scored_at = float(s.logit), int(s.at_tokens)
             else:
                 fut.cancel()
                 log.warning("no quality-head score for %s within %.0f s", rid, timeout_s)

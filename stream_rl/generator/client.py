@@ -11,6 +11,7 @@ import msgspec
 from stream_rl.config import Config, generator_addrs
 from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, GeneratorReady, RequestRejected,
                                 RolloutRequest, Shutdown, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
+from stream_rl.placement import Placement, format_cores
 from stream_rl.roles import start_role, stop_role
 from stream_rl.transport import ZmqChannel
 
@@ -84,16 +85,18 @@ class GeneratorProcess(GeneratorClient):
     """Starts `stream-rl generator` as a child process and connects to it."""
 
     def __init__(self, cfg: Config, workdir: Path, log_path: Path | None = None, index: int = 0,
-                 wait: bool = True):
+                 wait: bool = True, placement: Placement | None = None):
         """`wait=False` returns once the process is started; call
-        `wait_ready` before using it (several engines then load at once)."""
+        `wait_ready` before using it (several engines then load at once).
+        `placement`: the cores of its engine and of its front end."""
         workdir.mkdir(parents=True, exist_ok=True)
         cfg_path = workdir / "generator_config.json"
         cfg_path.write_bytes(msgspec.json.encode(cfg))
         tag = f"-{index}" if index else ""
-        self.proc, self._log = start_role(
-            ["-m", "stream_rl", "generator", "--config", str(cfg_path), "--index", str(index)],
-            log_path or workdir / f"generator{tag}.log")
+        cmd = ["-m", "stream_rl", "generator", "--config", str(cfg_path), "--index", str(index)]
+        if placement is not None:
+            cmd += ["--engine-cpus", format_cores(placement.engines[index]), "--front-cpus", format_cores(placement.rest)]
+        self.proc, self._log = start_role(cmd, log_path or workdir / f"generator{tag}.log")
         super().__init__(cfg, index)
         if wait:
             self.wait_ready(cfg.generator.startup_timeout_s)

@@ -5,31 +5,28 @@ from __future__ import annotations
 import os
 
 from stream_rl.config import Config
+from stream_rl.placement import format_cores, split
 
 WORKER_EXTENSION = "stream_rl.generator.worker_ext.StreamRLWorkerExtension"
 
 
-def cpu_cores_for(index: int, count: int, cores: list[int]) -> list[int]:
-    """Generator `index`'s share of `cores` when `count` generators share a host."""
-    per = max(1, len(cores) // count)
-    start = (index * per) % len(cores)
-    return cores[start:start + per]
-
-
-def build_engine(cfg: Config, index: int = 0):
-    """An `AsyncLLM` for the policy, with stream_rl's worker extension."""
+def build_engine(cfg: Config, index: int = 0, cores: list[int] | None = None):
+    """An `AsyncLLM` for the policy, with stream_rl's worker extension.
+    `cores`: where a CPU engine's worker binds its threads (see
+    `stream_rl.placement`); the engine's scheduler process inherits the
+    caller's cores."""
     g = cfg.generator
     # The CPU engine sizes its KV cache from this variable, not from
     # gpu_memory_utilization; it must be set before vLLM is imported.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(g.cpu_kvcache_gib))
-    if g.count > 1 and not g.hosts and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    if cores is None and g.count > 1 and not g.hosts:
         # vllm-cpu pins each engine's worker to cores of its choosing: every
         # engine on a host picks the same ones, where their busy-waiting
         # workers starved each other (a weight transfer into the second
         # never finished). Each generator gets its own share instead.
-        # (Ignored by GPU engines.)
-        mine = cpu_cores_for(index, g.count, sorted(os.sched_getaffinity(0)))
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
+        cores = split(sorted(os.sched_getaffinity(0)), index, g.count)
+    if cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # (ignored by GPU engines)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = format_cores(cores)
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 

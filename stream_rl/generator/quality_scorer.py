@@ -14,7 +14,7 @@ id (the engine renames requests internally) and the log-probs of the response
 tokens it continues. When a row's sequence length, after this step's tokens,
 equals that length, the head is applied to the row's features and the score
 and the features are pushed to the service over a ZMQ side channel, which
-puts them on the rollout's token stream.
+puts them on the rollout's token stream (a NaN score while no head is loaded).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class QualityScorer:
                 scored.append(i)
             elif t.start <= sl < t.want:
                 self._lp_rows.append((i, t))
-        if scored and self.head is not None:
+        if scored:
             self._score(hidden, [(i, targets[i]) for i in scored])
         if len(self._targets) > 8 * max(n, 64):  # forget finished requests
             live = self.runner.requests
@@ -187,8 +187,15 @@ class QualityScorer:
         if not feats:
             return
         x = torch.stack(feats)
-        with torch.no_grad():
-            logits = self.head(x).float().cpu().tolist()
+        if self.head is None:
+            # No head yet (before the first sync that brings one): no verdict
+            # (the pruner keeps the rollout), but the features still reach the
+            # learner, which trains the head on them, and the service is not
+            # left waiting for a score.
+            logits = [float("nan")] * len(done)
+        else:
+            with torch.no_grad():
+                logits = self.head(x).float().cpu().tolist()
         scores = [WorkerScore(t.rid, QualityScore(at_tokens=t.at, logit=lg, features=f))
                   for t, lg, f in zip(done, logits, encode_features(x))]
         if self._sock is not None:

@@ -15,6 +15,7 @@ import time
 from stream_rl.config import Config, generator_addrs
 from stream_rl.generator.engine import EngineScores, build_engine, sampled_logprobs, token_versions, version_starts
 from stream_rl.generator.quality_scorer import SCORE_KEY
+from stream_rl.placement import pin
 from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, QualityScore, RequestRejected,
                                 RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
                                 WeightsUpdated, WeightsUpdateFailed)
@@ -34,9 +35,12 @@ class _AbortedEarly(Exception):
 
 
 class GeneratorService:
-    def __init__(self, cfg: Config, index: int = 0):
+    def __init__(self, cfg: Config, index: int = 0, engine_cpus: list[int] | None = None,
+                 front_cpus: list[int] | None = None):
         self.cfg = cfg
         self.index = index
+        # Where the engine's processes and then this one run (stream_rl.placement).
+        self.engine_cpus, self.front_cpus = engine_cpus, front_cpus
         self.generator_id = f"gen{index}"
         self.version = 0
         self.tasks: dict[str, asyncio.Task] = {}
@@ -44,6 +48,9 @@ class GeneratorService:
         # Quality-head scores from the worker, waiting for their request's
         # next chunk (request id -> score).
         self.scores: dict[str, QualityScore] = {}
+        # Requests that ended at their scoring step, waiting for the score
+        # (request id -> set when it arrives).
+        self.score_waits: dict[str, asyncio.Event] = {}
         # Aborted requests whose task is still running. An abort can arrive
         # before the task has registered its request with the engine, where
         # vLLM would ignore it; the task checks this set and aborts itself.
@@ -110,6 +117,12 @@ class GeneratorService:
                         starts = version_starts(self.engine, req.request_id, c if out.finished else None)
                         vers += token_versions(starts, produced, len(new), self.version)
                         produced += len(new)
+                    if out.finished and req.score_at is not None \
+                            and len(req.response_ids) + produced == req.score_at + 1:
+                        # It stopped at its scoring step (the controller's
+                        # decision point): its score left the worker during
+                        # that step and goes out with the last tokens.
+                        await self._await_score(req.request_id)
                     # A score goes out at once, with the tokens so far: the pruner
                     # decides on it and every token waited for is compute wasted.
                     scored = req.request_id in self.scores
@@ -140,6 +153,17 @@ class GeneratorService:
             self.scores.pop(req.request_id, None)
             self.aborted.discard(req.request_id)
         await self.outbox.send(RolloutFinished(request_id=req.request_id, finish_reason=reason, num_tokens=streamed))
+
+    async def _await_score(self, request_id: str, timeout_s: float = 10.0) -> None:
+        if request_id in self.scores:
+            return
+        event = self.score_waits[request_id] = asyncio.Event()
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("no quality score for %s within %.0f s of its scoring step", request_id, timeout_s)
+        finally:
+            self.score_waits.pop(request_id, None)
 
     # --- weights ---------------------------------------------------------------
 
@@ -206,13 +230,19 @@ class GeneratorService:
         # A request that ended meanwhile has all its tokens out already.
         if s.request_id in self.tasks:
             self.scores[s.request_id] = s.score
+            if s.request_id in self.score_waits:
+                self.score_waits[s.request_id].set()
 
     # --- main loop -------------------------------------------------------------
 
     async def run(self) -> None:
         g = self.cfg.generator
         self._main = asyncio.current_task()
-        self.engine = build_engine(self.cfg, self.index)
+        if self.engine_cpus:  # the engine's scheduler process inherits this process's cores
+            pin(self.engine_cpus)
+        self.engine = build_engine(self.cfg, self.index, self.engine_cpus)
+        if self.front_cpus:
+            pin(self.front_cpus)
         self._vocab_size = self.engine.model_config.get_vocab_size()
         await self.engine.update_weight_version(str(self.version))
         self._scores = self._sync_task = None
@@ -280,8 +310,9 @@ def _bindable(addr: str) -> str:
     return addr if scheme != "tcp" or local else f"tcp://*:{port}"
 
 
-def serve(cfg: Config, index: int = 0) -> None:
+def serve(cfg: Config, index: int = 0, engine_cpus: list[int] | None = None,
+          front_cpus: list[int] | None = None) -> None:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s generator {index} %(levelname)s %(message)s")
-    uvloop.run(GeneratorService(cfg, index).run())
+    uvloop.run(GeneratorService(cfg, index, engine_cpus, front_cpus).run())

@@ -58,7 +58,8 @@ class LearnerClient:
 class LearnerProcess(LearnerClient):
     """Starts `stream-rl learner` (under torchrun for learner.ranks > 1)."""
 
-    def __init__(self, cfg: Config, out_dir: Path, resume: Path | None = None):
+    def __init__(self, cfg: Config, out_dir: Path, resume: Path | None = None, cpus: list[int] | None = None):
+        """`cpus`: the cores its ranks run on (stream_rl.placement)."""
         super().__init__(cfg)  # bind the reply channel before the learner connects
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = out_dir / "learner_config.json"
@@ -70,7 +71,7 @@ class LearnerProcess(LearnerClient):
         if n > 1:
             cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(n),
                    "--master_port", str(free_ports(1)[0])] + cmd
-        self.proc, self._log = start_role(cmd, out_dir / "learner.log")
+        self.proc, self._log = start_role(cmd, out_dir / "learner.log", cpus)
 
     def wait_ready(self, timeout_s: float) -> LearnerReady:
         return self.wait_for(LearnerReady, timeout_s, "the learner to start")

@@ -49,7 +49,7 @@ class WarmStartResult:
 
 
 @torch.no_grad()
-def _greedy_exact(model, probe: list[Encoded], pad: int) -> float:
+def greedy_exact(model, probe: list[Encoded], pad: int) -> float:
     """The share of references greedy decoding reproduces exactly (teacher forced)."""
     model.eval()
     greedy = []
@@ -83,9 +83,9 @@ def warm_start(model, train: list[Encoded], probe: list[Encoded], pad: int, *, s
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 250 == 0 or step == steps:
-            greedy = _greedy_exact(model, probe, pad)
+            greedy = greedy_exact(model, probe, pad)
             log(f"warm start step {step}/{steps}: loss {loss.item():.3f}  greedy-exact {greedy:.3f}")
-    greedy = _greedy_exact(model, probe, pad)
+    greedy = greedy_exact(model, probe, pad)
     return WarmStartResult(steps, greedy, time.time() - t0)
 
 
