@@ -46,8 +46,13 @@ def engine_cfg(tiny_world):
 @pytest.fixture(scope="session")
 def generator(engine_cfg, tmp_path_factory):
     from stream_rl.generator.client import GeneratorProcess
+    from stream_rl.placement import for_job
 
-    gen = GeneratorProcess(engine_cfg, tmp_path_factory.mktemp("generator"))
+    # Placed as `stream-rl train` places it (tiny.yaml: engine_cpus auto):
+    # the engine's busy-waiting processes on cores of their own. Unplaced on
+    # two cores they starved its front end, which then streamed in bursts
+    # seconds late, and tests that abort "the running tail" found it done.
+    gen = GeneratorProcess(engine_cfg, tmp_path_factory.mktemp("generator"), placement=for_job(engine_cfg))
     yield gen
     gen.stop()
 

@@ -86,22 +86,42 @@ def _controller(cfg, client, world, seed=0, buffer=None):
                              make_verifier(cfg.data), make_pruner(cfg), buffer=buffer)
 
 
+def _steps_until_a_partial(ctl, target_groups, tries=5):
+    """APRIL steps, each drained, until one leaves a partial that streamed
+    tokens. Returns (groups, stats) of every step. Most steps do; on a loaded
+    machine the controller can lag so far behind the engine that what it
+    aborts at the step's end had all finished or not started yet (CI)."""
+    groups, steps = [], []
+    for _ in range(tries):
+        got, stats = ctl.collect(target_groups)
+        assert len(got) == target_groups
+        # never more than overprovision x target in flight
+        assert ctl.buffer.num_open_groups <= ctl.cfg.generator.overprovision * target_groups
+        groups += got
+        steps.append(stats)
+        ctl.drain()
+        if any(r.response_ids for r in ctl.buffer.partials):
+            return groups, steps
+    pytest.fail(f"no step of {tries} left a partial with tokens: {[s.aborted for s in steps]} aborted")
+
+
 def test_april_steps_recycle_partials_without_losing_a_token(generator, engine_cfg, world, sync_to):
     cfg = _cfg(engine_cfg, generator__mode="april", generator__target_groups=4, generator__overprovision=2.0,
                generator__max_tokens=300)
     rec = Recorder(generator)
     ctl = _controller(cfg, rec, world, seed=11)
     v0 = sync_to()
-    delivered, steps = [], []
-    for step in range(3):
+    # Partials wait in the buffer (their aborts reported); the next steps
+    # start by continuing them, after a weight update.
+    delivered, steps = _steps_until_a_partial(ctl, 4)
+    sync_to()
+    for _ in range(2):
         groups, stats = ctl.collect(4)
-        assert len(groups) == 4 and all(len(g.rollouts) == cfg.generator.group_size for g in groups)
-        assert ctl.buffer.num_open_groups <= 8  # never more than overprovision x target in flight
+        assert len(groups) == 4 and ctl.buffer.num_open_groups <= 8
         delivered += groups
         steps.append(stats)
-        if step == 0:
-            assert stats.aborted > 0, "the long tail should still be running when 4 groups are done"
-            sync_to()  # a weight update between the steps
+    for g in delivered:
+        assert len(g.rollouts) == cfg.generator.group_size
     ctl.drain()
     assert sum(s.buffer["partials_continued"] for s in steps) > 0
     # Every delivered rollout is exactly the concatenation of what its
@@ -135,11 +155,8 @@ def test_stale_partials_are_restarted_or_dropped(generator, engine_cfg, world, s
                generator__max_tokens=300, buffer__max_staleness=0, buffer__stale_policy=policy)
     rec = Recorder(generator)
     ctl = _controller(cfg, rec, world, seed=23)
-    _, first = ctl.collect(3)
-    assert first.aborted > 0
-    ctl.drain()
+    _steps_until_a_partial(ctl, 3)
     stale = [r for r in ctl.buffer.partials if r.response_ids]
-    assert stale
     v = sync_to()  # every partial is now one version behind: over the bound of 0
     groups, stats = ctl.collect(3)
     ctl.drain()

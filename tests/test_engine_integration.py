@@ -54,7 +54,10 @@ def tokenizer(engine_cfg):
 def test_group_streams_contiguous_chunks_with_logprobs_and_versions(generator, tokenizer, engine_cfg):
     ids = [_rid("grp") for _ in range(8)]
     for r in ids:
-        generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=_prompt(tokenizer), max_tokens=200))
+        # Temperature 2: the warm-started tiny model is so sure of some
+        # answers that eight samples at 1 were at times all the same.
+        generator.submit(RolloutRequest(request_id=r, group_id="g", prompt_ids=_prompt(tokenizer), max_tokens=200,
+                                        temperature=2.0))
     chunks, ends = collect(generator, ids)
     eos = tokenizer.eos_token_id
     for r in ids:
@@ -73,7 +76,7 @@ def test_group_streams_contiguous_chunks_with_logprobs_and_versions(generator, t
         assert end.finish_reason in ("stop", "length")
         if end.finish_reason == "stop":
             assert tokens[-1] == eos
-    # Sampling at temperature 1: a group is not eight copies of one answer.
+    # Sampled: a group is not eight copies of one answer.
     texts = {tuple(c.token_ids for c in chunks[r]).__repr__() for r in ids}
     assert len(texts) > 1
 
@@ -118,19 +121,33 @@ def _fixed_length(tokenizer, tag, n=8, max_tokens=400):
 
 
 def test_abort_stops_running_requests(generator, tokenizer):
-    reqs = dict(_fixed_length(tokenizer, "abort"))
-    for req in reqs.values():
-        generator.submit(req)
-    sent = []
+    # 32 requests share the engine, so each advances slowly enough that the
+    # abort's round trip lands before any reaches its 480 tokens; it goes
+    # out once the last one streams (on loaded cores the first could run
+    # alone to its end while the others were still being taken in). This
+    # process can still be descheduled for longer than the ~1.3 s they take,
+    # so a request that ran to its end counts as a lost abort only if that
+    # happens on every try.
+    for _ in range(3):
+        reqs = dict(_fixed_length(tokenizer, "abort", n=32, max_tokens=480))
+        for req in reqs.values():
+            generator.submit(req)
+        last, sent = list(reqs)[-1], []
 
-    def abort_all(chunk):
-        if not sent:
-            sent.append(chunk.request_id)
-            generator.abort(list(reqs))
-    chunks, ends = collect(generator, list(reqs), on_chunk=abort_all)
-    assert {r: ends[r].finish_reason for r in reqs} == {r: "abort" for r in reqs}
-    for r in reqs:
-        assert ends[r].num_tokens == sum(len(c.token_ids) for c in chunks[r]) < 400
+        def abort_all(chunk):
+            if not sent and chunk.request_id == last:
+                sent.append(chunk.request_id)
+                generator.abort(list(reqs))
+        chunks, ends = collect(generator, list(reqs), on_chunk=abort_all)
+        reasons = {r: ends[r].finish_reason for r in reqs}
+        assert set(reasons.values()) <= {"abort", "length"}
+        for r in reqs:
+            assert ends[r].num_tokens == sum(len(c.token_ids) for c in chunks[r])
+            assert reasons[r] == "length" or ends[r].num_tokens < 480
+        if all(reason == "abort" for reason in reasons.values()):
+            break
+    else:
+        pytest.fail(f"aborts were lost on every try: {reasons}")
 
 
 def test_abort_right_after_submit_is_not_lost(generator, tokenizer):
@@ -258,7 +275,10 @@ def test_sync_in_flight_recomputes_the_running_requests(generator, tokenizer, en
     v1 = sync()
     _step_on(learner, *_sample(generator, tokenizer, "move"))  # the generator is now stale
 
-    reqs = dict(_fixed_length(tokenizer, "inflight", n=4, max_tokens=300))
+    # Enough requests that each advances slowly (~4 s for its 300 tokens
+    # here): on a fast engine 4, and at times 48, all ended before the sync
+    # that their first chunk starts had landed.
+    reqs = dict(_fixed_length(tokenizer, "inflight", n=128, max_tokens=300))
     for req in reqs.values():
         generator.submit(req)
     synced = []
@@ -271,7 +291,10 @@ def test_sync_in_flight_recomputes_the_running_requests(generator, tokenizer, en
         gap = (_learner_logprobs(learner.model, req.prompt_ids, toks) - torch.tensor(lps)).abs()
         new = torch.tensor([v == v2 for v in vers])
         straddled += bool(new.any() and not new.all())
-        assert gap[new].max() < 1e-3, f"tokens after the sync miss the new weights by {gap[new].max():.2e}"
+        # (A request can finish its 300 tokens before the sync lands on a fast
+        # engine; `straddled` below asks for some that did not.)
+        if new.any():
+            assert gap[new].max() < 1e-3, f"tokens after the sync miss the new weights by {gap[new].max():.2e}"
         if not new.all():
             old_gap = max(old_gap, float(gap[~new].max()))
     assert straddled > 0  # the sync landed while requests ran
