@@ -355,7 +355,11 @@ def test_train_runs_end_to_end(generator, engine_cfg, tmp_path, mode):
                 "gen_tokens_per_s", "trained_tokens_per_s", "version_lag_max", "train_s", "step_s"):
         assert all(key in r for r in records), key
     versions = [r["policy_version"] for r in records]
-    assert versions == sorted(versions) and len(set(versions)) == 3
+    assert versions == sorted(versions) and versions[-1] > versions[0]
+    if mode == "sync":  # a sync lands between every two steps
+        assert len(set(versions)) == 3
+    # (In stream mode a sync lands while the next batch generates: on a
+    # loaded machine two steps can be recorded before it does.)
     assert all(r["groups"] == cfg.generator.target_groups for r in records)
     assert sum(r["tokens_generated"] for r in records) > 0 and all(0.0 <= r["reward_mean"] <= 1.0 for r in records)
     # The learner scores the current version's tokens as the engine sampled them.
