@@ -238,6 +238,14 @@ class GeneratorService:
     async def run(self) -> None:
         g = self.cfg.generator
         self._main = asyncio.current_task()
+        # The addresses are claimed before the engine starts: vLLM binds its
+        # own sockets to ports the kernel picks, and one took a configured
+        # port between its choice and a bind made after the engine was up
+        # ("Address already in use"). Requests sent meanwhile wait here.
+        request_addr, stream_addr = generator_addrs(g, self.index)
+        self.inbox = AsyncZmqChannel(_bindable(request_addr), send=False, bind=True, hwm=g.hwm,
+                                     decoder=Decoder(ToGenerator))
+        self.outbox = AsyncZmqChannel(_bindable(stream_addr), send=True, bind=True, hwm=g.hwm)
         if self.engine_cpus:  # the engine's scheduler process inherits this process's cores
             pin(self.engine_cpus)
         self.engine = build_engine(self.cfg, self.index, self.engine_cpus)
@@ -255,10 +263,6 @@ class GeneratorService:
             if self.cfg.pruner.mode == "arrol":
                 raise
             log.exception("the quality head cannot be hooked into this model; scoring is off")
-        request_addr, stream_addr = generator_addrs(g, self.index)
-        self.inbox = AsyncZmqChannel(_bindable(request_addr), send=False, bind=True, hwm=g.hwm,
-                                     decoder=Decoder(ToGenerator))
-        self.outbox = AsyncZmqChannel(_bindable(stream_addr), send=True, bind=True, hwm=g.hwm)
         await self.outbox.send(GeneratorReady(generator_id=self.generator_id, version=self.version,
                                               max_model_len=self.cfg.model.max_model_len))
         try:
