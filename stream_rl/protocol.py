@@ -137,6 +137,15 @@ class WorkerScores(_Msg):
     scores: list[WorkerScore]
 
 
+class WorkerLogprobs(_Msg):
+    """The raw log-prob of every token one engine step sampled: the token at
+    output position index[i] of the engine request the service knows as
+    keys[i] (`generator/sampled_logprobs.py`)."""
+    keys: list[str]
+    index: list[int]
+    logprobs: list[float]
+
+
 # --- controller -> learner ----------------------------------------------------
 
 class TrainBatch(_Msg):
@@ -203,6 +212,7 @@ FromGenerator = Union[GeneratorReady, TokenChunk, RolloutFinished, RequestReject
                       WeightsUpdateFailed]
 ToLearner = Union[TrainBatch, SyncWeights, WeightsLoaded, SaveCheckpoint, Shutdown]
 FromLearner = Union[LearnerReady, WeightsStaged, StepDone, CheckpointSaved, LearnerFailed]
+FromWorker = Union[WorkerScores, WorkerLogprobs]
 Message = Union[ToGenerator, FromGenerator, ToLearner, FromLearner]
 
 
@@ -245,6 +255,10 @@ def _check(msg) -> None:
         if msg.score is not None and (msg.score.at_tokens < 1 or len(msg.score.features) % 4):
             raise ProtocolError(f"rejected TokenChunk for {msg.request_id}: score at {msg.score.at_tokens} tokens "
                                 f"with {len(msg.score.features)} feature bytes (float32 expected)")
+    elif isinstance(msg, WorkerLogprobs):
+        if not len(msg.keys) == len(msg.index) == len(msg.logprobs):
+            raise ProtocolError(f"rejected WorkerLogprobs: {len(msg.keys)} keys, {len(msg.index)} indices and "
+                                f"{len(msg.logprobs)} logprobs")
     elif isinstance(msg, RolloutRequest):
         if msg.max_tokens < 1:
             raise ProtocolError(f"rejected RolloutRequest {msg.request_id}: max_tokens must be >= 1")

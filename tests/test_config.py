@@ -243,6 +243,13 @@ def test_chunk_tokens_above_max_tokens():
     assert "generator.chunk_tokens" in msg and "generator.max_tokens" in msg
 
 
+def test_uni_executor_runs_one_rank():
+    msg = error_of({"generator": {"executor": "uni", "tensor_parallel_size": 2}})
+    assert "generator.executor" in msg and "generator.tensor_parallel_size" in msg
+    config_from_dict({"generator": {"executor": "auto", "tensor_parallel_size": 2}})
+    assert "allowed values: 'auto', 'mp', 'uni'" in error_of({"generator": {"executor": "ray"}})
+
+
 def test_same_request_and_stream_addr():
     addr = "tcp://127.0.0.1:7000"
     msg = error_of({"generator": {"request_addr": addr, "stream_addr": addr}})

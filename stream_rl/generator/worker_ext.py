@@ -162,12 +162,47 @@ class StreamRLWorkerExtension:
         self._stream_rl_check((n, t.shape) for n, t in tensors)
         return self.stream_rl_load_weights(tensors)
 
+    # --- reports to the generator service, every engine step --------------------
+
+    def _stream_rl_sender(self, addr: str):
+        """What sends this worker's reports (`protocol.FromWorker`) to the
+        service at `addr`, over one ZMQ socket; None on every
+        tensor-parallel rank but the first (the ranks see the same logits
+        and hidden states)."""
+        if getattr(self, "rank", 0) != 0:
+            return None
+        if getattr(self, "_stream_rl_send", None) is None:
+            import zmq
+
+            from stream_rl.protocol import encode
+
+            sock = zmq.Context.instance().socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            # Blocks rather than drops when the service falls behind: a
+            # lost log-prob would leave its request waiting for it.
+            sock.setsockopt(zmq.SNDHWM, 100000)
+            sock.connect(addr)
+            self._stream_rl_send = lambda msg: sock.send(encode(msg))
+        return self._stream_rl_send
+
+    def _stream_rl_logprobs(self):
+        from stream_rl.generator.sampled_logprobs import SampledLogprobs
+
+        if getattr(self, "_stream_rl_lps", None) is None:
+            self._stream_rl_lps = SampledLogprobs(self.model_runner)
+        return self._stream_rl_lps
+
+    def stream_rl_enable_logprobs(self, addr: str) -> None:
+        """Report every sampled token's log-prob to `addr` (ZMQ)."""
+        self._stream_rl_logprobs().send = self._stream_rl_sender(addr)
+
     def stream_rl_enable_scoring(self, addr: str) -> None:
         """Hook the quality head into the model; scores go to `addr` (ZMQ)."""
         from stream_rl.generator.quality_scorer import QualityScorer
 
         if getattr(self, "_stream_rl_scorer", None) is None:
-            self._stream_rl_scorer = QualityScorer(self.model_runner, addr, send=getattr(self, "rank", 0) == 0)
+            self._stream_rl_scorer = QualityScorer(self.model_runner, self._stream_rl_logprobs(),
+                                                   self._stream_rl_sender(addr))
 
     def stream_rl_param_names(self) -> list[tuple[str, list[int]]]:
         return [(n, list(p.shape)) for n, p in self.model_runner.get_model().named_parameters()]
