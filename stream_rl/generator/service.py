@@ -132,12 +132,17 @@ class GeneratorService:
                     # A score goes out at once, with the tokens so far: the pruner
                     # decides on it and every token waited for is compute wasted.
                     scored = req.request_id in self.scores
-                    if ids and (len(ids) >= g.chunk_tokens or out.finished or scored):
-                        await self.outbox.send(TokenChunk(request_id=req.request_id, offset=offset + streamed,
-                                                          token_ids=ids, logprobs=lps, versions=vers,
-                                                          score=self.scores.pop(req.request_id, None)))
-                        streamed += len(ids)
-                        ids, lps, vers = [], [], []
+                    # A delta can hold many tokens (vLLM merges the deltas a
+                    # busy front end has not taken yet): chunks of at most
+                    # chunk_tokens, the score with the last.
+                    while ids and (len(ids) >= g.chunk_tokens or out.finished or scored):
+                        n = min(len(ids), g.chunk_tokens)
+                        await self.outbox.send(TokenChunk(
+                            request_id=req.request_id, offset=offset + streamed, token_ids=ids[:n],
+                            logprobs=lps[:n], versions=vers[:n],
+                            score=self.scores.pop(req.request_id, None) if n == len(ids) else None))
+                        streamed += n
+                        ids, lps, vers = ids[n:], lps[n:], vers[n:]
                     if out.finished:
                         reason = c.finish_reason if c.finish_reason in _FINISH_REASONS else "abort"
             finally:
