@@ -6,7 +6,8 @@ warm-up rounds, so the machine's drift hits every mode alike:
 
 - `engine`: a raw `AsyncLLM` in this process, no sockets, no buffer. Each
   step submits exactly the requests the `sync` step will (same ids, prompts,
-  budgets and per-request seeds, so the same tokens) and waits for them all.
+  budgets and per-request seeds, so the same tokens) and waits for them all,
+  with each token's log-prob taken as the generator service takes it.
 - `sync`: the streaming pipeline (generator process, ZMQ, controller, buffer,
   verifier) generating each step's `target_groups` x G to completion.
 - `april`: the same pipeline with over-provisioning and partial recycling.
@@ -43,6 +44,7 @@ from stream_rl.bench.common import BenchSetupError, emit, with_free_ports
 from stream_rl.config import Config
 from stream_rl.controller import RolloutController, request_seed
 from stream_rl.data import PromptDataset, PromptSampler
+from stream_rl.generator.sampled_logprobs import STREAM_KEY
 from stream_rl.pruner.base import make_pruner
 from stream_rl.verifier import make_verifier
 
@@ -116,12 +118,24 @@ class EngineMode:
         self.cfg, self.sampler = cfg, sampler
         self.loop = uvloop.new_event_loop()
         self.engine = self.loop.run_until_complete(self._async(build_engine, cfg))
+        # Log-probs as the generator service takes them: from the worker.
+        self.logprobs = self.reports = None
+        if cfg.generator.return_logprobs:
+            self.loop.run_until_complete(self._reports())
         self.tally = ModeTally(cfg.generator.max_num_seqs)
         self.group = 0
 
     @staticmethod
     async def _async(fn, *args):
         return fn(*args)
+
+    async def _reports(self) -> None:
+        from stream_rl.generator.engine import EngineReports
+        from stream_rl.generator.logprob_ledger import LogprobLedger
+
+        self.logprobs = LogprobLedger()
+        self.reports = EngineReports(self.engine, self.cfg.generator.hwm, self.logprobs.add)
+        await self.reports.enable_logprobs()
 
     async def _batch(self, reqs: list[tuple[str, list[int]]], meter: InFlightMeter) -> list[int]:
         from vllm import SamplingParams
@@ -131,18 +145,24 @@ class EngineMode:
         g, cfg = self.cfg.generator, self.cfg
 
         async def one(rid: str, prompt: list[int]) -> int:
+            key = self.logprobs.open(rid) if self.logprobs else None
             params = SamplingParams(n=1, temperature=g.temperature, top_p=g.top_p,
                                     seed=request_seed(cfg.run.seed, rid),
                                     max_tokens=min(g.max_tokens, cfg.model.max_model_len - len(prompt)),
-                                    logprobs=0 if g.return_logprobs else None,
+                                    extra_args={STREAM_KEY: key} if key else None,
                                     output_kind=RequestOutputKind.DELTA, detokenize=False)
             n = 0
             meter.change(+1)
             try:
                 async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, rid):
-                    n += len(out.outputs[0].token_ids)
+                    new = len(out.outputs[0].token_ids)
+                    if key and new:
+                        await self.logprobs.get(key, n, n + new)
+                    n += new
             finally:
                 meter.change(-1)
+                if key:
+                    self.logprobs.close(key)
             return n
 
         return await asyncio.gather(*(one(rid, p) for rid, p in reqs))
@@ -163,6 +183,8 @@ class EngineMode:
             self.tally.add(sum(counts), time.perf_counter() - t0, meter.request_s, cpu_s(os.getpid()) - c0)
 
     def close(self) -> None:
+        if self.reports is not None:
+            self.reports.close()
         # Inside its loop, so the engine's output task ends with it.
         self.loop.run_until_complete(self._async(self.engine.shutdown))
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
