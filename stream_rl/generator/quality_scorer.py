@@ -21,12 +21,11 @@ puts them on the rollout's token stream (a NaN score while no head is loaded).
 from __future__ import annotations
 
 import logging
-
 from typing import Callable
 
 import torch
 
-from stream_rl.generator.sampled_logprobs import SampledLogprobs
+from stream_rl.generator.sampled_logprobs import SampledLogprobs, request_extra_args
 from stream_rl.protocol import QualityScore, WorkerScore, WorkerScores
 from stream_rl.pruner.head import QualityHead, encode_features, head_features
 
@@ -87,9 +86,7 @@ class QualityScorer:
     def _target(self, req_id: str) -> _Target:
         t = self._targets.get(req_id)
         if t is None:
-            state = self.runner.requests.get(req_id)
-            extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
-            want = extra.get(SCORE_KEY)
+            want = request_extra_args(self.runner, req_id).get(SCORE_KEY)
             t = _Target(int(want["len"]), int(want["at"]), str(want["id"]), [float(x) for x in want.get("lps", ())]) \
                 if want else _NO_SCORE
             self._targets[req_id] = t

@@ -3,7 +3,7 @@
 vLLM's own path (`SamplingParams.logprobs`) packs small arrays per request
 and per step in the engine and builds a `Logprob` object per token in the
 front end. On the tiny world that cost about a quarter of a CPU engine's
-tokens a second (README, "Where a stream step goes"). Here hooks on the
+tokens a second (README, "Cores"). Here hooks on the
 sampler read the step's raw logits and the tokens drawn from them. One
 message per step carries every request's log-prob to the generator service:
 the service's key for the request and the token's position in the request's
@@ -24,6 +24,12 @@ from stream_rl.protocol import WorkerLogprobs
 # SamplingParams.extra_args key: the service's key for this engine request.
 # Requests without one are not reported.
 STREAM_KEY = "stream_rl_key"
+
+
+def request_extra_args(runner, req_id: str) -> dict:
+    """The `SamplingParams.extra_args` of engine request `req_id` ({} if none)."""
+    state = runner.requests.get(req_id)
+    return getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
 
 
 class SampledLogprobs:
@@ -99,7 +105,5 @@ class SampledLogprobs:
 
     def _key(self, req_id: str) -> str | None:
         if req_id not in self._keys:
-            state = self.runner.requests.get(req_id)
-            extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
-            self._keys[req_id] = extra.get(STREAM_KEY)
+            self._keys[req_id] = request_extra_args(self.runner, req_id).get(STREAM_KEY)
         return self._keys[req_id]
