@@ -277,6 +277,10 @@ class Job:
             # Versions the batch lags the weights it updates.
             "version_lag_max": self.trained_on[step] - min(versions) if versions else 0,
             "gen_s": gstats.seconds,
+            # The latest weight load, slowest generator: its time from the
+            # request to serving, and how long generation stood still for it.
+            "weights_load_s": max((u.load_s for u in self.pool.last_update.values()), default=0.0),
+            "weights_pause_s": max((u.pause_s for u in self.pool.last_update.values()), default=0.0),
             **timing,
             "wall_s": time.time() - self.t0,
             **done.stats,

@@ -352,8 +352,12 @@ def test_train_runs_end_to_end(generator, engine_cfg, tmp_path, mode):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("step", "policy_version", "reward_mean", "groups", "tokens_generated", "tokens_trained", "wall_s",
-                "gen_tokens_per_s", "trained_tokens_per_s", "version_lag_max", "train_s", "step_s"):
+                "gen_tokens_per_s", "trained_tokens_per_s", "version_lag_max", "train_s", "step_s",
+                "weights_load_s", "weights_pause_s"):
         assert all(key in r for r in records), key
+    # By the last step a weight load has been timed: generation stood still
+    # for part of it (the staged weights arrived while it ran).
+    assert 0.0 < records[-1]["weights_pause_s"] <= records[-1]["weights_load_s"]
     versions = [r["policy_version"] for r in records]
     assert versions == sorted(versions) and versions[-1] > versions[0]
     if mode == "sync":  # a sync lands between every two steps
