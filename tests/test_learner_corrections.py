@@ -922,3 +922,19 @@ def test_pack_rows_balances_rows_without_adding_any(lengths, budget):
     assert sorted(i for r in balanced for i in r) == list(range(len(lengths)))
     assert len(balanced) <= len(plain)
     assert width(balanced) <= width(plain)
+
+
+def test_step_log_prob_pass_skips_the_first_minibatch(engine_cfg):
+    """With several mini-batches π_old comes from a pass before the first
+    update; the first mini-batch's own forward runs before any update, so the
+    pass covers only the later ones (samples[i::3], i = 1, 2)."""
+    learner = make_learner(engine_cfg, learner__minibatches=3)
+    samples = [s for s in learner_samples(4) if s.advantage != 0.0]
+    asked = []
+    inner = learner.logprobs
+    learner.logprobs = lambda xs: (asked.append([s.sample_id for s in xs]), inner(xs))[1]
+    stats, delta = step_delta(learner, samples)
+    assert len(asked) == 1
+    assert sorted(asked[0]) == sorted(s.sample_id for i in (1, 2) for s in samples[i::3])
+    assert stats["grad_norm"] > 0 and math.isfinite(stats["loss"])
+    assert any(float(d.abs().max()) > 0 for d in delta.values())

@@ -156,17 +156,19 @@ class Learner:
         mine = lambda xs: live(xs)[self.rank::self.world_size]  # noqa: E731
         stats["samples_without_gradient"] = len(samples) - len(live(samples))
         # π_old must be fixed before the first update when there are several.
-        old, _ = self.logprobs([s for mb in minibatches for s in mine(mb)]) if n_mb > 1 else ({}, 0.0)
+        # The first mini-batch's own forward runs before any update, so its
+        # log-probs are π_old already: only the later ones need this pass.
+        old, _ = self.logprobs([s for mb in minibatches[1:] for s in mine(mb)]) if n_mb > 1 else ({}, 0.0)
         # Sums reduced over ranks at the end: loss, clipped, tokens, |Δlogp|, n(Δ), real, total.
         acc = torch.zeros(7, dtype=torch.float64)
         offp = []
-        for mb_samples in minibatches:
+        for k, mb_samples in enumerate(minibatches):
             num_seqs, num_tokens = loss_normalisers(mb_samples, lc.pruning_correction, samples)
             self.opt.zero_grad(set_to_none=True)
             for mb in self._micro_batches(mine(mb_samples)):
                 lay = self._layout(mb)
                 logp = response_logprobs(self.model, lay)
-                old_flat = torch.cat([old[id(s)] for s in mb]) if old else logp.detach()
+                old_flat = torch.cat([old[id(s)] for s in mb]) if k > 0 else logp.detach()
                 dev = logp.device
                 rollout = None
                 if all(s.rollout_logprobs is not None for s in mb):
