@@ -1097,19 +1097,3 @@ def test_inclusion_weighted_mean_is_a_mean(pairs):
     v = [float(b) for b, _ in pairs]
     m = inclusion_weighted_mean(v, [p for _, p in pairs])
     assert min(v) - 1e-12 <= m <= max(v) + 1e-12
-
-
-def test_arrol_review_computes_each_lean_once():
-    """`review` asks at_decision_point and then keep_probability about the
-    same rollout and members: its lean d_i is worked out once, and the keep
-    probability is the survival policy's at that lean."""
-    p = arrol_pruner(balance="group", cold_start_steps=0, exempt_fraction=0.0, kappa=0.5, min_survivors=1)
-    members = [mk(i, 20, "g", reward=0.0, finish="stop") for i in range(6)] + [mk(6, 8, "g", score=2.0)]
-    calls = []
-    inner = p.direction
-    p.direction = lambda r, ms: (calls.append(r.rollout_id), inner(r, ms))[1]
-    p.review(members[-1], members)
-    assert calls == [members[-1].rollout_id]
-    assert members[-1].decision in ("kept", "pruned")
-    assert p.keep_probability(members[-1], members) == pytest.approx(
-        float(p.policy.probs(members[-1].q, inner(members[-1], members))))

@@ -49,9 +49,6 @@ class ArrolPruner(SamplingPruner):
         self.recent_scores: deque[float] = deque(maxlen=cfg.score_window)
         # The lean d_i of each of those (`SurvivalPolicy`), for delta's solve.
         self.recent_directions: deque[float] = deque(maxlen=cfg.score_window)
-        # (rollout id, d_i) of the rollout at its decision point last: `review`
-        # asks for its keep probability next, with the same members.
-        self._decision_direction: tuple[str, float] = ("", 1.0)
         # (score, label, after cold start, step) of every rollout no draw could remove.
         self.unbiased: list[tuple[float, bool, bool, int]] = []
         # prune/head_auc at the last step's end: the gate of `min_head_auc`.
@@ -77,16 +74,14 @@ class ArrolPruner(SamplingPruner):
             self.recent_scores.append(s)
             # q of every scored rollout, drawn or not: its group's pass-rate estimate uses it.
             r.q = float(self.calibrator.posterior(s))
-            self._decision_direction = (r.rollout_id, self.direction(r, members))
-            self.recent_directions.append(self._decision_direction[1])
+            self.recent_directions.append(self.direction(r, members))
             return True
         if len(r.response_ids) >= self.cfg.l_detect + SCORE_GRACE_TOKENS:
             self._decide(r, "unscored")  # kept: a decision without its evidence would be random
         return False
 
     def keep_probability(self, r: Rollout, members: list[Rollout]) -> float:
-        rid, d = self._decision_direction
-        return float(self.policy.probs(r.q, d if rid == r.rollout_id else self.direction(r, members)))
+        return float(self.policy.probs(r.q, self.direction(r, members)))
 
     def direction(self, r: Rollout, members: list[Rollout]) -> float:
         """d_i: 1 under `balance: fixed`; under "group", the sign of (the
