@@ -65,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="where to write the charts (default: RUN_DIR/plots)")
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("what", choices=["generation", "pruning", "learner", "weight-sync", "e2e"])
+    p.add_argument("what", choices=["generation", "pruning", "learner", "weight-sync", "e2e", "correction"])
     _add_config_args(p)
     p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
     p.add_argument("--steps", type=int, default=None,
                    help="steps per mode (generation: timed steps, default 10; pruning: training steps, default 40; "
                         "learner: timed repeats per configuration after 1 warm-up, default 3; "
                         "weight-sync: timed syncs per backend after 1 warm-up, default 5; "
-                        "e2e: training steps per system, default 40)")
+                        "e2e: training steps per system, default 40; "
+                        "correction: pruning draws, default 2000)")
     p.add_argument("--warmup-steps", type=int, default=2, help="generation: untimed steps per mode first")
     p.add_argument("--modes", default="random,arrol", help="pruning: pruner modes to train, in order")
     p.add_argument("--systems", default="sync,stream,trl", help="e2e: systems to train, in order")
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(str(p) for p in paths))
     elif args.cmd == "bench":
         steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40, "learner": 3,
-                                                              "weight-sync": 5, "e2e": 40}[args.what]
+                                                              "weight-sync": 5, "e2e": 40,
+                                                              "correction": 2000}[args.what]
         if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2
@@ -185,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                         raise BenchSetupError("--seeds names no seed")
                 bench_e2e(cfg, args.out_json, steps, [s.strip() for s in args.systems.split(",") if s.strip()],
                           args.keep, args.eval_every, args.eval_samples, seeds)
+            elif args.what == "correction":
+                from stream_rl.bench.correction import main as bench_correction
+
+                bench_correction(cfg, args.out_json, steps)
             elif args.what == "weight-sync":
                 from stream_rl.bench.weight_sync import main as bench_weight_sync
 

@@ -218,12 +218,29 @@ class LearnerConfig(_Section):
     drop_zero_variance_groups: bool = False
     # DAPO's overlong filtering: a response cut off by the length budget has
     # no verdict on its reasoning, so it is left out of the loss (it still
-    # counts, with its reward, in its group's advantage baseline).
+    # counts, with its reward, in its group's advantage baseline; under "ht"
+    # also in the normaliser, as a pruned member would have).
     mask_truncated: bool = False
-    # Pruning correction (DPPO's Horvitz-Thompson weights from each sample's
-    # inclusion probability); "none" trains on survivors as they are (ARRoL's
-    # balancing, biased on purpose).
-    pruning_correction: Literal["none", "ht"] = "none"
+    # Pruning correction (docs/pruning-correction.md). "ht": each sample
+    # weighs 1/(its inclusion probability) and, where the pruner drops
+    # rollouts before their reward, its group's baseline is the
+    # Horvitz-Thompson estimate over the survivors: the update is an
+    # unbiased estimate of the unpruned one. "none" trains on survivors as
+    # they are (ARRoL's balancing, biased on purpose). Without pruning both
+    # are the same update. ("DPPO" here is the Horvitz-Thompson pruning
+    # paper, not prime-rl's DPPO trust-region mask.)
+    pruning_correction: Literal["none", "ht"] = "ht"
+    # Divide each group's advantages by its reward std ("std": GRPO) or not
+    # ("none": Dr. GRPO). Under pruning before the reward with "ht" the std
+    # has no unbiased estimate, so "auto" is "none" there and "std"
+    # elsewhere; "std" there is a consistent, biased estimator.
+    adv_scale: Literal["auto", "std", "none"] = "auto"
+    # What divides DAPO's token sum: the batch's "tokens" (DAPO; when
+    # pruned, their Horvitz-Thompson estimate, a ratio estimator:
+    # consistent, biased), or a "budget" fixed before any draw, the groups'
+    # members x generator.max_tokens (Dr. GRPO's constant: unbiased). "auto":
+    # "budget" when "ht" has pruning to correct, "tokens" otherwise.
+    dapo_norm: Literal["auto", "tokens", "budget"] = "auto"
     # DPPO's completion pruning in the learner: completions with |A| below
     # their group's mean |A| are dropped with this probability (0: off).
     dppo_completion_rate: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.0
@@ -317,6 +334,33 @@ class Config(_Section):
     run: RunConfig = msgspec.field(default_factory=RunConfig)
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
 
+    # --- what the pruning correction resolves to (docs/pruning-correction.md) ---
+
+    @property
+    def prunes_before_reward(self) -> bool:
+        """The pruner stops rollouts in the engine, before their reward."""
+        return self.pruner.mode != "none"
+
+    @property
+    def ht_corrects(self) -> bool:
+        """learner.pruning_correction=ht with some pruning to correct."""
+        return self.learner.pruning_correction == "ht" and (
+            self.prunes_before_reward or self.learner.dppo_completion_rate > 0 or self.data.dppo_prompt_rate > 0)
+
+    @property
+    def adv_std(self) -> bool:
+        """Whether group advantages are divided by the group's reward std."""
+        if self.learner.adv_scale == "auto":
+            return not (self.learner.pruning_correction == "ht" and self.prunes_before_reward)
+        return self.learner.adv_scale == "std"
+
+    @property
+    def dapo_token_budget(self) -> int | None:
+        """Tokens each member counts for in DAPO's normaliser when it is a
+        fixed budget; None when it is the batch's tokens."""
+        budget = self.learner.dapo_norm == "budget" or (self.learner.dapo_norm == "auto" and self.ht_corrects)
+        return self.generator.max_tokens if budget else None
+
 
 # --- cross-field checks that a single annotation cannot express -------------
 
@@ -352,6 +396,8 @@ def _check(cfg: Config) -> None:
     if cfg.mode == "sync" and p.mode != "none":
         raise ConfigError(f"mode=sync is the unpruned synchronous baseline; it needs pruner.mode=none "
                           f"(got {p.mode!r})")
+    if cfg.learner.pruning_correction == "ht" and cfg.prunes_before_reward:
+        _check_ht_exact(cfg)
     if g.executor == "uni" and g.tensor_parallel_size > 1:
         raise ConfigError(f"generator.executor=uni runs one rank; generator.tensor_parallel_size="
                           f"{g.tensor_parallel_size} needs executor mp (or auto)")
@@ -366,6 +412,28 @@ def _check(cfg: Config) -> None:
     if dup:
         raise ConfigError(f"addresses must differ (generator.request_addr/stream_addr with generator.count="
                           f"{g.count}, learner.addr, learner.reply_addr): {', '.join(dup)} used twice")
+
+
+def _check_ht_exact(cfg: Config) -> None:
+    """Options under which a sample's inclusion probability has no known
+    value when rollouts are pruned before their reward: refused, so that
+    pruning_correction=ht stays an unbiased update (docs/pruning-correction.md)."""
+    why = None
+    if cfg.pruner.small_groups == "drop":
+        why = ("pruner.small_groups=drop removes a group whose survivors fall below pruner.min_survivors; "
+               "whether it does depends on every sibling's draw, so a kept member's probability of reaching "
+               "the learner is unknown (use small_groups: keep)")
+    elif cfg.learner.drop_zero_variance_groups:
+        why = ("learner.drop_zero_variance_groups drops a group whose rewards all agree, but a group's pruned "
+               "members never get a reward: equal survivors do not mean a group without signal, and the "
+               "normaliser of the unpruned update is unknown (set it to false)")
+    elif cfg.buffer.stale_policy == "drop" and cfg.buffer.max_staleness is not None:
+        why = ("buffer.stale_policy=drop discards a group when its oldest token grows stale, and how long "
+               "a group waits depends on which of its members were pruned, so the groups kept have no known "
+               "probability (use stale_policy: restart or mask)")
+    if why:
+        raise ConfigError(f"learner.pruning_correction=ht with pruner.mode={cfg.pruner.mode!r} cannot be exact: "
+                          f"{why}; or set learner.pruning_correction: none to train on the survivors uncorrected")
 
 
 # --- error messages ---------------------------------------------------------

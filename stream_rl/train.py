@@ -294,8 +294,8 @@ class Job:
             # History score: the group's mean |A| (0 for a zero-variance group left out).
             lc = self.cfg.learner
             adv: dict[str, list[float]] = {}
-            for s in samples_from_groups(groups, lc.adv_eps, lc.drop_zero_variance_groups,
-                                         lc.mask_truncated).samples:
+            for s in samples_from_groups(groups, lc.adv_eps, lc.drop_zero_variance_groups, lc.mask_truncated,
+                                         correction=lc.pruning_correction, scale=self.cfg.adv_std).samples:
                 adv.setdefault(s.group_id, []).append(abs(s.advantage))
             for g in groups:
                 a = adv.get(g.group_id, [0.0])
@@ -367,7 +367,7 @@ class Job:
                 log.warning("unexpected message from the learner: %s", type(reply).__name__)
             if not sent and buf.num_ready >= target and step_sent < self.steps:
                 # Bounded staleness: the update trains on the weights last staged.
-                buf.drop_stale_ready(self.staged, keep=self.restored)
+                buf.expire_stale_ready(self.staged, keep=self.restored)
             if not sent and buf.num_ready >= target and step_sent < self.steps:
                 groups = buf.take_ready(target)
                 step_sent += 1

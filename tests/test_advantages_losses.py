@@ -15,7 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from stream_rl.buffer.rollouts import Group, Rollout
-from stream_rl.learner.advantages import group_advantages
+from stream_rl.learner.advantages import group_advantages, ht_group_advantages
 from stream_rl.learner.losses import policy_loss
 from stream_rl.learner.samples import Sample, samples_from_groups
 from stream_rl.learner.trainer import micro_batches, pad_batch
@@ -274,14 +274,19 @@ def group(gid: str, rewards, **kw) -> Group:
     return Group(group_id=gid, rollouts=[rollout(f"{gid}-{i}", r, group=gid, **kw) for i, r in enumerate(rewards)])
 
 
-def test_samples_carry_group_advantages_in_order():
+@pytest.mark.parametrize("correction", ["ht", "none"])
+def test_samples_carry_group_advantages_in_order(correction):
     g1, g2 = group("a", [1.0, 0.0, 0.0, 1.0]), group("b", [0.0, 1.0])
-    batch = samples_from_groups([g1, g2], EPS, drop_zero_variance=False)
-    samples = batch.samples
-    assert batch.dropped_groups == 0 and batch.rejected == []
-    assert len(samples) == 6
-    assert [s.advantage for s in samples] == pytest.approx(
-        group_advantages([1.0, 0.0, 0.0, 1.0], EPS) + group_advantages([0.0, 1.0], EPS))
+    for scale in (False, True):
+        batch = samples_from_groups([g1, g2], EPS, drop_zero_variance=False, correction=correction, scale=scale)
+        samples = batch.samples
+        assert batch.dropped_groups == 0 and batch.rejected == [] and batch.members == 6
+        assert len(samples) == 6
+        # Nothing pruned: both corrections give the plain group advantages.
+        assert [s.advantage for s in samples] == pytest.approx(
+            group_advantages([1.0, 0.0, 0.0, 1.0], EPS, scale) + group_advantages([0.0, 1.0], EPS, scale))
+    # The default is the unscaled (Dr. GRPO) form, the one pruning cannot bias.
+    assert [s.advantage for s in samples_from_groups([g1], EPS, False).samples] == [0.5, -0.5, -0.5, 0.5]
     r = g1.rollouts[0]
     assert samples[0].prompt_ids == r.prompt_ids and samples[0].response_ids == r.response_ids
     assert samples[0].rollout_logprobs == r.logprobs and samples[0].versions == r.versions
@@ -289,9 +294,9 @@ def test_samples_carry_group_advantages_in_order():
 
 def test_zero_variance_groups_dropped_and_counted():
     groups = [group("a", [1.0, 1.0]), group("b", [0.0, 1.0]), group("c", [0.0, 0.0])]
-    batch = samples_from_groups(groups, EPS, drop_zero_variance=True)
+    batch = samples_from_groups(groups, EPS, drop_zero_variance=True, scale=True)
     samples = batch.samples
-    assert batch.dropped_groups == 2
+    assert batch.dropped_groups == 2 and batch.members == 2  # dropped groups leave the normaliser
     assert len(samples) == 2
     assert [s.advantage for s in samples] == pytest.approx(group_advantages([0.0, 1.0], EPS))
 
@@ -366,12 +371,135 @@ def test_pad_layout():
     assert ids[:, 1:][mask].tolist() == a.response_ids + b.response_ids
 
 
-def test_pruned_members_are_not_samples_and_not_in_the_baseline():
+def pruned_group() -> Group:
+    """Four members; the second pruned; the survivors kept with 0.5, 1 and 0.25."""
     g = group("p", [1.0, 0.0, 0.0, 1.0])
     g.rollouts[1].finish_reason, g.rollouts[1].reward = "pruned", None
-    batch = samples_from_groups([g], EPS, drop_zero_variance=False)
+    for r, p in zip(g.rollouts, [0.5, 0.4, 1.0, 0.25]):
+        r.keep_prob = p
+    return g
+
+
+def test_pruned_members_are_not_samples_and_uncorrected_baseline_is_the_survivors():
+    batch = samples_from_groups([pruned_group()], EPS, drop_zero_variance=False, correction="none", scale=True)
     samples = batch.samples
-    assert batch.dropped_groups == 0 and len(samples) == 3
+    assert batch.dropped_groups == 0 and len(samples) == 3 and batch.members == 4
     assert all(s.group_size == 4 for s in samples)  # N before pruning
-    expected = group_advantages([1.0, 0.0, 1.0], EPS)
-    assert [s.advantage for s in samples] == pytest.approx(expected)
+    assert [s.inclusion for s in samples] == [0.5, 1.0, 0.25]
+    assert [s.advantage for s in samples] == pytest.approx(group_advantages([1.0, 0.0, 1.0], EPS))
+
+
+def test_pruned_group_ht_baseline_by_hand():
+    # Survivors R = 1, 0, 1 with p = 0.5, 1, 0.25; N = 4. HT sum = 2 + 0 + 4 = 6.
+    # A_0 = 1 - (1 + 6 - 2) / 4 = -0.25; A_2 = 0 - (0 + 6 - 0) / 4 = -1.5; A_3 = 1 - (1 + 6 - 4) / 4 = 0.25.
+    samples = samples_from_groups([pruned_group()], EPS, drop_zero_variance=False).samples
+    assert [s.advantage for s in samples] == pytest.approx([-0.25, -1.5, 0.25], rel=1e-12)
+    assert ht_group_advantages([1.0, 0.0, 1.0], [0.5, 1.0, 0.25], 4) == pytest.approx([-0.25, -1.5, 0.25])
+
+
+def test_truncated_survivor_leaves_the_loss_but_not_the_baseline_or_the_members():
+    g = group("t", [1.0, 0.0, 1.0, 0.0])
+    g.rollouts[2].finish_reason = "length"
+    batch = samples_from_groups([g], EPS, drop_zero_variance=False, mask_truncated=True)
+    assert [s.sample_id for s in batch.samples] == ["t-0", "t-1", "t-3"] and batch.members == 4
+    assert [s.advantage for s in batch.samples] == [0.5, -0.5, -0.5]
+    # A group whose every survivor is masked still counts its members.
+    for r in g.rollouts:
+        r.finish_reason = "length"
+    batch = samples_from_groups([g], EPS, drop_zero_variance=False, mask_truncated=True)
+    assert batch.samples == [] and batch.members == 4
+
+
+def test_unknown_correction_is_refused_by_name():
+    with pytest.raises(ValueError, match="pruning_correction"):
+        samples_from_groups([group("a", [0.0, 1.0])], EPS, False, correction="dppo")
+
+
+# --- the Horvitz-Thompson baseline: exact expectations by enumeration ----------------------------------
+
+def _enumerate_draws(n: int, keep_prob):
+    """Every outcome of sequential keep draws over members 0..n-1, with its
+    probability and each member's recorded inclusion probability (the
+    conditional one, given the draws before it): keep_prob(k, kept_so_far)."""
+    out = []
+
+    def walk(k, kept, prob, incl):
+        if k == n:
+            out.append((prob, kept, incl))
+            return
+        p = keep_prob(k, kept)
+        if p > 0:
+            walk(k + 1, kept + [k], prob * p, incl + [p])
+        if p < 1:
+            walk(k + 1, kept, prob * (1 - p), incl + [p])
+
+    walk(0, [], 1.0, [])
+    return out
+
+
+def _expected_weighted_advantages(rewards, keep_prob, scale=False):
+    """E[1{i kept} / p_i * A_i] for every member i, exactly."""
+    n = len(rewards)
+    exp = [0.0] * n
+    for prob, kept, incl in _enumerate_draws(n, keep_prob):
+        if not kept:
+            continue
+        advs = ht_group_advantages([rewards[i] for i in kept], [incl[i] for i in kept], n, 0.0, scale)
+        for i, a in zip(kept, advs):
+            exp[i] += prob * a / incl[i]
+    return exp
+
+
+@settings(max_examples=60, deadline=None)
+@given(rewards=st.lists(st.sampled_from([0.0, 1.0, 0.5, 2.0]), min_size=2, max_size=6),
+       probs=st.lists(st.floats(0.05, 1.0), min_size=6, max_size=6),
+       dependent=st.booleans())
+def test_ht_baseline_is_exactly_unbiased(rewards, probs, dependent):
+    """Over every pruning outcome, the 1/p-weighted HT advantage of each member
+    averages to its unpruned mean-centred advantage R_i - mean R: with
+    independent draws, and with each p set by the draws before it (as
+    `balance: group` and `min_survivors` do)."""
+    n = len(rewards)
+
+    def keep_prob(k, kept):
+        p = probs[k]
+        if dependent:  # more likely kept when few before it were, certain at a minimum of 1
+            p = 1.0 if k == n - 1 and not kept else min(1.0, p * (1.5 if len(kept) < k / 2 else 0.7))
+        return p
+
+    mean = sum(rewards) / n
+    got = _expected_weighted_advantages(rewards, keep_prob)
+    assert got == pytest.approx([r - mean for r in rewards], abs=1e-9)
+
+
+def test_ht_baseline_with_std_is_biased_and_survivors_mean_too():
+    """The std-scaled form and the survivors' own mean, weighted alike, miss
+    the unpruned advantages: why "ht" defaults to no std division."""
+    rewards, probs = [1.0, 0.0, 0.0, 1.0, 0.0], [0.3, 0.9, 0.8, 0.4, 0.6]
+    exp_std = _expected_weighted_advantages(rewards, lambda k, kept: probs[k], scale=True)
+    full = group_advantages(rewards, 0.0)
+    # Exact expectations: any gap is bias, not noise (here 0.014 of advantages of size ~1).
+    assert max(abs(a - b) for a, b in zip(exp_std, full)) > 0.01
+    survivors = [0.0] * 5
+    for prob, kept, incl in _enumerate_draws(5, lambda k, kept: probs[k]):
+        for i, a in zip(kept, group_advantages([rewards[i] for i in kept], 0.0, scale=False)):
+            survivors[i] += prob * a / incl[i]
+    assert max(abs(a - (r - 0.4)) for a, r in zip(survivors, rewards)) > 0.05
+
+
+@settings(max_examples=100, deadline=None)
+@given(rewards=st.lists(st.floats(-5, 5, allow_nan=False), min_size=1, max_size=12), scale=st.booleans())
+def test_ht_baseline_without_pruning_is_the_group_advantage(rewards, scale):
+    assert ht_group_advantages(rewards, [1.0] * len(rewards), len(rewards), EPS, scale) == \
+        group_advantages(rewards, EPS, scale)
+
+
+def test_ht_baseline_refuses_bad_input():
+    with pytest.raises(ValueError, match="inclusion"):
+        ht_group_advantages([1.0, 0.0], [0.5], 2)
+    with pytest.raises(ValueError, match="outside"):
+        ht_group_advantages([1.0, 0.0], [0.5, 0.0], 2)
+    with pytest.raises(ValueError, match="below"):
+        ht_group_advantages([1.0, 0.0], [0.5, 0.5], 1)
+    with pytest.raises(ValueError, match="non-finite"):
+        ht_group_advantages([1.0, float("nan")], [0.5, 0.5], 3)

@@ -508,7 +508,7 @@ def test_stale_policy_mask_keeps_every_rollout_and_group():
     assert out == [r] and not abort and r.versions == [0, 0] and r.restarts == 0
     buf.start(r)
     buf.on_finished(r.request_id, "stop", 1.0)
-    assert buf.drop_stale_ready(10**6) == 0 and buf.num_ready == 1
+    assert buf.expire_stale_ready(10**6) == 0 and buf.num_ready == 1
     assert buf.stats.stale_restarted == buf.stats.stale_dropped_groups == buf.stats.tokens_discarded == 0
 
 
@@ -854,6 +854,7 @@ class Sim:
         self.pruned: set[str] = set()  # request ids pruned, not yet ended
         self.reason: dict[str, str] = {}  # rollout id -> expected finish reason
         self.late = self.discarded = self.completed = 0
+        self.reopened: set[str] = set()  # groups reopened by the staleness bound (restart)
 
     # -- engine-side helpers --
     def pick(self, i: int) -> str:
@@ -945,6 +946,33 @@ class Sim:
             members = buf.groups[gid]
             assert set(buf.drop_group(gid)) == running
             self.forget_group(members)
+        elif op == "expire":  # stream mode applies the bound to complete groups before taking a batch
+            S = None if self.cfg["stale_policy"] == "mask" else self.cfg["max_staleness"]
+            stale = lambda rs: S is not None and any(  # noqa: E731
+                r.versions and self.version - min(r.versions) > S for r in rs)
+            ready = list(buf.ready)
+            expired = buf.expire_stale_ready(self.version)
+            gone = [g for g in ready if g not in buf.ready]
+            assert expired == len(gone)
+            for g in gone:
+                if self.cfg["stale_policy"] == "drop":
+                    assert stale(g.rollouts) and g.group_id not in buf.groups
+                    for m in g.rollouts:
+                        self.discarded += len(self.sent.pop(m.rollout_id, []))
+                    continue
+                # restart: the group reopens; exactly its stale survivors start over
+                assert self.cfg["stale_policy"] == "restart" and buf.groups[g.group_id] == g.rollouts
+                self.reopened.add(g.group_id)
+                for m in g.rollouts:
+                    if m.finished:
+                        assert m.finish_reason == "pruned" or not stale([m]), m.rollout_id
+                    else:
+                        assert m.response_ids == [] and any(p is m for p in buf.partials)
+                        self.discarded += len(self.sent[m.rollout_id])
+                        self.sent[m.rollout_id] = []
+                        self.reason.pop(m.rollout_id, None)
+            for g in buf.ready:
+                assert not stale(g.survivors if self.cfg["stale_policy"] == "restart" else g.rollouts)
         elif op == "take_ready":
             for g in buf.take_ready(b):
                 assert len(g.rollouts) == self.cfg["group_size"] and all(r.finished for r in g.rollouts)
@@ -1012,7 +1040,8 @@ class Sim:
 
     def check(self) -> None:
         buf = self.buf
-        assert buf.num_open_groups <= self.cfg["max_groups"]
+        # A reopened group is no new one: it may stand beyond max_groups (new ones are refused meanwhile).
+        assert buf.num_open_groups <= self.cfg["max_groups"] + len(self.reopened & buf.groups.keys())
         assert set(buf.running) == set(self.live)  # the buffer tracks exactly the live requests
         assert buf.pruning == self.pruned
         members = {id(r): r for ms in buf.groups.values() for r in ms}
@@ -1046,7 +1075,7 @@ class Sim:
 
 
 OPS = ["open", "open", "chunk", "chunk", "chunk", "chunk", "finish", "prune", "step_end", "step_end", "bump",
-       "bump", "continue", "continue", "late", "drop", "take_ready", "reload"]
+       "bump", "continue", "continue", "late", "drop", "expire", "take_ready", "reload"]
 
 
 @pytest.mark.parametrize("stale_policy", [None, "restart", "drop", "mask"])
@@ -1080,17 +1109,45 @@ def test_random_interleavings_keep_the_buffer_invariants(stale_policy, cfg, ops)
 
 
 def test_stale_complete_groups_are_dropped_unless_kept():
-    buf = make_buffer(group_size=2, max_groups=4, max_staleness=2)
+    buf = make_buffer(group_size=2, max_groups=4, max_staleness=2, stale_policy="drop")
     for version in (0, 3):
         members, rids = open_group(buf)
         for rid in rids:
             gen(buf, rid, 2, version=version)
         finish_all(buf, rids)
     old, new = [g.group_id for g in buf.ready]
-    assert buf.drop_stale_ready(5, keep={old}) == 0 and buf.num_ready == 2  # lag 5 > 2, but kept
-    assert buf.drop_stale_ready(5) == 1 and [g.group_id for g in buf.ready] == [new]
+    assert buf.expire_stale_ready(5, keep={old}) == 0 and buf.num_ready == 2  # lag 5 > 2, but kept
+    assert buf.expire_stale_ready(5) == 1 and [g.group_id for g in buf.ready] == [new]
     assert buf.stats.stale_dropped_groups == 1 and buf.stats.tokens_discarded == 4
-    assert make_buffer(max_staleness=None).drop_stale_ready(100) == 0
+    assert make_buffer(max_staleness=None).expire_stale_ready(100) == 0
+
+
+def test_stale_complete_group_reopens_under_restart():
+    """stale_policy restart never drops a group: its stale survivors start
+    over from the prompt (keeping the draws they survived), its fresh and
+    pruned members stay as they are, and it completes again."""
+    buf = make_buffer(group_size=3, max_groups=4, max_staleness=2, stale_policy="restart")
+    members, rids = open_group(buf)
+    gen(buf, rids[0], 2, version=0)
+    gen(buf, rids[1], 1, version=0)
+    buf.prune(rids[1])
+    buf.on_finished(rids[1], "abort")  # pruned, with a stale token: never trained, left alone
+    gen(buf, rids[2], 3, version=4)
+    members[0].keep_prob = 0.5
+    finish_all(buf, [rids[0], rids[2]])
+    assert buf.num_ready == 1
+    assert buf.expire_stale_ready(5) == 1 and buf.num_ready == 0 and list(buf.groups) == ["g0"]
+    stale, pruned, fresh = members
+    assert (stale.response_ids, stale.finish_reason, stale.reward, stale.restarts, stale.keep_prob) == \
+        ([], None, None, 1, 0.5)
+    assert pruned.finish_reason == "pruned" and fresh.finish_reason == "stop" and fresh.restarts == 0
+    assert list(buf.partials) == [stale]
+    assert buf.stats.stale_restarted == 1 and buf.stats.tokens_discarded == 2 and buf.stats.stale_dropped_groups == 0
+    (again,), _ = buf.take_partials(version=5)
+    rid = buf.start(again)
+    gen(buf, rid, 2, version=5)
+    buf.on_finished(rid, "stop", 1.0)
+    assert [g.group_id for g in buf.ready] == ["g0"] and buf.expire_stale_ready(5) == 0
 
 
 def test_a_rollout_paused_at_its_decision_point_continues_and_is_no_recycled_partial():

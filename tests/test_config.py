@@ -328,3 +328,49 @@ def test_arrol_needs_the_streamed_logprobs():
     msg = error_of({"pruner": {"mode": "arrol", "l_detect": 32}, "generator": {"return_logprobs": False}})
     assert "pruner.mode=arrol" in msg and "generator.return_logprobs" in msg
     config_from_dict({"pruner": {"mode": "random", "l_detect": 32}, "generator": {"return_logprobs": False}})
+
+
+# --- the pruning correction: what "ht" resolves to, and what it refuses --------------------------
+
+PRUNED = {"pruner": {"mode": "random", "l_detect": 32}}
+
+
+@pytest.mark.parametrize("section,key,value,needle", [
+    ("pruner", "small_groups", "drop", "pruner.small_groups=drop"),
+    ("learner", "drop_zero_variance_groups", True, "learner.drop_zero_variance_groups"),
+])
+def test_ht_refuses_options_without_an_exact_inclusion_probability(section, key, value, needle):
+    raw = {"pruner": dict(PRUNED["pruner"]), "learner": {}}
+    raw.setdefault(section, {})[key] = value
+    msg = error_of(raw)
+    assert "learner.pruning_correction=ht" in msg and needle in msg and "pruning_correction: none" in msg
+    # Uncorrected, or without a pruner, they are allowed.
+    config_from_dict({**raw, "learner": {**raw["learner"], "pruning_correction": "none"}})
+    config_from_dict({**raw, "pruner": {**raw["pruner"], "mode": "none"}})
+
+
+def test_ht_refuses_stale_drop_but_not_restart_or_mask():
+    msg = error_of({**PRUNED, "buffer": {"max_staleness": 2, "stale_policy": "drop"}})
+    assert "buffer.stale_policy=drop" in msg
+    for policy in ("restart", "mask"):
+        config_from_dict({**PRUNED, "buffer": {"max_staleness": 2, "stale_policy": policy}})
+    config_from_dict({**PRUNED, "buffer": {"max_staleness": None, "stale_policy": "drop"}})  # no bound: no drop
+
+
+@pytest.mark.parametrize("raw,std,budget", [
+    ({}, True, None),  # no pruning: GRPO's std, DAPO's token count
+    (PRUNED, False, 256),  # ht with pruning before the reward: the unbiased forms
+    ({**PRUNED, "learner": {"pruning_correction": "none"}}, True, None),
+    ({"learner": {"dppo_completion_rate": 0.5}}, True, 256),  # after the reward: std stays exact
+    ({"data": {"dppo_prompt_rate": 0.5}}, True, 256),
+    ({**PRUNED, "learner": {"adv_scale": "std", "dapo_norm": "tokens"}}, True, None),  # the consistent forms, asked for
+    ({"learner": {"adv_scale": "none", "dapo_norm": "budget"}}, False, 256),
+])
+def test_what_the_correction_resolves_to(raw, std, budget):
+    cfg = config_from_dict(raw)
+    assert (cfg.adv_std, cfg.dapo_token_budget) == (std, budget)
+
+
+def test_default_correction_is_ht():
+    assert LearnerConfig().pruning_correction == "ht"
+    assert load_config(TINY).learner.pruning_correction == "ht"

@@ -27,8 +27,8 @@ from test_advantages_losses import random_spans
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_rl.learner.correction import (LAG_BUCKETS, dppo_prune_completions, loss_normalisers, offpolicy_stats,
-                                          offpolicy_weights, pruning_weights)
+from stream_rl.learner.correction import (LAG_BUCKETS, dppo_prune_completions, effective_sample_size,
+                                          loss_normalisers, offpolicy_stats, offpolicy_weights, pruning_weights)
 from stream_rl.learner.losses import policy_loss
 from stream_rl.learner.packing import (Layout, pack_layout, pack_rows, pad_layout, response_logprobs,
                                        split_by_budget)
@@ -571,6 +571,14 @@ def test_pruning_weights_and_normalisers_by_hand():
     assert pruning_weights(s, "ht") == [2.0, 4.0, 1.0]
     assert loss_normalisers(s, "none") == (3.0, 6.0)
     assert loss_normalisers(s, "ht") == (7.0, pytest.approx(2 / 0.5 + 3 / 0.25 + 1))
+    # A group with no sample left still counts its members; a token budget is fixed per member.
+    assert loss_normalisers(s, "ht", members=10) == (10.0, pytest.approx(2 / 0.5 + 3 / 0.25 + 1))
+    assert loss_normalisers(s, "ht", members=10, token_budget=32) == (10.0, 320.0)
+    assert loss_normalisers(s, "none", token_budget=32) == (3.0, 96.0)
+    # Mini-batches split the members by each sample's share of its group: a's two halves, b whole.
+    assert loss_normalisers(s[:1], "ht", s, members=14) == (4.0, 4.0)
+    assert loss_normalisers(s[2:], "ht", s, members=14) == (6.0, 1.0)
+    assert effective_sample_size([2.0, 4.0, 1.0]) == pytest.approx(49 / 21)
     with pytest.raises(ValueError, match="ht"):
         pruning_weights(s, "dppo")
 
@@ -837,6 +845,31 @@ def test_step_stats(engine_cfg):
     lens = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     assert stats["padding_fraction"] == pytest.approx(1 - sum(lens) / (len(lens) * max(lens)))
     assert stats["samples_trained"] == len(samples)
+
+
+def test_step_reports_the_effective_sample_size_of_the_ht_weights(engine_cfg):
+    samples = learner_samples(4)
+    for s, p in zip(samples, [0.5, 0.25, 1.0, 1.0, 0.8, 0.5, 1.0, 0.2]):
+        s.inclusion = p
+    w = [1 / s.inclusion for s in samples]
+    stats = make_learner(engine_cfg, learner__pruning_correction="ht").step(samples)
+    assert stats["ht_ess"] == pytest.approx(sum(w) ** 2 / sum(x * x for x in w))
+    assert stats["ht_ess_frac"] == pytest.approx(stats["ht_ess"] / len(samples)) and stats["ht_ess_frac"] < 0.8
+    assert stats["ht_weight_max"] == 5.0
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dapo"])
+def test_step_members_count_groups_the_samples_lack(engine_cfg, loss):
+    """Under ht the normaliser is the batch's members before pruning, those of
+    a group none of whose samples is left (all truncated and masked) too:
+    with twice the members the update's gradient is half."""
+    samples = learner_samples(5)
+    base = dict(sgd=True, sgd_lr=1.0, learner__pruning_correction="ht", learner__loss=loss, learner__grad_clip=1e9,
+                learner__dapo_norm="budget")
+    _, d1 = step_delta(make_learner(engine_cfg, **base), samples)
+    _, d2 = step_delta(make_learner(engine_cfg, **base), samples, members=16)  # 8 in the samples' 2 groups
+    for k in d1:
+        assert torch.allclose(d2[k], d1[k] / 2, atol=1e-7, rtol=1e-3), k
 
 
 @pytest.mark.parametrize("loss", KINDS)

@@ -102,8 +102,11 @@ MAX_TOKENS = 128
 
 def make_cfg(**pruner):
     """A validated Config with these pruner settings (max_tokens leaves room
-    past l_detect + SCORE_GRACE_TOKENS)."""
-    return config_from_dict({"pruner": pruner, "generator": {"max_tokens": MAX_TOKENS}})
+    past l_detect + SCORE_GRACE_TOKENS). The learner trains uncorrected:
+    the pruner never reads it, and under pruning_correction=ht the config
+    refuses small_groups=drop, which these tests use to turn sparing off."""
+    return config_from_dict({"pruner": pruner, "generator": {"max_tokens": MAX_TOKENS},
+                             "learner": {"pruning_correction": "none"}})
 
 
 def mk(i, n_tokens: int = 0, group: str = "g0", score=None, reward=None, finish=None) -> Rollout:
@@ -540,8 +543,9 @@ def test_random_decision_made_once():
 @given(st.integers(2, 8), st.integers(0, 3), st.floats(0.01, 1.0), st.integers(0, 2**31), st.randoms())
 def test_small_groups_keep_spares_to_min_survivors(size, early, kappa, seed, rnd):
     """small_groups keep, min_survivors 2: whatever the draws and the order,
-    at least min(2, size) members end up not pruned; a "spared" decision only
-    happens when pruning would leave fewer than 2, with keep_prob 1."""
+    at least min(2, size) members end up not pruned; a rollout whose pruning
+    would leave fewer than 2 is "spared", without a draw, with keep_prob 1
+    (kept whatever the draw); any other is drawn with keep_prob kappa."""
     cfg = config_from_dict({"pruner": dict(mode="random", l_detect=8, kappa=kappa, cold_start_steps=0,
                                            exempt_fraction=0.0, min_survivors=2, small_groups="keep"),
                             "generator": {"max_tokens": MAX_TOKENS}, "run": {"seed": seed}})
@@ -556,12 +560,10 @@ def test_small_groups_keep_spares_to_min_survivors(size, early, kappa, seed, rnd
         alive_others = sum(m.decision != "pruned" for m in members if m is not r)
         ok = p.review(r, members)
         assert ok == (r.decision != "pruned")
-        if r.decision == "spared":
-            assert alive_others < 2 and r.keep_prob == 1.0
-        elif r.decision == "pruned":
-            assert alive_others >= 2 and r.keep_prob == kappa
+        if alive_others < 2:
+            assert r.decision == "spared" and r.keep_prob == 1.0
         else:
-            assert r.decision == "kept" and r.keep_prob == kappa
+            assert r.decision in ("kept", "pruned") and r.keep_prob == kappa
         assert sum(m.decision != "pruned" for m in members) >= 2
         assert p.group_too_small(members) is False  # "keep" never drops
 
@@ -575,6 +577,68 @@ def test_small_groups_keep_spares_when_draws_say_prune():
     assert [r.decision for r in members] == ["pruned", "pruned", "spared", "spared"]
     m = p.end_step([])
     assert m["spared"] == 2 and m["pruned"] == 2 and m["keep_rate"] == pytest.approx(0.5)
+
+
+def _mean_weight(kept: list[bool], keep_prob: list[float]) -> tuple[float, float]:
+    """Mean of 1{kept}/keep_prob and its standard error."""
+    w = np.array([k / p for k, p in zip(kept, keep_prob)])
+    return float(w.mean()), float(w.std(ddof=1) / math.sqrt(len(w)))
+
+
+@pytest.mark.parametrize("exempt", [0.0, 0.3])
+def test_inclusion_is_exact_at_the_group_minimum(exempt):
+    """G = 4, p = 0.3, min_survivors 2 (the issue's case): every member's
+    1{kept} / keep_prob averages to 1, whatever its turn in the group; the
+    draw-then-spare order gave 1.35 and 1.55."""
+    p = random_pruner(kappa=0.3, min_survivors=2, small_groups="keep", exempt_fraction=exempt)
+    kept, probs = [[] for _ in range(4)], [[] for _ in range(4)]
+    for g in range(6000):
+        members = [mk(i, 0, group=f"g{g}") for i in range(4)]
+        for r in members:
+            grow(r, 8)
+            p.review(r, members)
+        for i, r in enumerate(members):
+            kept[i].append(r.decision != "pruned")
+            probs[i].append(r.keep_prob)
+    for i in range(4):
+        mean, se = _mean_weight(kept[i], probs[i])
+        assert abs(mean - 1.0) < 4 * se, (i, mean, se)
+    assert sum(k for k in kept[3]) > sum(k for k in kept[0])  # the last ones were spared
+
+
+def test_exempt_and_kept_record_the_chance_of_either():
+    """exempt_fraction e, kappa p: an exempt or a kept rollout was kept with
+    probability e + (1 - e) p, and that is its frequency."""
+    e, kappa = 0.2, 0.4
+    p = random_pruner(kappa=kappa, min_survivors=1, small_groups="keep", exempt_fraction=e)
+    rs = [mk(i, 8, group=f"g{i}") for i in range(20000)]
+    for r in rs:  # beside a member that ended before l_detect: never at the minimum
+        p.review(r, [r, mk(1, 3, group=r.group_id, finish="stop")])
+    assert all(r.keep_prob == pytest.approx(e + (1 - e) * kappa) for r in rs if r.decision != "pruned")
+    mean, se = _mean_weight([r.decision != "pruned" for r in rs], [r.keep_prob for r in rs])
+    assert abs(mean - 1.0) < 4 * se
+
+
+def test_inclusion_is_exact_across_a_restart():
+    """Kept with p, restarted (its tokens too stale), drawn again: it reaches
+    the batch only if both draws kept it, so keep_prob is p^2 and
+    1{kept}/keep_prob averages to 1 (resetting it to the second p gave 0.39
+    at p = 0.4)."""
+    p = random_pruner(kappa=0.4, min_survivors=1, small_groups="keep", exempt_fraction=0.0)
+    kept, probs = [], []
+    for i in range(20000):
+        r = mk(i, 0, group=f"g{i}")
+        members = [r, mk(1, 3, group=r.group_id, finish="stop")]  # never at the minimum
+        grow(r, 8)
+        if p.review(r, members):
+            r.restart()
+            grow(r, 8)
+            p.review(r, members)
+        kept.append(r.decision != "pruned")
+        probs.append(r.keep_prob)
+    assert all(q == pytest.approx(0.16) for q, k in zip(probs, kept) if k)
+    mean, se = _mean_weight(kept, probs)
+    assert abs(mean - 1.0) < 4 * se
 
 
 def test_small_groups_drop():
@@ -1037,12 +1101,13 @@ def test_scored_chunk_survives_the_wire():
 
 
 def test_rollout_restart_clears_pruner_state():
-    """restart() clears score, features, q and decision and resets keep_prob to 1."""
+    """restart() clears score, features, q and decision; keep_prob stays (the
+    draws it survived before the restart still stand between it and the batch)."""
     r = mk(0)
     r.append(chunk(0, 8, QualityScore(at_tokens=8, logit=0.5, features=b"\x00" * 4)))
     r.q, r.decision, r.keep_prob = 0.7, "kept", 0.4
     assert r.restart() == 8
-    assert (r.score, r.features, r.q, r.decision, r.keep_prob) == (None, None, None, None, 1.0)
+    assert (r.score, r.features, r.q, r.decision, r.keep_prob) == (None, None, None, None, 0.4)
     assert r.response_ids == [] and r.restarts == 1
     # A new score is taken after the restart.
     r.append(chunk(0, 8, QualityScore(at_tokens=8, logit=-1.0, features=b"\x00" * 4)))

@@ -130,7 +130,9 @@ def test_arrol_prunes_inside_the_engine(generator, head_loaded, engine_cfg, worl
     continue; groups keep min_survivors or are dropped and replaced."""
     cfg = cfg_with(engine_cfg, pruner__mode="arrol", pruner__cold_start_steps=0, pruner__exempt_fraction=0.0,
                    pruner__min_head_auc=0.0,  # the mechanics of pruning, whatever the head's quality
-                   pruner__small_groups=small_groups, generator__target_groups=6, generator__max_tokens=300)
+                   pruner__small_groups=small_groups, generator__target_groups=6, generator__max_tokens=300,
+                   # "drop" has no exact inclusion probability: the config refuses it under "ht"
+                   learner__pruning_correction="ht" if small_groups == "keep" else "none")
     tok, dataset = world
     pruner = make_pruner(cfg)
     ctl = RolloutController(cfg, generator, PromptSampler(dataset, True, 23), tok, make_verifier(cfg.data), pruner)

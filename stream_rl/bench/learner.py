@@ -11,7 +11,8 @@ random 0/1 rewards and group advantages, every token of version 0 (a
 group whose rewards come out all equal has no gradient, and the update pass
 skips it, as in training: `update_samples_without_gradient`). The
 pruned batch (kappa = 0.5) is a seeded random half of each group (inclusion
-0.5, advantages over the survivors, as `samples_from_groups` computes them).
+0.5, advantages over the survivors: the passes' cost does not depend on
+their values).
 
 Four configurations: kappa 1 / 0.5, each padded and packed
 (`learner.packing`). Each has its own `Learner` loaded from the checkpoint,

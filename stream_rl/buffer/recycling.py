@@ -9,10 +9,14 @@ A rollout is in exactly one place at a time:
 
 Partials carry every token's rollout log-prob and policy version, so the
 learner can correct for the older policies that sampled them. A staleness
-bound decides what happens to a partial whose oldest token is too old:
-`restart` discards its tokens and generates it again from the prompt,
-`drop` discards its whole group. Memory is bounded by `max_groups` open
-groups: a new group is refused, never an accepted rollout evicted.
+bound decides what happens to a rollout whose oldest token is too old:
+`restart` discards its tokens and generates it again from the prompt (a
+finished one too, when its complete group goes stale before the learner
+takes it: the group reopens), `drop` discards its whole group. Restart
+never removes a group, so it keeps the pruning correction exact: which
+groups reach the learner does not depend on which members were pruned.
+Memory is bounded by `max_groups` open groups: a new group is refused,
+never an accepted rollout evicted.
 
 The state saves to one msgpack file and restores exactly (resume).
 """
@@ -238,23 +242,38 @@ class RecyclingBuffer:
 
     # --- output ------------------------------------------------------------------
 
-    def drop_stale_ready(self, version: int, keep: set[str] | frozenset = frozenset()) -> int:
-        """Drop complete groups holding a token more than max_staleness
-        versions behind `version` (stream mode, where a group's first
-        members can finish many versions before its last), except the group
-        ids in `keep`; returns how many."""
+    def expire_stale_ready(self, version: int, keep: set[str] | frozenset = frozenset()) -> int:
+        """Apply the staleness bound to complete groups (stream mode, where a
+        group's first members can finish many versions before its last),
+        except the group ids in `keep`. "drop": a group holding a token more
+        than max_staleness versions behind `version` is dropped. "restart":
+        its stale survivors are generated again and the group reopens (its
+        pruned members stay pruned: their tokens are not trained). Returns
+        how many groups were dropped or reopened."""
         if self.max_staleness is None:
             return 0
-        fresh = []
+        stale = lambda rs: any(r.versions and version - min(r.versions) > self.max_staleness for r in rs)  # noqa: E731
+        fresh, expired = [], 0
         for g in self.ready:
-            versions = [v for r in g.rollouts for v in r.versions]
-            if g.group_id not in keep and versions and version - min(versions) > self.max_staleness:
+            if g.group_id in keep:
+                fresh.append(g)
+            elif self.stale_policy == "drop" and stale(g.rollouts):
                 self.stats.stale_dropped_groups += 1
                 self.stats.tokens_discarded += g.num_tokens
+                expired += 1
+            elif self.stale_policy == "restart" and stale(g.survivors):
+                for r in g.survivors:
+                    if stale([r]):
+                        self.stats.tokens_discarded += r.restart()
+                        self.stats.stale_restarted += 1
+                        r.finish_reason, r.reward = None, None
+                        self.partials.append(r)
+                self.groups[g.group_id] = g.rollouts
+                expired += 1
             else:
                 fresh.append(g)
-        dropped, self.ready = len(self.ready) - len(fresh), fresh
-        return dropped
+        self.ready = fresh
+        return expired
 
     def take_ready(self, n: int) -> list[Group]:
         taken, self.ready = self.ready[:n], self.ready[n:]

@@ -41,12 +41,13 @@ class Rollout(msgspec.Struct, kw_only=True):
     reward: float | None = None
     # The pruner's view (ARRoL): the quality head's logit and its input
     # features (float32 bytes) at L_detect tokens, the calibrated posterior
-    # q, and the decision with the probability it was kept with (its
-    # inclusion probability, for importance correction; 1.0 when no draw
-    # could remove it). decision: None (not reached L_detect), "cold"
-    # (cold start), "exempt" (the unpruned measurement slice), "kept",
-    # "spared" (a draw said prune, but the group would fall below its
-    # minimum), "pruned", "unscored" (the score never arrived).
+    # q, and the decision. keep_prob: the probability that it survived every
+    # pruning draw it faced (its inclusion probability, for importance
+    # correction; the product over restarts; 1.0 when no draw could remove
+    # it). decision: None (not reached L_detect), "cold" (cold start),
+    # "exempt" (the unpruned measurement slice), "kept", "spared" (its group
+    # was at its minimum: no draw), "pruned", "unscored" (the score never
+    # arrived).
     score: float | None = None
     features: bytes | None = None
     q: float | None = None
@@ -94,9 +95,10 @@ class Rollout(msgspec.Struct, kw_only=True):
         n = len(self.response_ids)
         self.response_ids, self.versions = [], []
         self.logprobs = [] if self.logprobs is not None else None
-        # The score and the pruning decision were about the discarded tokens.
+        # The score and the pruning decision were about the discarded tokens;
+        # keep_prob stays: the rollout reaches the batch only if it survived
+        # the draws before the restart too, so its next draw multiplies it.
         self.score = self.features = self.q = self.decision = None
-        self.keep_prob = 1.0
         self.restarts += 1
         return n
 

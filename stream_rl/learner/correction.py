@@ -1,16 +1,20 @@
-"""Importance corrections the learner applies (ALGORITHMS.md §4, §5).
+"""Importance corrections the learner applies (ALGORITHMS.md §4, §5;
+docs/pruning-correction.md).
 
-Pruning (DPPO's Horvitz–Thompson weights): a sample kept with inclusion
-probability p weighs 1/p, and the loss is normalised by the batch's size
-*before* pruning, so the corrected loss is an unbiased estimate of the
-unpruned one:
-  GRPO/GSPO: Σ_kept ℓ_i / p_i / N, with N = Σ over groups of their members
-  before pruning (DPPO's (N'/N)/p_i weights over a mean of the N' kept);
-  with prompt-level pruning each kept group counts N_g / p_q, the
-  Horvitz–Thompson count of the groups' members before prompt pruning;
-  DAPO: Σ_kept L_i / p_i / T̂, T̂ = Σ_kept n_i / p_i the Horvitz–Thompson
-  estimate of the tokens before pruning (the pruned ones' lengths are
-  unknown), a ratio estimator: consistent, not exactly unbiased.
+Pruning (Horvitz–Thompson, as in DPPO: the seed paper, not prime-rl's DPPO
+trust-region mask): a sample kept with inclusion probability p weighs 1/p,
+and the loss is divided by a normaliser fixed before any pruning draw, so
+the corrected loss is an unbiased estimate of the unpruned one:
+  GRPO/GSPO: Σ_kept ℓ_i / p_i / N, N the members before pruning of the
+  groups in the batch (DPPO's (N'/N)/p_i over a mean of the N' kept); a
+  prompt kept with probability p_q stands for 1/p_q drawn prompts through
+  its samples' weights;
+  DAPO: Σ_kept L_i / p_i over either N x a token budget (fixed: unbiased)
+  or T̂ = Σ_kept n_i / p_i, the Horvitz–Thompson estimate of the tokens
+  before pruning (the pruned ones' lengths are unknown), a ratio estimator:
+  consistent, not exactly unbiased (`learner.dapo_norm`).
+The survivors' advantages need their own correction when the pruner acts
+before the reward (`samples.samples_from_groups`).
 
 Off-policy tokens (sampled by an older policy version, or by the engine's
 numerics): per-token weights from π_old (the learner before this update, the
@@ -38,21 +42,42 @@ def pruning_weights(samples: list[Sample], correction: str) -> list[float]:
     return [1.0 / s.inclusion for s in samples]
 
 
-def loss_normalisers(samples: list[Sample], correction: str,
-                     batch: list[Sample] | None = None) -> tuple[float, float]:
+def loss_normalisers(samples: list[Sample], correction: str, batch: list[Sample] | None = None,
+                     members: float | None = None, token_budget: int | None = None) -> tuple[float, float]:
     """(num_seqs, num_tokens) that divide the summed loss terms of `samples`,
-    a mini-batch of `batch` (default: the whole batch). Under `ht` each kept
-    member of a group stands for its share of the group's members before
-    pruning (N_g / p_q over the group's kept members in the batch), so the
-    mini-batches of one batch split N between them."""
+    a mini-batch of `batch` (default: the whole batch).
+
+    "none": the samples and their tokens. "ht": the members before pruning
+    of the batch's groups (`members`, which also counts groups none of whose
+    samples are in `batch`; default: those of the groups in it), split over
+    mini-batches by each sample's share of its group; tokens: their
+    Horvitz–Thompson estimate. `token_budget`: num_tokens is num_seqs x it,
+    a constant, instead of a count of the batch's tokens.
+    """
     if correction == "none":
-        return float(len(samples)), float(sum(len(s.response_ids) for s in samples))
-    kept: dict[str, int] = {}
-    for s in samples if batch is None else batch:
-        kept[s.group_id] = kept.get(s.group_id, 0) + 1
-    # Prompt-level pruning: a kept group stands for 1/p_q groups' members.
-    num_seqs = sum(s.group_size / s.prompt_inclusion / kept[s.group_id] for s in samples)
-    return float(num_seqs), sum(len(s.response_ids) / s.inclusion for s in samples)
+        num_seqs = float(len(samples))
+        num_tokens = float(sum(len(s.response_ids) for s in samples))
+    else:
+        full = samples if batch is None else batch
+        kept: dict[str, int] = {}
+        for s in full:
+            kept[s.group_id] = kept.get(s.group_id, 0) + 1
+        share = lambda xs: sum(s.group_size / kept[s.group_id] for s in xs)  # noqa: E731
+        num_seqs = share(samples)
+        if members is not None and full:
+            num_seqs *= members / share(full)
+        num_tokens = sum(len(s.response_ids) / s.inclusion for s in samples)
+    if token_budget is not None:
+        num_tokens = num_seqs * token_budget
+    return float(num_seqs), float(num_tokens)
+
+
+def effective_sample_size(weights: list[float]) -> float:
+    """(Σw)² / Σw²: how many equally weighted samples the weighted batch is
+    worth; heavy Horvitz–Thompson weights lower it (their price for
+    unbiasedness)."""
+    sq = sum(w * w for w in weights)
+    return sum(weights) ** 2 / sq if sq else 0.0
 
 
 def dppo_prune_completions(samples: list[Sample], rate: float, rng: random.Random) -> list[Sample]:

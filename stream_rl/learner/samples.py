@@ -1,4 +1,10 @@
-"""From complete groups to training samples: validation and group advantages."""
+"""From complete groups to training samples: validation and group advantages.
+
+Under pruning_correction=ht a group's baseline is the Horvitz–Thompson
+estimate over its survivors (`ht_group_advantages`): the pruner stopped some
+members before their reward, so the survivors' own mean would depend on
+which siblings survived (docs/pruning-correction.md).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from stream_rl.buffer.rollouts import Group
-from stream_rl.learner.advantages import group_advantages
+from stream_rl.learner.advantages import group_advantages, ht_group_advantages
 
 
 @dataclass
@@ -23,8 +29,6 @@ class Sample:
     sample_id: str = ""
     # Members of its group before pruning (the N of DPPO's N'/N).
     group_size: int = 1
-    # Probability its prompt survived prompt-level pruning (part of inclusion).
-    prompt_inclusion: float = 1.0
 
 
 @dataclass
@@ -32,6 +36,10 @@ class SampleSet:
     samples: list[Sample]
     dropped_groups: int = 0  # zero-variance groups left out (DAPO's dynamic sampling)
     rejected: list[str] = field(default_factory=list)  # why each bad rollout was left out
+    # Members before pruning of the groups the update covers, those whose
+    # samples are all left out included: the normaliser under
+    # pruning_correction=ht, fixed before any pruning draw.
+    members: int = 0
 
 
 def _problem(r) -> str | None:
@@ -49,13 +57,21 @@ def _problem(r) -> str | None:
 
 
 def samples_from_groups(groups: list[Group], eps: float, drop_zero_variance: bool,
-                        mask_truncated: bool = False) -> SampleSet:
+                        mask_truncated: bool = False, *, correction: str = "ht", scale: bool = False) -> SampleSet:
     """Group advantages over each group's valid survivors.
+
+    `correction` "ht": the Horvitz–Thompson baseline over the survivors
+    with their keep probabilities (with nothing pruned: the group mean);
+    "none": the survivors' own mean. `scale`: divide by the group's reward
+    std (GRPO; under "ht" with pruning a consistent, biased estimator).
 
     A bad survivor (empty response, non-finite reward, log-probs or versions
     not matching its tokens) is left out with a message naming it; the rest
-    of its group and of the batch train as usual.
+    of its group and of the batch train as usual. A truncated survivor under
+    `mask_truncated` keeps its reward in the baseline and leaves the loss.
     """
+    if correction not in ("ht", "none"):
+        raise ValueError(f"unknown learner.pruning_correction {correction!r}; allowed: 'none', 'ht'")
     out = SampleSet([])
     for g in groups:
         valid = []
@@ -66,17 +82,22 @@ def samples_from_groups(groups: list[Group], eps: float, drop_zero_variance: boo
             else:
                 valid.append(r)
         rewards = [r.reward for r in valid]
-        if not valid or (drop_zero_variance and len(set(rewards)) == 1):
-            out.dropped_groups += 1 if valid else 0
+        if drop_zero_variance and valid and len(set(rewards)) == 1:
+            out.dropped_groups += 1
             continue
-        trained = [(r, a) for r, a in zip(valid, group_advantages(rewards, eps))
-                   if not (mask_truncated and r.finish_reason == "length")]
-        # Members before pruning; truncated survivors left out of the loss
-        # are left out of the count too.
-        size = len(g.rollouts) - (len(valid) - len(trained))
-        for r, a in trained:
+        size = len(g.rollouts)
+        out.members += size
+        if correction == "ht":
+            # A rejected survivor has no usable reward: the baseline is over
+            # a group without it (as if it had never been sampled).
+            advs = ht_group_advantages(rewards, [r.keep_prob for r in valid],
+                                       size - (len(g.survivors) - len(valid)), eps, scale)
+        else:
+            advs = group_advantages(rewards, eps, scale)
+        for r, a in zip(valid, advs):
+            if mask_truncated and r.finish_reason == "length":
+                continue
             out.samples.append(Sample(r.prompt_ids, r.response_ids, a, r.logprobs, r.versions,
                                       inclusion=r.keep_prob * r.prompt_inclusion, group_id=g.group_id,
-                                      sample_id=r.rollout_id, group_size=size,
-                                      prompt_inclusion=r.prompt_inclusion))
+                                      sample_id=r.rollout_id, group_size=size))
     return out

@@ -58,11 +58,12 @@ class LearnerService:
     def train(self, msg: TrainBatch) -> StepDone:
         lc = self.cfg.learner
         t0 = time.perf_counter()
-        batch = samples_from_groups(msg.groups, lc.adv_eps, lc.drop_zero_variance_groups, lc.mask_truncated)
+        batch = samples_from_groups(msg.groups, lc.adv_eps, lc.drop_zero_variance_groups, lc.mask_truncated,
+                                    correction=lc.pruning_correction, scale=self.cfg.adv_std)
         for why in batch.rejected:  # the rest of the batch trains
             log.warning("left out of the update: %s", why)
-        broadcast_batch([batch.samples, self.version])  # to the other ranks, if any
-        stats = self.learner.step(batch.samples, policy_version=self.version)
+        broadcast_batch([batch.samples, self.version, batch.members])  # to the other ranks, if any
+        stats = self.learner.step(batch.samples, policy_version=self.version, members=batch.members)
         stats.update(self.learner.train_head(msg.groups))
         stats.update(train_s=time.perf_counter() - t0, tokens_trained=sum(len(s.response_ids) for s in batch.samples),
                      groups_dropped=batch.dropped_groups, samples_rejected=len(batch.rejected))
@@ -129,8 +130,8 @@ def follow(cfg: Config, rank: int, world: int, resume: str | Path | None = None)
     if resume is not None:
         load_checkpoint(find_checkpoint(resume), learner)
     while (msg := broadcast_batch(None)) is not None:
-        samples, version = msg
-        learner.step(samples, policy_version=version)
+        samples, version, members = msg
+        learner.step(samples, policy_version=version, members=members)
     return learner.steps
 
 

@@ -10,9 +10,9 @@ import torch
 
 from stream_rl.buffer.rollouts import Group
 from stream_rl.config import Config
-from stream_rl.learner.correction import (dppo_prune_completions, loss_normalisers, offpolicy_counts,
-                                          mask_stale_tokens, offpolicy_stats_from, offpolicy_weights,
-                                          pruning_weights)
+from stream_rl.learner.correction import (dppo_prune_completions, effective_sample_size, loss_normalisers,
+                                          mask_stale_tokens, offpolicy_counts, offpolicy_stats_from,
+                                          offpolicy_weights, pruning_weights)
 from stream_rl.learner.losses import policy_loss
 from stream_rl.learner.packing import Layout, pack_layout, pad_layout, response_logprobs, split_by_budget
 from stream_rl.learner.samples import Sample, SampleSet, samples_from_groups  # noqa: F401 (re-exported)
@@ -128,13 +128,16 @@ class Learner:
 
     # --- the update --------------------------------------------------------------------
 
-    def step(self, samples: list[Sample], policy_version: int | None = None) -> dict:
+    def step(self, samples: list[Sample], policy_version: int | None = None, members: int | None = None) -> dict:
         """One policy update (or `minibatches` of them) on the global batch.
 
         Every rank gets the same `samples`; rank k trains on samples[k::world]
         with the global batch's normalisers, and the summed gradients equal a
         single rank's on the whole batch. `policy_version`: the version of the
         learner's current weights (token lag = it minus the token's version).
+        `members`: the batch's members before pruning (`SampleSet.members`),
+        the normaliser under pruning_correction=ht (default: those of the
+        groups `samples` hold).
         """
         lc = self.cfg.learner
         samples = dppo_prune_completions(samples, lc.dppo_completion_rate, self.rng)
@@ -145,6 +148,8 @@ class Learner:
         weights = pruning_weights(samples, lc.pruning_correction)
         stats["ht_weight_max"] = max(weights)
         stats["ht_weight_mean"] = sum(weights) / len(weights)
+        stats["ht_ess"] = effective_sample_size(weights)
+        stats["ht_ess_frac"] = stats["ht_ess"] / len(weights)
         w_of = {id(s): w for s, w in zip(samples, weights)}
         n_mb = min(lc.minibatches, len(samples))
         minibatches = [samples[i::n_mb] for i in range(n_mb)]
@@ -163,7 +168,8 @@ class Learner:
         acc = torch.zeros(7, dtype=torch.float64)
         offp = []
         for k, mb_samples in enumerate(minibatches):
-            num_seqs, num_tokens = loss_normalisers(mb_samples, lc.pruning_correction, samples)
+            num_seqs, num_tokens = loss_normalisers(mb_samples, lc.pruning_correction, samples, members,
+                                                    self.cfg.dapo_token_budget)
             self.opt.zero_grad(set_to_none=True)
             for mb in self._micro_batches(mine(mb_samples)):
                 lay = self._layout(mb)

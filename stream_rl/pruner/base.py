@@ -83,23 +83,34 @@ class SamplingPruner(Pruner):
     # --- shared ------------------------------------------------------------------
 
     def review(self, r: Rollout, members: list[Rollout]) -> bool:
+        """Draw once, at the decision point. The probability recorded is the
+        exact chance this draw keeps r, given everything before it: with
+        exempt fraction e and keep probability p, e + (1 - e) p; 1 when the
+        group is at its minimum (r is kept whatever the draw) or nothing is
+        drawn (cold start). It multiplies the rollout's earlier ones (a
+        restarted rollout survived each of its draws)."""
         if r.decision is not None or not self.at_decision_point(r, members):
             return True
         if not self.active:
             return self._decide(r, "cold")
-        if self.rng.random() < self.cfg.exempt_fraction:
-            return self._decide(r, "exempt")
-        p = float(self.keep_probability(r, members))
-        if self.rng.random() < p:
-            return self._decide(r, "kept", p)
         alive = sum(m.decision != "pruned" for m in members) - 1  # without r
-        if alive < self.cfg.min_survivors and self.cfg.small_groups == "keep":
-            # Given the decisions so far it is kept for sure: inclusion 1.
+        at_minimum = alive < self.cfg.min_survivors and self.cfg.small_groups == "keep"
+        p = 1.0 if at_minimum else float(self.keep_probability(r, members))
+        e = self.cfg.exempt_fraction
+        kept_with = e + (1.0 - e) * p
+        # The exempt coin comes first, for every rollout: the head is measured
+        # on a uniform slice, whatever the group's state.
+        if self.rng.random() < e:
+            return self._decide(r, "exempt", kept_with)
+        if at_minimum:
             return self._decide(r, "spared")
-        return self._decide(r, "pruned", p)
+        if self.rng.random() < p:
+            return self._decide(r, "kept", kept_with)
+        return self._decide(r, "pruned", kept_with)
 
     def _decide(self, r: Rollout, decision: str, keep_prob: float = 1.0) -> bool:
-        r.decision, r.keep_prob = decision, keep_prob
+        r.decision = decision
+        r.keep_prob *= keep_prob
         self._counts[decision] = self._counts.get(decision, 0) + 1
         return decision != "pruned"
 
@@ -116,7 +127,8 @@ class SamplingPruner(Pruner):
                                           for g in groups])
         out = {
             "prune_active": float(self.active),
-            # Of the rollouts that faced a draw this step, the fraction kept.
+            # Of the rollouts that could be pruned this step (spared ones, at
+            # their group's minimum, count as kept), the fraction kept.
             "keep_rate": (c.get("kept", 0) + c.get("spared", 0)) / drawn if drawn else math.nan,
             "drawn": drawn,
             "pruned": c.get("pruned", 0),
