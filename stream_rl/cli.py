@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
     p.add_argument("--details", action="store_true", help="per-question candidates and votes in the JSON")
 
-    p = sub.add_parser("check-config", help="load and validate a config, print it resolved")
+    p = sub.add_parser("check-config", help="validate a config, its model, tokenizer and data as a job would "
+                                             "before starting; print the config resolved and what was found")
     _add_config_args(p)
+    p.add_argument("--config-only", action="store_true",
+                   help="only the config file: do not load the model's config, tokenizer or data")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -135,6 +138,20 @@ def main(argv: list[str] | None = None) -> int:
         from stream_rl.config import config_to_dict
 
         print(json.dumps(config_to_dict(cfg), indent=2))
+        if not args.config_only:
+            from stream_rl.data import DataError
+            from stream_rl.preflight import check_engine, check_job, summary
+
+            try:
+                job = check_job(cfg)
+                problem = check_engine(job)
+            except (ConfigError, DataError) as err:
+                print(f"config error: {err}", file=sys.stderr)
+                return 2
+            if problem:
+                print(f"config error: {problem}", file=sys.stderr)
+                return 2
+            print(json.dumps({"checked": summary(job)}, indent=2))
     elif args.cmd == "generator":
         from stream_rl.generator.service import serve
 
@@ -225,12 +242,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_steps is not None and args.max_steps < 1:
             print("config error: --max-steps must be >= 1", file=sys.stderr)
             return 2
+        from stream_rl.data import DataError
+        from stream_rl.generator.client import GeneratorError
+        from stream_rl.learner.client import LearnerError
+
         try:
             summary = (train if args.cmd == "train" else controller)(cfg, args.out, args.max_steps,
                                                                      resume=args.resume)
-        except FileNotFoundError as err:  # --resume without a checkpoint
+        except (ConfigError, DataError, FileNotFoundError) as err:  # found before anything ran
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except (GeneratorError, LearnerError) as err:  # a role failed while the job ran
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         print(json.dumps(summary, indent=2))
     return 0
 

@@ -43,9 +43,10 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    # A JSONL or parquet file, or a `datasets` name (hub or local directory).
+    # A JSONL, JSON (an array of rows), CSV or parquet file, or a `datasets`
+    # name (hub or local directory). "auto": by the file's suffix.
     path: str = ".cache/tiny/data/train.jsonl"
-    format: Literal["auto", "jsonl", "parquet", "datasets"] = "auto"
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "datasets"] = "auto"
     subset: str | None = None  # a `datasets` configuration name
     split: str = "train"
     prompt_field: str = "prompt"
@@ -299,13 +300,13 @@ class RunConfig(_Section):
 
 class EvalConfig(_Section):
     """`stream-rl eval`: k samples per question, voted on by final answer."""
-    # The answer key of the vote (the training reward may be stricter: the
-    # tiny task's is the whole solution). The regex's first group is the
-    # final answer (null: math-verify's own extraction); answers compare by
-    # `answer_match`, and are judged against the row's `answer_field`. The
-    # defaults are the tiny task's (stream_rl/tiny/task.py ANSWER_REGEX).
+    # The answer key of the vote: the regex's first group is the final answer
+    # (null: math-verify's own extraction), compared by `answer_match`, and
+    # judged against the row's `answer_field`. Each one left out of this
+    # section is data's (config_from_dict); the training reward may be
+    # stricter than the final answer (tiny.yaml sets the tiny task's key).
     answer_field: str = "answer"
-    answer_regex: str | None = r"####\s*(-?\d+)\s*$"
+    answer_regex: str | None = None
     answer_match: Literal["math", "exact"] = "math"
     k: PosInt = 16
     # DeepConf: token confidence over the top `deepconf_top_k` log-probs
@@ -368,6 +369,9 @@ def _check(cfg: Config) -> None:
     p = cfg.pruner
     if p.p_min > p.p_max:
         raise ConfigError(f"pruner.p_min ({p.p_min}) must not exceed pruner.p_max ({p.p_max})")
+    if cfg.data.system_prompt is not None and not cfg.data.apply_chat_template:
+        raise ConfigError("data.system_prompt is only used by the chat template: set data.apply_chat_template: "
+                          "true, or remove data.system_prompt")
     if cfg.data.max_prompt_tokens + 1 > cfg.model.max_model_len:
         raise ConfigError(
             f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) leaves no room for a "
@@ -526,12 +530,28 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
         if not isinstance(current, dict):
             raise ConfigError(f"config section '{section}' must be a mapping")
         current[key] = value
+    _inherit_eval_answer_key(raw)
     try:
         cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as err:
         raise _explain(err) from None
     _check(cfg)
     return cfg
+
+
+EVAL_INHERITS = ("answer_field", "answer_regex", "answer_match")
+
+
+def _inherit_eval_answer_key(raw: dict) -> None:
+    """eval's answer key defaults to data's: the keys eval leaves out are
+    copied from the data section (as written, so errors name data's)."""
+    data, ev = raw.get("data"), raw.get("eval")
+    if not isinstance(data, dict) or (ev is not None and not isinstance(ev, dict)):
+        return  # msgspec names the section that is not a mapping
+    ev = raw.setdefault("eval", {})
+    for key in EVAL_INHERITS:
+        if key not in ev and key in data:
+            ev[key] = data[key]
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:

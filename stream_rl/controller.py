@@ -35,6 +35,9 @@ from stream_rl.verifier import MathVerifier
 
 log = logging.getLogger(__name__)
 
+# Rejected requests in a row (none finishing between them) that end the job.
+REJECTIONS_IN_A_ROW = 16
+
 
 @dataclass
 class RolloutStats:
@@ -82,6 +85,10 @@ class RolloutController:
                                                 b.stale_policy, b.continuation_order)
         # Requests that stop at their rollout's decision point -> its length there.
         self.paused_at: dict[str, int] = {}
+        # Rejections since a request last finished: past REJECTIONS_IN_A_ROW
+        # the job cannot make progress and fails instead of drawing prompt
+        # after prompt for a generator that refuses them all.
+        self.rejected_in_a_row = 0
 
     # --- requests out ---------------------------------------------------------
 
@@ -220,6 +227,8 @@ class RolloutController:
                     stats.pruned_groups_dropped += 1
                     self._replace_group(r.group_id)
         elif isinstance(msg, RolloutFinished):
+            if msg.request_id in self.buffer.running:
+                self.rejected_in_a_row = 0
             at = self.paused_at.pop(msg.request_id, None)
             r = self.buffer.running.get(msg.request_id)
             if at is not None and msg.finish_reason == "length" and r is not None and len(r.response_ids) == at \
@@ -240,6 +249,12 @@ class RolloutController:
             if group_id is None:
                 return
             stats.rejected += 1
+            self.rejected_in_a_row += 1
+            limit = max(REJECTIONS_IN_A_ROW, 2 * self.cfg.generator.target_groups)
+            if self.rejected_in_a_row >= limit:
+                raise GeneratorError(f"the generator rejected {self.rejected_in_a_row} requests in a row and "
+                                     f"finished none: this job cannot make progress. The last rejection, of "
+                                     f"{msg.request_id}: {msg.error}")
             log.error("generator rejected %s: %s; dropping group %s and drawing a new prompt",
                       msg.request_id, msg.error, group_id)
             self._replace_group(group_id)

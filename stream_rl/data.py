@@ -1,13 +1,15 @@
-"""Prompt datasets: local JSONL/parquet files or a `datasets` name.
+"""Prompt datasets: local JSONL, JSON, CSV or parquet files, or a `datasets` name.
 
 Every row must carry the configured prompt and answer fields as non-empty
 strings (numbers are accepted as answers); a bad row is an error naming the
-row and the field. Prompts longer than `data.max_prompt_tokens` cannot be
-trained on; they are set aside, counted and reported, never silently kept.
+file and line (or row, counted from 1), the field, and the config key that
+names it. Prompts longer than `data.max_prompt_tokens` cannot be trained
+on; they are set aside, counted and reported, never silently kept.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import random
@@ -18,6 +20,8 @@ from pathlib import Path
 from stream_rl.config import DataConfig
 
 log = logging.getLogger(__name__)
+
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 class DataError(ValueError):
@@ -34,64 +38,105 @@ class PromptRow:
     inclusion: float = 1.0
 
 
-def _read_rows(cfg: DataConfig) -> tuple[list[dict], str]:
+def _json_lines(path: Path) -> list[tuple[str, object]]:
+    rows = []
+    with path.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:{line_no}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({err})") from None
+    return rows
+
+
+def _json(path: Path) -> list[tuple[str, object]]:
+    """A JSON array of rows, or JSON lines under a .json name."""
+    text = path.read_text()
+    if not text.lstrip().startswith("["):
+        return _json_lines(path)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    return [(f"{path} row {i}", r) for i, r in enumerate(rows, 1)]
+
+
+def _csv(path: Path) -> list[tuple[str, object]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        # Line numbers count the header (line 1); a quoted field may span lines.
+        return [(f"{path}:{reader.line_num}", row) for row in reader]
+
+
+def _read_rows(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:
+    """The rows, each with where it came from (file:line, or row N counted
+    from 1), and the source's name."""
     path = Path(cfg.path)
     fmt = cfg.format
     if fmt == "auto":
-        if path.suffix in (".jsonl", ".json"):
-            fmt = "jsonl"
-        elif path.suffix == ".parquet":
-            fmt = "parquet"
+        if path.suffix in SUFFIX_FORMATS:
+            fmt = SUFFIX_FORMATS[path.suffix]
         elif path.is_file():
-            raise DataError(f"data.path {path}: cannot tell the format from the suffix; set data.format")
+            raise DataError(f"data.path {path}: cannot tell the format from the suffix; set data.format "
+                            f"({', '.join(sorted(set(SUFFIX_FORMATS.values())))})")
         else:
             fmt = "datasets"
-    if fmt == "jsonl":
-        if not path.is_file():
-            raise DataError(f"data.path {path} does not exist")
-        rows = []
-        with path.open() as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({err})") from None
-        return rows, str(path)
+    if fmt != "datasets" and not path.is_file():
+        raise DataError(f"data.path {path} does not exist")
+    if fmt in ("jsonl", "json", "csv"):
+        return {"jsonl": _json_lines, "json": _json, "csv": _csv}[fmt](path), str(path)
     import datasets  # parquet and hub/local datasets both go through `datasets`
 
     if fmt == "parquet":
-        if not path.is_file():
-            raise DataError(f"data.path {path} does not exist")
         ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     else:
         try:
             ds = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
         except Exception as err:
             raise DataError(f"data.path {cfg.path!r}: could not load it with datasets ({err})") from None
-    return [dict(r) for r in ds], cfg.path
+    return [(f"{cfg.path} row {i}", dict(r)) for i, r in enumerate(ds, 1)], cfg.path
 
 
-def _field(row: dict, name: str, where: str, config_key: str) -> str:
+def _field(row, name: str, where: str, config_key: str, number_ok: bool) -> str:
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
     if name not in row:
-        raise DataError(f"{where}: missing field '{name}' (set by {config_key})")
+        raise DataError(f"{where}: missing field '{name}' (set by {config_key}; the row has "
+                        f"{', '.join(repr(k) for k in list(row)[:8])})")
     value = row[name]
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and config_key == "data.answer_field":
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and number_ok:
         value = str(value)
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: field '{name}' must be a non-empty string, got {value!r}")
+        raise DataError(f"{where}: field '{name}' (set by {config_key}) must be a non-empty string, got {value!r}")
     return value
 
 
+def check_chat_template(cfg: DataConfig, tokenizer, model_key: str = "model.path") -> None:
+    """data.apply_chat_template needs a tokenizer that has one."""
+    if cfg.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"data.apply_chat_template is true, but the tokenizer of {model_key} has no chat template: "
+                        "set data.apply_chat_template: false, or use a tokenizer that has one")
+
+
 def render_prompt(cfg: DataConfig, tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids: the chat template's rendering (with
+    data.system_prompt) or the plain tokenization."""
     if cfg.apply_chat_template:
         messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
         messages.append({"role": "user", "content": prompt})
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    return list(tokenizer(prompt, add_special_tokens=True).input_ids)
+        # Rendered as text, then tokenized without special tokens (the template
+        # holds them): with tokenize=True, transformers 5 returns an encoding
+        # object where 4.x returned the ids.
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    else:
+        ids = tokenizer(prompt, add_special_tokens=True).input_ids
+    ids = list(ids)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise DataError(f"the tokenizer rendered a prompt as {ids[:4]}..., not token ids")
+    return ids
 
 
 @dataclass
@@ -101,13 +146,15 @@ class PromptDataset:
     overlong: list[int]  # indices of rows set aside as too long
 
     @classmethod
-    def load(cls, cfg: DataConfig, tokenizer) -> "PromptDataset":
+    def load(cls, cfg: DataConfig, tokenizer, section: str = "data") -> "PromptDataset":
+        """`section`: the config section whose keys the errors name (eval
+        reads its questions with eval.answer_field)."""
+        check_chat_template(cfg, tokenizer)
         raw, source = _read_rows(cfg)
         rows, overlong = [], []
-        for i, row in enumerate(raw):
-            where = f"{source} row {i}"
-            prompt = _field(row, cfg.prompt_field, where, "data.prompt_field")
-            answer = _field(row, cfg.answer_field, where, "data.answer_field")
+        for i, (where, row) in enumerate(raw):
+            prompt = _field(row, cfg.prompt_field, where, "data.prompt_field", number_ok=False)
+            answer = _field(row, cfg.answer_field, where, f"{section}.answer_field", number_ok=True)
             ids = render_prompt(cfg, tokenizer, prompt)
             if len(ids) > cfg.max_prompt_tokens:
                 overlong.append(i)
@@ -115,10 +162,11 @@ class PromptDataset:
             rows.append(PromptRow(i, prompt, answer, tuple(ids)))
         if overlong:
             log.warning("%s: %d of %d prompts exceed data.max_prompt_tokens=%d and are set aside (rows %s%s)",
-                        source, len(overlong), len(raw), cfg.max_prompt_tokens, overlong[:5],
+                        source, len(overlong), len(raw), cfg.max_prompt_tokens, [i + 1 for i in overlong[:5]],
                         "..." if len(overlong) > 5 else "")
         if not rows:
-            raise DataError(f"{source}: no usable prompts ({len(raw)} rows, {len(overlong)} too long)")
+            raise DataError(f"{source}: no usable prompts ({len(raw)} rows, {len(overlong)} longer than "
+                            f"data.max_prompt_tokens={cfg.max_prompt_tokens})")
         return cls(rows, source, overlong)
 
 

@@ -4,6 +4,7 @@ as a child process of this host."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,32 @@ def start_role(args: list[str], log_path: Path, cpus: list[int] | None = None) -
     proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=setup, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return proc, log
+
+
+# A traceback's last line: `package.module.SomeError: why` (a CamelCase name).
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z][a-z]\w*: .+$")
+
+
+def exit_cause(log_path: Path, tail_bytes: int = 65536) -> str | None:
+    """The last exception line of a role's log (`SomeError: why`), or its
+    last line; None for an empty log. A role that died in a loop of the same
+    failure says it once here."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail_bytes))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return None
+    errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
+    return (errors or lines or [None])[-1]
+
+
+def died(role: str, proc: subprocess.Popen, log_path: Path) -> str:
+    """What to say when a role's process has exited."""
+    cause = exit_cause(log_path)
+    return f"{role} process exited with code {proc.returncode}" + (f": {cause}" if cause else "") + \
+        f" (log: {log_path})"
 
 
 def stop_role(proc: subprocess.Popen, ask: Callable[[], None], timeout_s: float) -> None:

@@ -31,7 +31,7 @@ import msgspec
 
 from stream_rl.config import Config
 from stream_rl.controller import RolloutController, RolloutStats, buffer_delta
-from stream_rl.data import DppoPromptSampler, PromptDataset, PromptSampler
+from stream_rl.data import DppoPromptSampler, PromptSampler
 from stream_rl.generator.client import GeneratorClient, GeneratorProcess
 from stream_rl.generator.pool import GeneratorPool
 from stream_rl.learner.checkpoint import (commit_checkpoint, find_checkpoint, load_controller_state,
@@ -42,6 +42,7 @@ from stream_rl.metrics import MetricsLogger, read_metrics
 from stream_rl.protocol import (CheckpointSaved, Hello, LearnerReady, SaveCheckpoint, Shutdown, StepDone, SyncWeights,
                                 TrainBatch, WeightsLoaded, WeightsStaged)
 from stream_rl.placement import allowed_cores, for_job, pin
+from stream_rl.preflight import CheckedJob, check_job
 from stream_rl.pruner.base import make_pruner
 from stream_rl.pruner.quality import inclusion_weighted_mean
 from stream_rl.verifier import make_verifier
@@ -81,9 +82,10 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
     generator(s) instead (tests share one engine); they may serve other
     weights than cfg.model.path's, so the learner's are synced first.
     `resume` continues from the newest complete checkpoint in OUT."""
+    t_start = time.time()
+    checked = check_job(cfg)  # before anything starts: errors in seconds, not after the engines load
     out = Path(out_dir or cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
     ckpt = find_checkpoint(out / "checkpoint") if resume else None
     owned = generator is None
     # Engines started here get cores of their own (generator.engine_cpus).
@@ -105,7 +107,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
             gens = list(generator) if isinstance(generator, list) else [generator]
         ready = learner.wait_ready(cfg.learner.startup_timeout_s)
         return run_controller(cfg, out, GeneratorPool(gens), learner, ready, max_steps, t_start,
-                              fresh_generators=owned, resume_from=ckpt)
+                              fresh_generators=owned, resume_from=ckpt, checked=checked)
     finally:
         learner.stop()
         if owned:
@@ -120,9 +122,10 @@ def controller(cfg: Config, out_dir: str | Path | None = None, max_steps: int | 
     """`stream-rl controller`: the generators and the learner run elsewhere
     (their addresses are in the config); connect, run the job, and tell every
     role to exit when it ends (the learner saves its final model first)."""
+    t_start = time.time()
+    checked = check_job(cfg)
     out = Path(out_dir or cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
     ckpt = find_checkpoint(out / "checkpoint") if resume else None
     learner = LearnerClient(cfg)
     gens = [GeneratorClient(cfg, i) for i in range(cfg.generator.count)]
@@ -134,7 +137,7 @@ def controller(cfg: Config, out_dir: str | Path | None = None, max_steps: int | 
             g.wait_ready(cfg.generator.startup_timeout_s)
         ready = learner.wait_for(LearnerReady, cfg.learner.startup_timeout_s, "the learner to start")
         return run_controller(cfg, out, GeneratorPool(gens), learner, ready, max_steps, t_start,
-                              fresh_generators=all(g.version == 0 for g in gens), resume_from=ckpt)
+                              fresh_generators=all(g.version == 0 for g in gens), resume_from=ckpt, checked=checked)
     finally:
         # Queued messages get a moment to leave before the sockets close.
         learner.send(Shutdown())
@@ -182,12 +185,11 @@ class UpdateRelay:
 class Job:
     """The controller's side of a run: rollouts, batches, syncs, metrics."""
 
-    def __init__(self, cfg: Config, out: Path, pool: GeneratorPool, learner: LearnerClient, steps: int):
-        from transformers import AutoTokenizer
-
+    def __init__(self, cfg: Config, out: Path, pool: GeneratorPool, learner: LearnerClient, steps: int,
+                 checked: CheckedJob | None = None):
         self.cfg, self.out, self.pool, self.learner, self.steps = cfg, out, pool, learner, steps
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        dataset = PromptDataset.load(cfg.data, tokenizer)
+        checked = checked or check_job(cfg)
+        tokenizer, dataset = checked.tokenizer, checked.dataset
         log.info("loaded %d prompts from %s (%d set aside as too long)", len(dataset.rows), dataset.source,
                  len(dataset.overlong))
         sampler = PromptSampler(dataset, cfg.data.shuffle, cfg.run.seed)
@@ -411,10 +413,10 @@ class Job:
 
 def run_controller(cfg: Config, out: Path, pool: GeneratorPool, learner: LearnerClient, ready: LearnerReady,
                    max_steps: int | None, t_start: float, fresh_generators: bool,
-                   resume_from: Path | None = None) -> dict:
+                   resume_from: Path | None = None, checked: CheckedJob | None = None) -> dict:
     (out / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
     steps = max_steps or cfg.run.max_steps
-    job = Job(cfg, out, pool, learner, steps)
+    job = Job(cfg, out, pool, learner, steps, checked)
     if resume_from is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     else:

@@ -14,6 +14,7 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Callable
 
 import zmq
 import zmq.asyncio
@@ -51,6 +52,9 @@ class _Decoding:
     def __init__(self, decoder: Decoder | None):
         self._decoder = decoder or Decoder()
         self.rejected = 0
+        # Called with a rejected message's bytes and the reason (after the log
+        # line), e.g. to tell its sender; it must not raise.
+        self.on_reject: Callable[[bytes, str], None] | None = None
 
     def _decode(self, frames: list[bytes]) -> Message | None:
         if len(frames) != 1:
@@ -62,6 +66,8 @@ class _Decoding:
         except ProtocolError as err:
             self.rejected += 1
             log.error("%s", err)
+            if self.on_reject is not None:
+                self.on_reject(frames[0], str(err))
             return None
 
 

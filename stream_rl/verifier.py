@@ -3,7 +3,10 @@
 `match: math` (default) is built on math-verify, so LaTeX, fractions and
 equivalent forms compare as a mathematician would. An optional regex first
 cuts the answer out of the response (GSM8K's `#### 42`); without it
-math-verify extracts the answer itself (\\boxed{...} or the last expression).
+math-verify extracts the answer from the response itself, as its
+documentation does for model output (\\boxed{...}, else the last LaTeX or
+plain expression: "The answer is 42." gives 42), the same extraction eval
+votes on (`math_answer`).
 `match: exact` compares the (extracted) text with the reference up to
 whitespace: a reward on the whole worked solution, such as the tiny task's,
 where one slip anywhere fails the rollout.
@@ -51,7 +54,10 @@ class MathVerifier:
         # thread; elsewhere they are switched off rather than failing.
         timeout = 5 if threading.current_thread() is threading.main_thread() else None
         gold = _parse_gold(answer, timeout)
-        got = parse(_as_math(pred), extraction_config=_EXTRACTION, parsing_timeout=timeout)
+        # A bare answer cut out by the regex is math; a whole response is
+        # prose that math-verify searches for its final answer.
+        text = _as_math(pred) if self._answer_re is not None else pred
+        got = parse(text, extraction_config=_EXTRACTION, parsing_timeout=timeout)
         if not gold or not got:
             return 0.0
         return 1.0 if verify(gold, got, timeout_seconds=timeout) else 0.0

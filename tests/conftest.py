@@ -68,6 +68,16 @@ def generator(engine_cfg, tmp_path_factory):
 LOGPROB_GAP = 1e-4
 
 
+def logprob_gaps_within(records: list[dict], gap: float = LOGPROB_GAP) -> bool:
+    """Every step that measured the engine/learner gap (tokens of the
+    learner's own version) is within `gap`, and some step measured it; a
+    step with nothing to measure logs NaN and 0 tokens."""
+    measured = [r for r in records if r["rollout_logprob_tokens"] > 0]
+    assert all(r["rollout_logprob_abs_diff"] != r["rollout_logprob_abs_diff"]  # NaN
+               for r in records if r["rollout_logprob_tokens"] == 0)
+    return bool(measured) and all(r["rollout_logprob_abs_diff"] < gap for r in measured)
+
+
 def cfg_with(cfg, **changes):
     """`cfg` with `section__field=value` changes, validated like a file."""
     import msgspec

@@ -239,6 +239,28 @@ def test_weight_update_in_flight_pauses_and_resumes_every_request(generator, wor
     assert saw_both > 0, "requests kept through the pause continue on the new version"
 
 
+def test_a_step_every_request_of_which_is_rejected_fails_loudly(generator, engine_cfg, world):
+    """A generator that rejects every request (here: every prompt too long)
+    ends the job with the rejection's cause; it used to draw prompt after
+    prompt, forever."""
+    from stream_rl.data import PromptRow
+    from stream_rl.generator.client import GeneratorError
+
+    class TooLong:
+        epoch = 1
+
+        def next(self):
+            return PromptRow(0, "x", "1", tuple([5] * engine_cfg.model.max_model_len))
+
+    cfg = _cfg(engine_cfg, generator__mode="sync", generator__target_groups=2, generator__max_tokens=64)
+    tok, _ = world
+    ctl = RolloutController(cfg, generator, TooLong(), tok, make_verifier(cfg.data), make_pruner(cfg))
+    ctl.buffer.prefix = "all-rejected-"
+    with pytest.raises(GeneratorError, match="rejected 16 requests in a row.*max_model_len"):
+        ctl.collect(2, timeout_s=120)
+    ctl.client.abort(list(ctl.buffer.running))
+
+
 def test_bad_requests_in_a_step_drop_their_group_and_spare_the_rest(generator, engine_cfg, world):
     cfg = _cfg(engine_cfg, generator__mode="sync", generator__target_groups=2, generator__max_tokens=64)
     ctl = _controller(cfg, generator, world, seed=3)

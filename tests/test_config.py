@@ -374,3 +374,35 @@ def test_what_the_correction_resolves_to(raw, std, budget):
 def test_default_correction_is_ht():
     assert LearnerConfig().pruning_correction == "ht"
     assert load_config(TINY).learner.pruning_correction == "ht"
+
+
+# --- data and eval: the keys a user's own dataset sets -----------------------------------------
+
+def test_system_prompt_needs_the_chat_template():
+    msg = error_of({"data": {"system_prompt": "Think."}})
+    assert "data.system_prompt" in msg and "data.apply_chat_template" in msg
+    config_from_dict({"data": {"system_prompt": "Think.", "apply_chat_template": True}})
+
+
+def test_eval_inherits_the_data_answer_key_unless_set():
+    cfg = config_from_dict({"data": {"answer_field": "solution", "answer_regex": r"= (\d+)", "answer_match": "exact"}})
+    assert (cfg.eval.answer_field, cfg.eval.answer_regex, cfg.eval.answer_match) == ("solution", r"= (\d+)", "exact")
+    cfg = config_from_dict({"data": {"answer_field": "solution"}, "eval": {"answer_field": "final", "answer_regex": None}})
+    assert (cfg.eval.answer_field, cfg.eval.answer_regex, cfg.eval.answer_match) == ("final", None, "math")
+    # --set data.* reaches eval too; the resolved config reloads unchanged.
+    cfg = config_from_dict({}, ["data.answer_field=target"])
+    assert cfg.eval.answer_field == "target" and config_from_dict(config_to_dict(cfg)) == cfg
+    assert config_from_dict({}).eval.answer_regex is None  # math-verify's extraction, as data's
+
+
+def test_tiny_eval_votes_on_the_tasks_final_answer():
+    from stream_rl.tiny.task import ANSWER_REGEX
+
+    cfg = load_config(TINY)
+    assert (cfg.eval.answer_field, cfg.eval.answer_regex, cfg.eval.answer_match) == ("answer", ANSWER_REGEX, "math")
+    assert (cfg.data.answer_field, cfg.data.answer_regex) == ("solution", None)
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_data_formats_are_allowed(fmt):
+    assert config_from_dict({"data": {"format": fmt}}).data.format == fmt

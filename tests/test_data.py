@@ -56,19 +56,20 @@ def test_row_missing_prompt_field_names_row_and_field(tok, tmp_path):
     with pytest.raises(DataError) as info:
         load(tok, path)
     msg = str(info.value)
-    assert "row 2" in msg and "'prompt'" in msg and "data.prompt_field" in msg
+    # file:line counted from 1, the field, the key that names it, and what the row has
+    assert "d.jsonl:3:" in msg and "'prompt'" in msg and "data.prompt_field" in msg and "'question'" in msg
 
 
 def test_row_missing_answer_field(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "12a="}])
-    with pytest.raises(DataError, match="row 0.*'answer'.*data.answer_field"):
+    with pytest.raises(DataError, match=r"d\.jsonl:1: .*'answer'.*data.answer_field"):
         load(tok, path)
 
 
 @pytest.mark.parametrize("prompt", [5, None, ["a"], "", "   "])
 def test_prompt_must_be_non_empty_string(tok, tmp_path, prompt):
     path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], {"prompt": prompt, "answer": "1"}])
-    with pytest.raises(DataError, match="row 1.*'prompt'.*non-empty string"):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: .*'prompt'.*data.prompt_field.*non-empty string"):
         load(tok, path)
 
 
@@ -85,7 +86,7 @@ def test_bad_answer_rejected(tok, tmp_path, answer):
 
 
 def test_row_that_is_not_an_object(tok, tmp_path):
-    with pytest.raises(DataError, match="row 1.*must be an object"):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: .*must be an object"):
         load(tok, write_jsonl(tmp_path / "d.jsonl", [ROWS[0], "[1, 2]"]))
 
 
@@ -113,7 +114,7 @@ def test_prompt_exactly_at_limit_is_kept(tok, tmp_path):
 
 def test_all_rows_overlong(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 20, "answer": "1"}] * 3)
-    with pytest.raises(DataError, match="no usable prompts.*3 too long"):
+    with pytest.raises(DataError, match="no usable prompts.*3 longer than data.max_prompt_tokens=4"):
         load(tok, path, max_prompt_tokens=4)
 
 
@@ -129,7 +130,83 @@ def test_chat_template_not_requested_adds_nothing(tok, tmp_path):
     assert len(ds.rows[0].prompt_ids) == len("12a=")
 
 
-# --- parquet and missing files -------------------------------------------------------------
+def test_blank_lines_keep_the_line_numbers_of_the_file(tok, tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(ROWS[0]) + "\n\n\n" + json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:4: missing field 'answer'"):
+        load(tok, p)
+
+
+# --- chat templates ------------------------------------------------------------------------
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    from stream_rl.tiny.model import build_tokenizer
+
+    t = build_tokenizer()
+    t.chat_template = TEMPLATE
+    return t
+
+
+@pytest.mark.parametrize("system", [None, "Answer briefly."])
+def test_chat_template_renders_token_ids(chat_tok, tmp_path, system):
+    """transformers 5's apply_chat_template(tokenize=True) returns an encoding
+    object, whose list() is its keys: the prompt must be the template's ids."""
+    ds = load(chat_tok, write_jsonl(tmp_path / "d.jsonl", ROWS[:2]), apply_chat_template=True,
+              system_prompt=system)
+    for row in ds.rows:
+        assert all(isinstance(t, int) for t in row.prompt_ids)
+        want = chat_tok.apply_chat_template(([{"role": "system", "content": system}] if system else []) +
+                                            [{"role": "user", "content": row.prompt}],
+                                            add_generation_prompt=True, tokenize=False)
+        assert chat_tok.decode(list(row.prompt_ids)) == want
+        assert ("Answer briefly." in want) == (system is not None)
+
+
+def test_chat_template_missing_is_an_error_naming_the_key(tok, tmp_path):
+    with pytest.raises(DataError, match="data.apply_chat_template is true.*no chat template"):
+        load(tok, write_jsonl(tmp_path / "d.jsonl", ROWS), apply_chat_template=True)
+
+
+# --- JSON arrays, CSV, parquet and missing files --------------------------------------------
+
+def test_json_array_is_read_as_rows(tok, tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([{"q": "12a=", "a": 0}, {"q": "57e=", "a": "2"}], indent=2))
+    ds = load(tok, p, prompt_field="q", answer_field="a")
+    assert [(r.prompt, r.answer) for r in ds.rows] == [("12a=", "0"), ("57e=", "2")]
+    p.write_text(json.dumps([{"q": "12a=", "a": 0}, {"a": "2"}]))
+    with pytest.raises(DataError, match=r"d\.json row 2: missing field 'q' \(set by data.prompt_field"):
+        load(tok, p, prompt_field="q", answer_field="a")
+    # JSON lines under a .json name still read as lines.
+    assert len(load(tok, write_jsonl(tmp_path / "l.json", ROWS)).rows) == 3
+
+
+def test_csv_is_read_with_its_header(tok, tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('question,final\n12a=,0\n"57e=",2\n90c=,\n')
+    with pytest.raises(DataError, match=r"d\.csv:4: field 'final' \(set by data.answer_field\)"):
+        load(tok, p, prompt_field="question", answer_field="final")
+    p.write_text('question,final\n12a=,0\n"57e=",2\n')
+    ds = load(tok, p, prompt_field="question", answer_field="final")
+    assert [(r.prompt, r.answer) for r in ds.rows] == [("12a=", "0"), ("57e=", "2")]
+
+
+def test_tokenizer_that_gives_no_ids_is_an_error(tmp_path):
+    from stream_rl.data import render_prompt
+
+    class Broken:  # as apply_chat_template(tokenize=True) under transformers 5, listed
+        def __call__(self, text, add_special_tokens=True):
+            return type("Enc", (), {"input_ids": ["input_ids", "attention_mask"]})()
+
+    with pytest.raises(DataError, match="not token ids"):
+        render_prompt(DataConfig(), Broken(), "x")
+
+
 
 def test_parquet_loads(tok, tmp_path, monkeypatch):
     import datasets
@@ -258,3 +335,10 @@ def test_sampler_state_round_trip_continues_the_same_draws(tok, tmp_path, dppo):
     other = load(tok, write_jsonl(tmp_path / "e.jsonl", rows[:3]))
     with pytest.raises(ValueError, match="7 prompts; the dataset has 3"):
         PromptSampler(other, shuffle=True, seed=3).load_state_dict(state["sampler"] if dppo else state)
+
+
+def test_eval_reads_its_questions_naming_eval_keys(tok, tmp_path):
+    """Eval reads the reference with eval.answer_field: an error names that key, not data's."""
+    path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "12a=", "answer": "0"}])
+    with pytest.raises(DataError, match=r"e\.jsonl:1: missing field 'target' \(set by eval.answer_field"):
+        PromptDataset.load(DataConfig(path=path, answer_field="target"), tok, section="eval")

@@ -845,6 +845,17 @@ def test_step_stats(engine_cfg):
     lens = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     assert stats["padding_fraction"] == pytest.approx(1 - sum(lens) / (len(lens) * max(lens)))
     assert stats["samples_trained"] == len(samples)
+    assert stats["rollout_logprob_tokens"] == 1  # the one token of the learner's own version
+
+
+def test_step_logprob_gap_is_missing_when_nothing_was_measured(engine_cfg):
+    """No token of the learner's own version: the engine/learner gap is NaN
+    with 0 tokens behind it, not a perfect 0."""
+    stats = make_learner(engine_cfg).step(learner_samples(4), policy_version=3)
+    assert stats["rollout_logprob_tokens"] == 0 and math.isnan(stats["rollout_logprob_abs_diff"])
+    stats = make_learner(engine_cfg).step(learner_samples(4), policy_version=0)
+    n = sum(len(s.response_ids) for s in learner_samples(4))
+    assert stats["rollout_logprob_tokens"] == n and stats["rollout_logprob_abs_diff"] > 0
 
 
 def test_step_reports_the_effective_sample_size_of_the_ht_weights(engine_cfg):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import LOGPROB_GAP, cfg_with
+from conftest import cfg_with, logprob_gaps_within
 
 pytestmark = pytest.mark.engine
 
@@ -32,13 +32,11 @@ def test_train_runs_with_learner_options(generator, engine_cfg, tmp_path, name):
     train(cfg, tmp_path, max_steps=3, generator=generator)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
+    assert logprob_gaps_within(records)
     for r in records:
         assert math.isfinite(r["loss"]) and r["samples_trained"] > 0
         assert r["padding_fraction"] >= 0 and math.isclose(sum(r[f"version_lag/{b}"] for b in
                                                                ("0", "1", "2", "3", "4+")), 1.0)
-        # The generator samples with the weights the learner had: the
-        # current version's tokens agree.
-        assert r["rollout_logprob_abs_diff"] < LOGPROB_GAP
     if cfg.learner.pruning_correction == "ht":
         assert max(r["ht_weight_max"] for r in records) > 1.0  # something was pruned and reweighted
     # Recycled partials are off-policy by the second step.

@@ -69,3 +69,24 @@ def test_sigterm_runs_the_cleanup(tmp_path):
     assert parent.returncode == 128 + signal.SIGTERM
     assert "cleanup ran" in out
     assert _wait_gone(child)  # the parent's death, as the role sees it
+
+
+def test_a_dead_role_is_reported_with_its_cause_once(tmp_path):
+    """The cause of a role's death is the last exception line of its log,
+    said once, however many times the log repeats it (a vLLM engine that
+    fails every request logs the same error for each)."""
+    from stream_rl.roles import died, exit_cause, start_role
+
+    log = tmp_path / "generator.log"
+    log.write_text("INFO starting\n" + "ERROR request failed\nValueError: Head size 16 is not supported\n" * 128 +
+                   "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+                   "stream_rl.generator.service.GeneratorDied: model.path's model has head_dim 16, which vLLM's "
+                   "CPU attention cannot serve\n")
+    assert exit_cause(log) == ("stream_rl.generator.service.GeneratorDied: model.path's model has head_dim 16, "
+                               "which vLLM's CPU attention cannot serve")
+    proc, f = start_role(["-c", "import sys; print('bye'); sys.exit(3)"], tmp_path / "r.log")
+    proc.wait()
+    f.close()
+    msg = died("learner", proc, tmp_path / "r.log")
+    assert msg.startswith("learner process exited with code 3: bye") and "r.log" in msg
+    assert exit_cause(tmp_path / "missing.log") is None

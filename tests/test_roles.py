@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from stream_rl.transport import free_ports
-from tests.conftest import LOGPROB_GAP, cfg_with
+from tests.conftest import cfg_with, logprob_gaps_within
 
 pytestmark = pytest.mark.engine
 
@@ -129,6 +129,6 @@ def test_roles_over_tcp_killed_and_resumed(engine_cfg, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert min(summary["requests_per_generator"]) > 0
     assert len(set(summary["generator_versions"])) == 1
-    assert all(r["rollout_logprob_abs_diff"] < LOGPROB_GAP for r in records if r["step"] > k)
+    assert logprob_gaps_within([r for r in records if r["step"] > k])
     assert sum(r["prune/pruned"] for r in records[1:]) > 0  # head scores reach the controller
     assert (run / "final_model" / "config.json").is_file()

@@ -58,6 +58,34 @@ def test_free_form_scores(free, response, answer, expected):
     assert free.score(response, answer) == expected
 
 
+# Model output as it comes: prose, LaTeX, boxed answers, several numbers.
+@pytest.mark.parametrize("response,answer,expected", [
+    ("the result is 42", "42", 1.0),
+    ("it is 5 apples", "5", 1.0),
+    ("The answer is 42.", "42", 1.0),
+    ("We add 17 and 25 to get 42, so the answer is 42.", "42", 1.0),
+    ("Step 1: 3 * 4 = 12. Step 2: 12 + 1 = 13. The final answer is 13", "13", 1.0),
+    ("Step 1: 3 * 4 = 12. Step 2: 12 + 1 = 13. The final answer is 13", "12", 0.0),
+    (r"Therefore, the answer is $\boxed{\dfrac{3}{4}}$.", "0.75", 1.0),
+    (r"So $x = \frac{1}{2}$.", r"\frac{1}{2}", 1.0),
+    (r"The answer is \(\sqrt{2}\).", r"\sqrt{2}", 1.0),
+    ("I am not sure.", "42", 0.0),
+    ("The answer is -7.", "-7", 1.0),
+    ("The answer is 1,000.", "1000", 1.0),
+])
+def test_free_form_model_output(free, response, answer, expected):
+    assert free.score(response, answer) == expected
+
+
+def test_training_reward_and_eval_agree_without_a_regex(free):
+    """The reward's extraction and eval's (`math_answer`) are the same."""
+    from stream_rl.verifier import math_answer
+
+    for text in ["the result is 42", "it is 5 apples", r"so \boxed{7}", "We get 10. Then 20."]:
+        got = math_answer(text)
+        assert got is not None and free.score(text, got) == 1.0
+
+
 def test_without_regex_extract_is_identity(free):
     assert free.extract("anything at all") == "anything at all"
 

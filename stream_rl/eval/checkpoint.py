@@ -104,6 +104,22 @@ def resolve_checkpoint(path: str | Path) -> PolicySource:
                           "nor a model directory (config.json, *.safetensors)")
 
 
+def check_fits(source: PolicySource, model_config) -> None:
+    """A learner checkpoint's weights go into the config's model.path model:
+    its meta.json must describe that model (else the engine refuses the
+    weights only after it has loaded)."""
+    if source.kind != "checkpoint":
+        return
+    saved = json.loads((source.path / "meta.json").read_text()).get("model") or {}
+    here = {k: getattr(model_config, k, None) for k in saved}
+    differ = {k: (v, here[k]) for k, v in saved.items() if v is not None and here[k] is not None and v != here[k]}
+    if differ:
+        diff = ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items())
+        raise CheckpointError(f"checkpoint {source.path} was trained on another model than model.path's ({diff}): "
+                              "evaluate with the run's own config (leave out --config: OUT/config.json) or set "
+                              "model.path to the model it was trained from")
+
+
 def default_config(checkpoint: str | Path) -> Path:
     """The run's config.json beside `checkpoint` (what `--config` defaults to)."""
     found = resolve_checkpoint(checkpoint).run_config

@@ -41,9 +41,10 @@ import numpy as np
 
 from stream_rl.config import Config, ConfigError
 from stream_rl.eval.answers import AnswerKey
-from stream_rl.eval.checkpoint import PolicySource, resolve_checkpoint
+from stream_rl.eval.checkpoint import PolicySource, check_fits, resolve_checkpoint
 from stream_rl.eval.sampler import Candidate, EvalEngine
 from stream_rl.eval.voting import TIE_RULE, majority_vote, rank_vote, trace_confidence, weighted_vote
+from stream_rl.preflight import load_model_config, load_tokenizer
 from stream_rl.pruner.quality import head_accuracy, head_auc, stratified_auc
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,6 @@ def evaluate(cfg: Config, checkpoint: str | Path, data: str | Path | None = None
              details: bool = False) -> dict:
     """Run the evaluation; returns (and writes to `out_json`) the summary."""
     import uvloop
-    from transformers import AutoTokenizer
 
     from stream_rl.bench.heldout import load_heldout
 
@@ -266,10 +266,11 @@ def evaluate(cfg: Config, checkpoint: str | Path, data: str | Path | None = None
         raise ConfigError(str(err).replace("data.answer_regex", "eval.answer_regex")) from None
     l_detect = _head_l_detect(cfg, source)
     cfg = EvalEngine.engine_config(cfg, source)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    check_fits(source, load_model_config(cfg))  # before the engine loads, not after
+    tokenizer = load_tokenizer(cfg)
     # The held-out rows, rendered as in training, with the eval's reference field.
     data_cfg = msgspec.structs.replace(cfg.data, answer_field=cfg.eval.answer_field)
-    rows, ds = load_heldout(msgspec.structs.replace(cfg, data=data_cfg), tokenizer, data, limit)
+    rows, ds = load_heldout(msgspec.structs.replace(cfg, data=data_cfg), tokenizer, data, limit, section="eval")
     if not rows:
         raise ValueError(f"no questions in {ds.source}")
     show = cfg.run.progress if progress is None else progress

@@ -12,7 +12,7 @@ from stream_rl.config import Config, generator_addrs
 from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, GeneratorReady, RequestRejected,
                                 RolloutRequest, Shutdown, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.placement import Placement, format_cores
-from stream_rl.roles import start_role, stop_role
+from stream_rl.roles import died, start_role, stop_role
 from stream_rl.transport import ZmqChannel
 
 
@@ -110,8 +110,7 @@ class GeneratorProcess(GeneratorClient):
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
-            raise GeneratorError(f"generator process exited with code {self.proc.returncode}; "
-                                 f"see {self._log.name}")
+            raise GeneratorError(died("generator", self.proc, Path(self._log.name)))
 
     def stop(self, timeout_s: float = 30.0) -> None:
         stop_role(self.proc, lambda: self.requests.send(Shutdown()), timeout_s)

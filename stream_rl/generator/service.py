@@ -12,8 +12,11 @@ import asyncio
 import logging
 import time
 
+import msgspec
+
 from stream_rl.config import Config, generator_addrs
-from stream_rl.generator.engine import EngineReports, build_engine, token_versions, version_starts
+from stream_rl.generator.engine import (EngineReports, build_engine, engine_shape_problem, token_versions,
+                                        version_starts)
 from stream_rl.generator.logprob_ledger import LogprobLedger
 from stream_rl.generator.quality_scorer import SCORE_KEY
 from stream_rl.generator.sampled_logprobs import STREAM_KEY
@@ -77,6 +80,18 @@ class GeneratorService:
         self.logprobs = LogprobLedger()
 
     # --- request validation: reject early, with the reason -----------------
+
+    def _reject_undecodable(self, data: bytes, error: str) -> None:
+        """A request that fails to decode but names its id is answered with
+        RequestRejected: its sender would otherwise wait for it forever."""
+        try:
+            raw = msgspec.msgpack.decode(data)
+            rid = raw.get("request_id") if isinstance(raw, dict) and raw.get("type") == "RolloutRequest" else None
+            if isinstance(rid, str):
+                asyncio.get_running_loop().create_task(
+                    self.outbox.send(RequestRejected(request_id=rid, error=error)))
+        except Exception:  # anything else stays a logged, dropped message
+            pass
 
     def _validate(self, req: RolloutRequest) -> str | None:
         limit = self.cfg.model.max_model_len
@@ -267,6 +282,12 @@ class GeneratorService:
     async def run(self) -> None:
         g = self.cfg.generator
         self._main = asyncio.current_task()
+        from transformers import AutoConfig
+
+        problem = engine_shape_problem(AutoConfig.from_pretrained(self.cfg.model.path,
+                                                                  trust_remote_code=self.cfg.model.trust_remote_code))
+        if problem:  # said once, before the engine fails on it for every request
+            raise GeneratorDied(problem)
         # The addresses are claimed before the engine starts: vLLM binds its
         # own sockets to ports the kernel picks, and one took a configured
         # port between its choice and a bind made after the engine was up
@@ -274,6 +295,7 @@ class GeneratorService:
         request_addr, stream_addr = generator_addrs(g, self.index)
         self.inbox = AsyncZmqChannel(_bindable(request_addr), send=False, bind=True, hwm=g.hwm,
                                      decoder=Decoder(ToGenerator))
+        self.inbox.on_reject = self._reject_undecodable
         self.outbox = AsyncZmqChannel(_bindable(stream_addr), send=True, bind=True, hwm=g.hwm)
         if self.engine_cpus:  # the engine's scheduler process inherits this process's cores
             pin(self.engine_cpus)

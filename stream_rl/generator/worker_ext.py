@@ -7,6 +7,7 @@ the generator with `AsyncLLM.collective_rpc(name, args=...)`.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from pathlib import Path
 from typing import Iterable
@@ -14,6 +15,20 @@ from typing import Iterable
 import torch
 
 from stream_rl.pruner.head import HEAD_PREFIX
+
+
+class _NoRotaryReloadWarning(logging.Filter):
+    """vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights"
+    at every weight sync of a model whose rotary tables are buffers (Llama):
+    checkpoints never carry them, they are computed from the config, and the
+    reload puts them back as they were. Harmless; dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args
+                    and "Rotary" in str(record.args[0]))
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_NoRotaryReloadWarning())
 
 
 def _refresh_cpu_gemm(model: torch.nn.Module) -> int:

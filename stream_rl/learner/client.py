@@ -10,7 +10,7 @@ import msgspec
 
 from stream_rl.config import Config
 from stream_rl.protocol import Decoder, FromLearner, LearnerFailed, LearnerReady, Shutdown
-from stream_rl.roles import start_role, stop_role
+from stream_rl.roles import died, start_role, stop_role
 from stream_rl.transport import ZmqChannel, free_ports
 
 
@@ -78,7 +78,7 @@ class LearnerProcess(LearnerClient):
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
-            raise LearnerError(f"learner process exited with code {self.proc.returncode}; see {self._log.name}")
+            raise LearnerError(died("learner", self.proc, Path(self._log.name)))
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Ask it to save its final model and exit; kill it if it does not."""

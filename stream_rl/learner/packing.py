@@ -125,22 +125,47 @@ def pack_layout(seqs: list[tuple[list[int], list[int]]], row_tokens: int, pad_id
     return Layout(ids, None, pos, rows, cols, [len(r) for _, r in seqs], sum(lengths))
 
 
+def head_gives_logits(model) -> bool:
+    """Whether the output layer on the backbone's last hidden state gives
+    the logits the model's own forward does. Some models do more there
+    (Gemma's soft-capping, Cohere's logit scale, Granite's logits_scaling,
+    and whatever a remote-code model adds): checked once per model on a
+    short input, and remembered."""
+    known = getattr(model, "_stream_rl_head_gives_logits", None)
+    if known is not None:
+        return known
+    backbone, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    same = backbone is not None and backbone is not model and head is not None
+    if same:
+        vocab = head.weight.shape[0]
+        ids = (torch.arange(1, 9, device=head.weight.device) % vocab)[None]
+        was_training = model.training
+        model.eval()  # no dropout between the two passes
+        try:
+            with torch.no_grad():
+                full = model(input_ids=ids, use_cache=False).logits.float()
+                mine = head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
+        finally:
+            model.train(was_training)
+        same = full.shape == mine.shape and bool(torch.allclose(full, mine, rtol=1e-3,
+                                                                 atol=1e-3 * float(full.abs().max()) + 1e-6))
+    model._stream_rl_head_gives_logits = same
+    return same
+
+
 def response_logprobs(model, layout: Layout) -> torch.Tensor:
     """log π(response token) for every response token of the layout, flat.
 
     The output layer runs on the response positions only: the full
     [rows, width, vocab] logits of a 150k-vocabulary model would be the
-    memory peak of the pass. Models whose logits are more than the output
-    layer of the last hidden state (soft-capping, a logit scale) take the
-    full path."""
+    memory peak of the pass. A model whose logits are more than the output
+    layer of its last hidden state (`head_gives_logits`) takes its own
+    forward."""
     kw = dict(input_ids=layout.ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
               use_cache=False)  # with a cache, HF does not look for packed sequences
-    backbone, head = getattr(model, "base_model", None), model.get_output_embeddings()
-    plain = (backbone is not None and backbone is not model and head is not None
-             and not getattr(model.config, "final_logit_softcapping", None) and not hasattr(model, "logit_scale"))
-    if plain:
-        hidden = backbone(**kw).last_hidden_state[layout.rows, layout.cols]
-        logits = head(hidden).float()
+    if head_gives_logits(model):
+        hidden = model.base_model(**kw).last_hidden_state[layout.rows, layout.cols]
+        logits = model.get_output_embeddings()(hidden).float()
     else:
         logits = model(**kw).logits[layout.rows, layout.cols].float()
     target = layout.ids[layout.rows, layout.cols + 1]

@@ -4,6 +4,7 @@ over torch.distributed ranks."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -60,6 +61,18 @@ def as_rows(flat: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch
     return out, mask
 
 
+def pad_token_id(config) -> int:
+    """The id padding positions carry (never attended to, never trained): the
+    model's pad token, else its (first) end-of-sequence token, else 0.
+    Llama-3-style configs list several eos ids and no pad id."""
+    for tok in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(tok, (list, tuple)):
+            tok = tok[0] if tok else None
+        if tok is not None:
+            return int(tok)
+    return 0
+
+
 def learning_rate(lc, steps_done: int) -> float:
     """The lr of the update after `steps_done` updates: linear warm-up to
     `lc.lr`, as transformers' constant_with_warmup schedule (verl's and
@@ -82,7 +95,7 @@ class Learner:
         if lc.kl_beta > 0:  # the initial policy, frozen
             self.ref_model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **load).to(lc.device).eval()
             self.ref_model.requires_grad_(False)
-        self.pad_id = self.model.config.pad_token_id or self.model.config.eos_token_id or 0
+        self.pad_id = pad_token_id(self.model.config)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
                                      eps=lc.adam_eps, weight_decay=lc.weight_decay)
         self.steps = 0
@@ -141,8 +154,8 @@ class Learner:
         """
         lc = self.cfg.learner
         samples = dppo_prune_completions(samples, lc.dppo_completion_rate, self.rng)
-        stats = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "rollout_logprob_abs_diff": 0.0,
-                 "stale_token_frac": 0.0, "samples_trained": len(samples)}
+        stats = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "rollout_logprob_abs_diff": math.nan,
+                 "rollout_logprob_tokens": 0, "stale_token_frac": 0.0, "samples_trained": len(samples)}
         if not samples:
             return stats
         weights = pruning_weights(samples, lc.pruning_correction)
@@ -226,7 +239,10 @@ class Learner:
         acc = self._reduce_sum(acc)
         stats["loss"] = float(acc[0])
         stats["clip_frac"] = float(acc[1] / max(acc[2], 1.0))
-        stats["rollout_logprob_abs_diff"] = float(acc[3] / max(acc[4], 1.0))
+        # NaN when no token of the learner's own version was there to compare
+        # (stream steps whose batch is all older tokens): not a perfect 0.
+        stats["rollout_logprob_abs_diff"] = float(acc[3] / acc[4]) if acc[4] > 0 else math.nan
+        stats["rollout_logprob_tokens"] = int(acc[4])
         stats["padding_fraction"] = float(1.0 - acc[5] / max(acc[6], 1.0))
         # Off-policy statistics over every rank's tokens that carry a gradient.
         cat = lambda k: torch.cat([o[k] for o in offp]) if offp else torch.zeros(0)  # noqa: E731
