@@ -186,9 +186,8 @@ class Job:
     """The controller's side of a run: rollouts, batches, syncs, metrics."""
 
     def __init__(self, cfg: Config, out: Path, pool: GeneratorPool, learner: LearnerClient, steps: int,
-                 checked: CheckedJob | None = None):
+                 checked: CheckedJob):
         self.cfg, self.out, self.pool, self.learner, self.steps = cfg, out, pool, learner, steps
-        checked = checked or check_job(cfg)
         tokenizer, dataset = checked.tokenizer, checked.dataset
         log.info("loaded %d prompts from %s (%d set aside as too long)", len(dataset.rows), dataset.source,
                  len(dataset.overlong))
@@ -412,8 +411,8 @@ class Job:
 
 
 def run_controller(cfg: Config, out: Path, pool: GeneratorPool, learner: LearnerClient, ready: LearnerReady,
-                   max_steps: int | None, t_start: float, fresh_generators: bool,
-                   resume_from: Path | None = None, checked: CheckedJob | None = None) -> dict:
+                   max_steps: int | None, t_start: float, fresh_generators: bool, checked: CheckedJob,
+                   resume_from: Path | None = None) -> dict:
     (out / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
     steps = max_steps or cfg.run.max_steps
     job = Job(cfg, out, pool, learner, steps, checked)

@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
 import numpy as np
 import torch
 
@@ -284,5 +283,5 @@ def main(cfg: Config, out_json: str | None, draws: int) -> dict:
         raise BenchSetupError("--steps (pruning draws) must be at least 10")
     result = run(draws, cfg.run.seed)
     result["machine"] = {"platform": platform.platform(), "torch": torch.__version__}
-    result["what"] = msgspec.to_builtins({"bench": "correction", "draws": draws, "seed": cfg.run.seed})
+    result["what"] = {"bench": "correction", "draws": draws, "seed": cfg.run.seed}
     return emit(result, out_json)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from stream_rl.config import Config
 from stream_rl.placement import format_cores, split
@@ -134,8 +135,6 @@ class EngineReports:
 
         from stream_rl.protocol import Decoder, FromWorker, WorkerScores
         from stream_rl.transport import AsyncZmqChannel
-
-        import tempfile
 
         self._engine = engine
         self._path = os.path.join(tempfile.gettempdir(), f"stream-rl-reports-{os.getpid()}-{uuid.uuid4().hex[:8]}")
