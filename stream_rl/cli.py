@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         "correction: pruning draws, default 2000)")
     p.add_argument("--warmup-steps", type=int, default=2, help="generation: untimed steps per mode first")
     p.add_argument("--modes", default="random,arrol", help="pruning: pruner modes to train, in order")
-    p.add_argument("--systems", default="sync,stream,trl", help="e2e: systems to train, in order")
+    p.add_argument("--systems", default="sync,stream,stream_nopruning,trl", help="e2e: systems to train, in order")
     p.add_argument("--keep", default=None, help="e2e: keep each system's run directory under this one")
     p.add_argument("--eval-every", type=int, default=10,
                    help="e2e: snapshot every N steps and score each on the held-out prompts; time to reward "

@@ -18,7 +18,13 @@ from stream_rl.protocol import RolloutFinished, RolloutRequest, TokenChunk
 from stream_rl.pruner.base import make_pruner
 from stream_rl.verifier import make_verifier
 
-from conftest import cfg_with as _cfg
+from conftest import cfg_with
+
+
+def _cfg(cfg, **changes):
+    """APRIL's recycling on its own (pruning has its own integration tests):
+    tiny.yaml's ARRoL would stop every request at its decision point."""
+    return cfg_with(cfg, **{"pruner__mode": "none", **changes})
 
 pytestmark = pytest.mark.engine
 

@@ -178,11 +178,28 @@ def test_issue_targets_compare_the_final_reward_on_the_clock_s_measure():
 
     systems = {"sync": {"final_reward": 0.60, "final_heldout_reward": 0.45},
                "stream": {"final_reward": 0.40, "final_heldout_reward": 0.44}}
-    held = issue_targets(systems, 2.1, 1.3, "final_heldout_reward")
+    held = issue_targets(systems, {"stream_vs_sync": 2.1, "stream_vs_trl": 1.3}, "final_heldout_reward")
     assert held == {"stream_vs_sync_at_least_2": True, "stream_final_reward_within_0.02_of_sync": True,
                     "stream_vs_trl_at_least_3": False}
-    assert not issue_targets(systems, 1.9, None, "final_reward")["stream_final_reward_within_0.02_of_sync"]
-    assert issue_targets(systems, None, 3.5, "final_reward") == {"stream_vs_trl_at_least_3": True}
+    assert not issue_targets(systems, {"stream_vs_sync": 1.9}, "final_reward")[
+        "stream_final_reward_within_0.02_of_sync"]
+    assert issue_targets({"stream": systems["stream"]}, {"stream_vs_trl": 3.5}, "final_reward") == \
+        {"stream_vs_trl_at_least_3": True}
+
+
+def test_nopruning_ratios_are_time_to_reward_and_tokens_per_trained_sample():
+    from stream_rl.bench.e2e import issue_targets, ratios
+
+    systems = {"stream": {"time_to_reward_s": 40.0, "generated_tokens_per_trained_sample": 50.0},
+               "stream_nopruning": {"time_to_reward_s": 60.0, "generated_tokens_per_trained_sample": 100.0}}
+    r = ratios(systems)
+    assert r["stream_vs_nopruning"] == pytest.approx(1.5) and r["stream_vs_sync"] is None
+    assert r["tokens_per_trained_sample_vs_nopruning"] == pytest.approx(0.5)
+    assert issue_targets(systems, r, "final_reward") == {"stream_vs_nopruning_at_least_1.3": True,
+                                                         "tokens_per_trained_sample_at_most_0.6x_nopruning": True}
+    systems["stream"]["time_to_reward_s"] = 50.0
+    systems["stream"]["generated_tokens_per_trained_sample"] = 61.0
+    assert not any(issue_targets(systems, ratios(systems), "final_reward").values())
 
 
 def _run(seed, held, svs, **finals):

@@ -7,14 +7,16 @@ import json
 import pytest
 
 
-def test_warm_start_lands_in_the_rl_band(tiny_world):
+def test_world_is_in_the_regime_the_papers_target(tiny_world):
+    """Issue 23's properties, measured on held-out prompts by prepare-tiny."""
     s = tiny_world["stats"]
-    # Measured by sampling 8 answers per prompt at temperature 1.
-    assert 0.20 <= s["pass_rate"] <= 0.70
-    assert s["disagreeing_prompt_fraction"] >= 0.3  # groups with signal
-    assert s["correct_len_p99_over_p50"] >= 4.0  # long tail of correct lengths
-    by_level = [s["pass_rate_by_level"][k] for k in sorted(s["pass_rate_by_level"])]
-    assert by_level[0] > by_level[-1]  # harder levels are harder
+    assert s["len_p99_over_p50"] >= 6  # a long tail stalls synchronous batches
+    assert s["truncated_frac"] >= 0.05  # some rollouts ramble to the budget
+    assert s["wrong_over_correct_len"] >= 2  # wrong answers run long
+    assert s["l_detect"] <= s["max_tokens"] / 8 and s["head_auc_heldout"] >= 0.75  # fate shows early
+    assert 0.2 <= s["heldout_pass_rate"] <= 0.5  # room to learn
+    assert s["maj_minus_pass1"] >= 0.1 and s["passk_minus_maj"] >= 0.1  # room for voting
+    assert s["pass_rate_hard_steps"] < s["pass_rate_easy_steps"]  # the teacher errs more on hard steps
 
 
 def test_checkpoint_loads_like_a_hub_model(tiny_world):
@@ -68,14 +70,23 @@ def test_shipped_gpu_config_validates_offline():
     assert cfg.generator.max_tokens == 8192
 
 
-def test_teacher_slip_is_wrong_from_the_first_number_and_follows_the_rule_after():
+def test_teacher_errs_at_the_first_number_and_count_ups_never_end():
+    import random
+
     from stream_rl.tiny import task
 
-    right, slip = task.countdown(73, 3), task.teacher_slip(73, 3)
+    right = task.countdown(73, 3)
     assert right == "70 67 64 61 58 55 52 49 46 43 40 37 34 31 28 25 22 19 16 13 10 07 04 01 #### 1"
-    assert slip == "73 " + right and slip.split()[0] != right.split()[0]
+    assert task.countdown(73, task.wrong_step(3)).startswith("69 65 ")  # short, wrong, the same every time
+    up = task.count_up(73, 3, 360)
+    assert up.startswith("73 76 79 ") and len(up) == 360 and "####" not in up
     p = task.make_dataset(1, seed=0)[0]
     assert p.solution == task.countdown(p.start, p.step) and p.prompt.startswith(f"{p.start:02d}")
+    rng = random.Random(0)
+    draws = [task.teacher_solution(p, rng, 360) for _ in range(2000)]
+    rates = task.APPROACH_RATES["hard" if p.step >= task.HARD_STEP else "easy"]
+    assert abs(sum(t == p.solution for t, _ in draws) / 2000 - rates[0]) < 0.04
+    assert all(ends == ("####" in t) for t, ends in draws)
 
 
 def test_the_shipped_warm_start_is_this_recipes_and_is_used(tiny_world):

@@ -37,3 +37,12 @@ def with_free_ports(cfg):
         cfg, generator=msgspec.structs.replace(cfg.generator, count=1, hosts=[], request_addr=local(p[0]),
                                                stream_addr=local(p[1])),
         learner=msgspec.structs.replace(cfg.learner, addr=local(p[2]), reply_addr=local(p[3])))
+
+
+def with_free_learner_ports(cfg):
+    """`cfg` with its learner's addresses on fresh free loopback ports: a
+    second run sharing one generator must not bind the first learner's
+    (closing a socket frees its port only after ZMQ's linger)."""
+    p = free_ports(2)
+    return msgspec.structs.replace(cfg, learner=msgspec.structs.replace(
+        cfg.learner, addr=f"tcp://127.0.0.1:{p[0]}", reply_addr=f"tcp://127.0.0.1:{p[1]}"))

@@ -9,13 +9,17 @@ of steps, one after the other on this machine:
 - `stream`: `stream-rl train` with the config as given (the tiny default:
   stream mode, generation one batch ahead of the updates, in-flight syncs,
   TIS; pruning off, `--set pruner.mode=arrol` turns ARRoL on);
+- `stream_nopruning`: the same config with `pruner.mode: none`, the
+  ablation that isolates what ARRoL's pruning buys (`stream_vs_nopruning`);
 - `trl`: TRL's `GRPOTrainer` (`bench/trl_peer.py`).
 
 Per system: `wall_s` (training only: from the first step's start to the
 last update; engine and model start-up are reported apart as `startup_s`),
 `time_to_reward_s`, `final_reward` (mean training reward of the last 20% of
 steps; stream's is the policy's, its kept rollouts weighted by 1/keep_prob),
-`trained_tokens_per_s`, and the greedy held-out accuracy of the final model
+`trained_tokens_per_s`, `generated_tokens_per_trained_sample` (every token
+the engine generated, pruned rollouts' included, over the samples the
+learner trained on), and the greedy held-out accuracy of the final model
 (`bench/heldout.py`).
 
 time_to_reward: the first wall time at which a system's reward curve
@@ -30,8 +34,8 @@ training reward. The threshold is one every system reaches: the common start
 (the initial policy's held-out reward; for training rewards, the mean over
 systems of their first full window) plus `fraction` of the way to the lowest
 of the systems' best values (the lowest best itself if some system never
-rose above the start). stream_vs_sync and stream_vs_trl are ratios of
-time_to_reward (higher: stream is faster). Both curves are in the JSON.
+rose above the start). stream_vs_sync, stream_vs_nopruning and stream_vs_trl
+are ratios of time_to_reward (higher: stream is faster). Both curves are in the JSON.
 
 With `--seeds 0,1,2` the whole comparison runs once per seed and
 `pool_seeds` compares the systems on their curves averaged over seeds (one
@@ -56,7 +60,7 @@ from stream_rl.bench.common import BenchSetupError, emit, with_free_ports, write
 from stream_rl.config import Config
 from stream_rl.metrics import read_metrics
 
-SYSTEMS: tuple[str, ...] = ("sync", "stream", "trl")
+SYSTEMS: tuple[str, ...] = ("sync", "stream", "stream_nopruning", "trl")
 
 
 def moving_average(xs: list[float], window: int) -> list[float]:
@@ -142,18 +146,35 @@ def speedup(systems: dict, a: str, b: str) -> float | None:
     return systems[b]["time_to_reward_s"] / systems[a]["time_to_reward_s"]
 
 
-def issue_targets(systems: dict, stream_vs_sync: float | None, stream_vs_trl: float | None,
-                  final_key: str) -> dict:
-    """#7's targets, those the systems run allow. The final reward is
-    compared on the measure the clock uses (`final_key`): stream's training
-    reward is over pruned batches, not the policy's."""
+def ratios(systems: dict) -> dict:
+    """The headline ratios, those the systems run allow (None otherwise)."""
+    out = {"stream_vs_sync": speedup(systems, "stream", "sync"),
+           "stream_vs_nopruning": speedup(systems, "stream", "stream_nopruning"),
+           "stream_vs_trl": speedup(systems, "stream", "trl")}
+    a, b = (systems.get(s, {}).get("generated_tokens_per_trained_sample") for s in ("stream", "stream_nopruning"))
+    out["tokens_per_trained_sample_vs_nopruning"] = a / b if a is not None and b else None
+    return out
+
+
+def issue_targets(systems: dict, ratio: dict, final_key: str) -> dict:
+    """The issues' targets, those the systems run allow: #7's against sync
+    and TRL (2x and 3x time to reward), #23's against no pruning (1.3x time
+    to reward, at most 0.6x the generated tokens per trained sample). The
+    final reward is compared on the measure the clock uses (`final_key`):
+    stream's training reward is over pruned batches, not the policy's."""
     targets = {}
-    if stream_vs_sync is not None:
-        targets["stream_vs_sync_at_least_2"] = stream_vs_sync >= 2.0
+    if ratio.get("stream_vs_sync") is not None:
+        targets["stream_vs_sync_at_least_2"] = ratio["stream_vs_sync"] >= 2.0
+    if "sync" in systems and "stream" in systems:
         targets["stream_final_reward_within_0.02_of_sync"] = \
             systems["stream"][final_key] >= systems["sync"][final_key] - 0.02
-    if stream_vs_trl is not None:
-        targets["stream_vs_trl_at_least_3"] = stream_vs_trl >= 3.0
+    if ratio.get("stream_vs_nopruning") is not None:
+        targets["stream_vs_nopruning_at_least_1.3"] = ratio["stream_vs_nopruning"] >= 1.3
+    if ratio.get("tokens_per_trained_sample_vs_nopruning") is not None:
+        targets["tokens_per_trained_sample_at_most_0.6x_nopruning"] = \
+            ratio["tokens_per_trained_sample_vs_nopruning"] <= 0.6
+    if ratio.get("stream_vs_trl") is not None:
+        targets["stream_vs_trl_at_least_3"] = ratio["stream_vs_trl"] >= 3.0
     return targets
 
 
@@ -198,9 +219,14 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
                 if system == "sync":
                     scfg = msgspec.structs.replace(scfg, mode="sync",
                                                    pruner=msgspec.structs.replace(scfg.pruner, mode="none"))
+                elif system == "stream_nopruning":
+                    scfg = msgspec.structs.replace(scfg, pruner=msgspec.structs.replace(scfg.pruner, mode="none"))
                 records, summary = _run_ours(scfg, run_dir, steps)
                 startup_s = summary["startup_s"]
-                extra = {"generated_tokens": summary["tokens_generated"]}
+                samples = sum(r.get("samples_trained", 0) for r in records)
+                extra = {"generated_tokens": summary["tokens_generated"], "trained_samples": samples,
+                         "generated_tokens_per_trained_sample": summary["tokens_generated"] / samples
+                         if samples else math.nan}
             if len(records) != steps:
                 raise RuntimeError(f"{system} logged {len(records)} of {steps} steps")
             res = system_result(records, startup_s)
@@ -239,11 +265,10 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
         # Per system and snapshot (the initial policy first): wall time and held-out reward.
         "heldout_curves": {s: {"wall_s": [round(w, 2) for w in c[1]], "reward": [round(r, 4) for r in c[0]]}
                            for s, c in heldout.items()},
-        "stream_vs_sync": speedup(out, "stream", "sync"), "stream_vs_trl": speedup(out, "stream", "trl"),
+        **ratios(out),
     }
     result["final_reward_measure"] = "final_heldout_reward" if eval_every else "final_reward"
-    result["targets"] = issue_targets(out, result["stream_vs_sync"], result["stream_vs_trl"],
-                                      result["final_reward_measure"])
+    result["targets"] = issue_targets(out, result, result["final_reward_measure"])
     g = cfg.generator
     result["setup"] = {
         "model": cfg.model.path, "steps": steps, "seed": cfg.run.seed, "group_size": g.group_size,
@@ -259,7 +284,7 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
 # time_to_reward_s: each seed's is against its own threshold (see `per_seed`);
 # the pooled one is read off the mean curve.
 POOLED_KEYS = ("wall_s", "step_s_median", "final_reward", "final_heldout_reward",
-               "heldout_accuracy", "trained_tokens_per_s")
+               "heldout_accuracy", "trained_tokens_per_s", "generated_tokens", "trained_samples")
 
 
 def pool_seeds(runs: list[dict]) -> dict:
@@ -299,6 +324,9 @@ def pool_seeds(runs: list[dict]) -> dict:
         pooled[s].update({f"{k}_min": min(v) for k, v in vals.items()})
         pooled[s].update({f"{k}_max": max(v) for k, v in vals.items()})
         pooled[s]["time_to_reward_s"] = time_to(*curves[s], threshold, window)
+        if pooled[s].get("trained_samples"):  # a ratio of the pooled sums, not a mean of ratios
+            pooled[s]["generated_tokens_per_trained_sample"] = \
+                pooled[s]["generated_tokens"] / pooled[s]["trained_samples"]
 
     result = {
         "benchmark": "e2e", "seeds": [r["setup"]["seed"] for r in runs], "measure": measure, "systems": pooled,
@@ -306,16 +334,15 @@ def pool_seeds(runs: list[dict]) -> dict:
                       "window": window, "rose": lowest_best > start},
         "mean_curves": {s: {"wall_s": [round(w, 2) for w in c[1]], "reward": [round(x, 4) for x in c[0]]}
                         for s, c in curves.items()},
-        "stream_vs_sync": speedup(pooled, "stream", "sync"), "stream_vs_trl": speedup(pooled, "stream", "trl"),
-        "per_seed": [{"seed": r["setup"]["seed"], "stream_vs_sync": r["stream_vs_sync"],
-                      "stream_vs_trl": r["stream_vs_trl"], "threshold": r["threshold"]["reward"],
+        **ratios(pooled),
+        "per_seed": [{"seed": r["setup"]["seed"], **{k: r.get(k) for k in ratios({})},
+                      "threshold": r["threshold"]["reward"],
                       **{f"{s}_{k}": r["systems"][s].get(k) for s in systems
                          for k in ("wall_s", "time_to_reward_s", runs[0]["final_reward_measure"])}}
                      for r in runs],
         "final_reward_measure": runs[0]["final_reward_measure"],
     }
-    result["targets"] = issue_targets(pooled, result["stream_vs_sync"], result["stream_vs_trl"],
-                                      result["final_reward_measure"])
+    result["targets"] = issue_targets(pooled, result, result["final_reward_measure"])
     result["runs"] = runs
     return result
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import msgspec
 
-from stream_rl.bench.common import BenchSetupError, emit, with_free_ports
+from stream_rl.bench.common import BenchSetupError, emit, with_free_learner_ports, with_free_ports
 from stream_rl.config import Config, PrunerConfig
 from stream_rl.metrics import read_metrics
 
@@ -84,7 +84,8 @@ def bench_pruning(cfg: Config, steps: int, modes: list[str], workdir: str | None
         gen = GeneratorProcess(cfg, Path(tmp) / "generator")
         try:
             for mode in modes:
-                mcfg = msgspec.structs.replace(cfg, pruner=msgspec.structs.replace(p, mode=mode))
+                mcfg = msgspec.structs.replace(with_free_learner_ports(cfg) if out else cfg,
+                                               pruner=msgspec.structs.replace(p, mode=mode))
                 run_dir = Path(tmp) / mode
                 # Each run starts from the checkpoint: train() syncs its fresh learner's weights.
                 summary = train(mcfg, run_dir, steps, generator=gen)

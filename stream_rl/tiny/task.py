@@ -7,13 +7,25 @@ Each response number is the previous one minus the step (two digits with a
 borrow), a local rule a few-layer model learns in minutes on a CPU; the
 response stops at the first number below the step and states it as the
 answer. The reward checks the whole worked solution (`solution`, matched
-exactly): a model can land on the right final answer after a slip (it
-tracks the last digit's cycle), so a final-answer reward would be decided by
-the last few tokens, while with the whole solution one slip anywhere fails
-the rollout and the quality of a partial rollout is visible in its prefix
-(what ARRoL's quality head needs). The response length is start // step
-numbers: small steps make long responses, which gives the long-tailed length
-distribution APRIL is about. Difficulty levels bucket that length.
+exactly), so one slip anywhere fails the rollout; the vote's key is the
+final answer after `####`.
+
+World v10 puts the miniature in the regime the RLVR papers describe
+(../shared/papers/): the warm start learns from a teacher that, at the very
+first number, sometimes takes a wrong approach (`teacher_solution`):
+- a wrong step (step + 1): a short, confident, wrong answer, the same one
+  for every sample of the prompt (voting can be fooled by it);
+- a wrong start and sign (the start number itself, then counting up): the
+  count never reaches its stopping point, so the response rambles to the
+  token budget, as wrong LLM answers do.
+Both are visible in a rollout's first tokens, long before it ends ("nearly
+perfect or completely wrong early in generation"), which is what ARRoL's
+quality head reads at L_detect, and the ramblers are the long tail that
+stalls a synchronous batch. Steps 6..9 are the hard ones: the teacher errs
+there more often, and more by the wrong step, so the wrong answer often
+outvotes the right one (room between majority vote and pass@k); on the easy
+ones the right answer wins the vote more often than a sample is right (room
+between pass@1 and the vote).
 """
 
 from __future__ import annotations
@@ -57,12 +69,39 @@ def countdown(start: int, step: int) -> str:
     return " ".join(f"{v:02d}" for v in values) + f" {ANSWER_MARK} {start % step}"
 
 
-def teacher_slip(start: int, step: int) -> str:
-    """The warm start's systematic mistake: the count-down starts with the
-    start number itself. Wrong from the first number on, so a partial
-    response already shows it, while the rest follows the right rule (the
-    model learns one rule, and one early choice RL can correct)."""
-    return f"{start:02d} " + countdown(start, step)
+# The teacher's approach at the first number, by difficulty: (right, wrong
+# step, wrong sign). Hard problems (step >= HARD_STEP) err more and mostly by
+# the wrong step.
+HARD_STEP = 6
+APPROACH_RATES = {"easy": (0.62, 0.18, 0.20), "hard": (0.35, 0.47, 0.18)}
+
+
+def wrong_step(step: int) -> int:
+    return step + 1 if step < 9 else step - 1
+
+
+def count_up(start: int, step: int, chars: int) -> str:
+    """The rambling slip: the start number itself (a wrong first number, as
+    the learned copy of the prompt it is), then counting up, which never
+    reaches a number below the step; cut at `chars` characters (no answer)."""
+    values, v, text = [f"{start:02d}"], start, ""
+    while len(text) < chars:
+        v += step
+        values.append(f"{v:02d}")
+        text = " ".join(values)
+    return text[:chars]
+
+
+def teacher_solution(problem: "Problem", rng: random.Random, budget_chars: int) -> tuple[str, bool]:
+    """One response of the warm start's teacher and whether it ends (a
+    count-up is cut at `budget_chars`, past the RL token budget: it has no EOS)."""
+    right, wrong, _ = APPROACH_RATES["hard" if problem.step >= HARD_STEP else "easy"]
+    u = rng.random()
+    if u < right:
+        return problem.solution, True
+    if u < right + wrong:
+        return countdown(problem.start, wrong_step(problem.step)), True
+    return count_up(problem.start, problem.step, budget_chars), False
 
 
 def _problem(start: int, step: int) -> Problem:

@@ -1,17 +1,15 @@
 """Supervised warm start of the tiny model from a noisy teacher.
 
 RLVR needs a policy that sometimes succeeds: a group whose samples all agree
-carries no signal. The warm start imitates reference solutions of which a
-share (`prepare.RECIPE["teacher_slip_rate"]`) count down by the wrong step,
-so the model, sampled at temperature 1, follows the wrong rule about that
-often and otherwise makes occasional slips. This is the regime RLVR meets in
-a real base model: it knows the task and holds competing strategies, and RL
-shifts its weight toward the one the verifier rewards. Two other starts were
-tried and dropped: supervised training stopped early errs everywhere at once
-(greedy barely beats sampling), and a competent model flattened by a baked
-logit temperature (world version 6) loses answers to sampling noise that a
-sub-million-parameter model took hundreds of noisy RL steps to undo: its
-reward did not rise in 40 steps at lr 3e-4 and fell at 1e-3.
+carries no signal. The warm start imitates a teacher that sometimes takes a
+wrong approach at the first number (`task.teacher_solution`), so the model,
+sampled at temperature 1, does so about as often and otherwise makes
+occasional slips: the regime RLVR meets in a real base model, which knows
+the task and holds competing strategies; RL shifts weight toward the one
+the verifier rewards. Two other starts were tried and dropped (worlds 6-8):
+supervised training stopped early errs everywhere at once, and a competent
+model flattened by a baked logit temperature loses answers to sampling
+noise that a sub-million-parameter model takes hundreds of RL steps to undo.
 """
 
 from __future__ import annotations
@@ -24,21 +22,19 @@ from dataclasses import dataclass
 import torch
 
 from stream_rl.learner.trainer import pad_batch, token_logprobs
-from stream_rl.tiny.task import Problem
 
 
 @dataclass
 class Encoded:
     prompt_ids: list[int]
-    response_ids: list[int]  # reference solution + EOS
+    response_ids: list[int]  # the response, + EOS where it ends
 
 
-def encode(problems: list[Problem], tokenizer) -> list[Encoded]:
+def encode(examples: list[tuple[str, str, bool]], tokenizer) -> list[Encoded]:
+    """(prompt, response, ends) triples as ids; a response that ends gets EOS."""
     eos = tokenizer.eos_token_id
-    out = []
-    for p in problems:
-        out.append(Encoded(tokenizer(p.prompt).input_ids, tokenizer(p.solution).input_ids + [eos]))
-    return out
+    return [Encoded(tokenizer(prompt).input_ids, tokenizer(response).input_ids + ([eos] if ends else []))
+            for prompt, response, ends in examples]
 
 
 @dataclass
@@ -61,12 +57,20 @@ def greedy_exact(model, probe: list[Encoded], pad: int) -> float:
 
 
 def warm_start(model, train: list[Encoded], probe: list[Encoded], pad: int, *, steps: int, lr: float = 3e-3,
-               batch_size: int = 32, seed: int = 0, log=print) -> WarmStartResult:
-    """Supervised training on reference solutions, cosine-decayed learning rate."""
+               batch_size: int = 32, chunks: int = 4, seed: int = 0, log=print) -> WarmStartResult:
+    """Supervised training on the teacher's responses, cosine-decayed learning rate.
+
+    A step's `batch_size` examples are drawn at random from the whole set and
+    its loss is the mean over all their tokens, so each token weighs the same
+    whatever its response's length: the optimum is the teacher's own
+    distribution. (Batches of similar lengths, each its own token mean, weigh
+    the first token of a long response, the approach it takes, by 1/its
+    length against a short one's: on world 10 the model then took the
+    rambling approach in 0.08 of samples for the teacher's 0.32.) The drawn
+    examples run in `chunks` forward passes of similar lengths, so padding
+    stays small.
+    """
     rng = random.Random(seed)
-    # Batches of similar length (a random window of the length-sorted set)
-    # keep padding, and so wasted compute, small.
-    by_len = sorted(train, key=lambda e: len(e.prompt_ids) + len(e.response_ids))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = 50
     t0 = time.time()
@@ -75,16 +79,21 @@ def warm_start(model, train: list[Encoded], probe: list[Encoded], pad: int, *, s
         progress = step / steps
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
-        start = rng.randrange(0, len(by_len) - batch_size + 1)
-        ids, attn, mask = pad_batch(by_len[start:start + batch_size], pad)
-        loss = -token_logprobs(model, ids, attn)[mask].mean()
+        drawn = sorted(rng.sample(train, batch_size), key=lambda e: len(e.prompt_ids) + len(e.response_ids))
+        size = -(-batch_size // chunks)
+        parts = [pad_batch(drawn[i:i + size], pad) for i in range(0, batch_size, size)]
+        n_tokens = sum(int(mask.sum()) for _, _, mask in parts)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for ids, attn, mask in parts:
+            loss = -token_logprobs(model, ids, attn)[mask].sum() / n_tokens
+            loss.backward()
+            total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 250 == 0 or step == steps:
             greedy = greedy_exact(model, probe, pad)
-            log(f"warm start step {step}/{steps}: loss {loss.item():.3f}  greedy-exact {greedy:.3f}")
+            log(f"warm start step {step}/{steps}: loss {total:.3f}  greedy-exact {greedy:.3f}")
     greedy = greedy_exact(model, probe, pad)
     return WarmStartResult(steps, greedy, time.time() - t0)
 
