@@ -28,21 +28,26 @@ def emit(result: dict, out_json: str | None) -> dict:
     return result
 
 
+def _local(port: int) -> str:
+    return f"tcp://127.0.0.1:{port}"
+
+
+def _learner_on(cfg, addr_port: int, reply_port: int):
+    return msgspec.structs.replace(cfg, learner=msgspec.structs.replace(
+        cfg.learner, addr=_local(addr_port), reply_addr=_local(reply_port)))
+
+
 def with_free_ports(cfg):
     """`cfg` with its (one) generator's and its learner's addresses on free
     loopback ports, so a benchmark's job never meets another's sockets."""
-    p = free_ports(4)
-    local = lambda port: f"tcp://127.0.0.1:{port}"  # noqa: E731
-    return msgspec.structs.replace(
-        cfg, generator=msgspec.structs.replace(cfg.generator, count=1, hosts=[], request_addr=local(p[0]),
-                                               stream_addr=local(p[1])),
-        learner=msgspec.structs.replace(cfg.learner, addr=local(p[2]), reply_addr=local(p[3])))
+    p = free_ports(4)  # one draw: four distinct ports
+    cfg = msgspec.structs.replace(cfg, generator=msgspec.structs.replace(
+        cfg.generator, count=1, hosts=[], request_addr=_local(p[0]), stream_addr=_local(p[1])))
+    return _learner_on(cfg, p[2], p[3])
 
 
 def with_free_learner_ports(cfg):
     """`cfg` with its learner's addresses on fresh free loopback ports: a
     second run sharing one generator must not bind the first learner's
     (closing a socket frees its port only after ZMQ's linger)."""
-    p = free_ports(2)
-    return msgspec.structs.replace(cfg, learner=msgspec.structs.replace(
-        cfg.learner, addr=f"tcp://127.0.0.1:{p[0]}", reply_addr=f"tcp://127.0.0.1:{p[1]}"))
+    return _learner_on(cfg, *free_ports(2))
