@@ -120,12 +120,18 @@ def test_april_steps_recycle_partials_without_losing_a_token(generator, engine_c
     # Partials wait in the buffer (their aborts reported); the next steps
     # start by continuing them, after a weight update.
     delivered, steps = _steps_until_a_partial(ctl, 4)
-    sync_to()
-    for _ in range(2):
+    v1 = sync_to()
+    # Steps after the update until a delivered rollout carries tokens of both
+    # versions. Two steps usually suffice; with world v10's long ramblers a
+    # continued partial's group can take longer to complete (CI, loaded).
+    for _ in range(6):
         groups, stats = ctl.collect(4)
         assert len(groups) == 4 and ctl.buffer.num_open_groups <= 8
         delivered += groups
         steps.append(stats)
+        if len(steps) >= 3 and any(
+                v0 in r.versions and v1 in r.versions for g in groups for r in g.rollouts):
+            break
     for g in delivered:
         assert len(g.rollouts) == cfg.generator.group_size
     ctl.drain()
