@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="where to write the charts (default: RUN_DIR/plots)")
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("what", choices=["generation", "pruning", "learner", "weight-sync", "e2e", "correction"])
+    p.add_argument("what", choices=["generation", "pruning", "learner", "weight-sync", "e2e", "correction",
+                                     "pruning-bound"])
     _add_config_args(p)
     p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
     p.add_argument("--steps", type=int, default=None,
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None,
                    help="e2e: comma-separated run.seed values; the comparison runs once per seed and is pooled "
                         "over them (default: one run at the config's seed)")
+
+    p.add_argument("--models", default=None,
+                   help="pruning-bound: comma-separated model directories (default: model.path)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="pruning-bound: sampled rollouts per held-out prompt (default: generator.group_size)")
 
     p = sub.add_parser("eval", help="k samples per question: pass@1, pass@k, majority, quality-head and "
                                     "DeepConf votes (JSON)")
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "bench":
         steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40, "learner": 3,
                                                               "weight-sync": 5, "e2e": 40,
-                                                              "correction": 2000}[args.what]
+                                                              "correction": 2000, "pruning-bound": 1}[args.what]
         if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2
@@ -208,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
                 from stream_rl.bench.correction import main as bench_correction
 
                 bench_correction(cfg, args.out_json, steps)
+            elif args.what == "pruning-bound":
+                from stream_rl.bench.pruning_bound import main as bench_pruning_bound
+
+                if args.samples is not None and args.samples < 1:
+                    raise BenchSetupError(f"--samples must be >= 1 (got {args.samples})")
+                models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+                bench_pruning_bound(cfg, args.out_json, models, args.samples)
             elif args.what == "weight-sync":
                 from stream_rl.bench.weight_sync import main as bench_weight_sync
 
