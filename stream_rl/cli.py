@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="e2e: snapshot every N steps and score each on the held-out prompts; time to reward "
                         "is measured on that curve (0: on the training reward)")
     p.add_argument("--eval-samples", type=int, default=4, help="e2e: sampled responses per held-out prompt")
+    p.add_argument("--no-capacity", dest="capacity", action="store_false",
+                   help="e2e, generation: skip measuring the raw engine's capacity beside the systems")
     p.add_argument("--seeds", default=None,
                    help="e2e: comma-separated run.seed values; the comparison runs once per seed and is pooled "
                         "over them (default: one run at the config's seed)")
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.what == "generation":
                 from stream_rl.bench.generation import main as bench_generation
 
-                bench_generation(cfg, args.out_json, steps, args.warmup_steps)
+                bench_generation(cfg, args.out_json, steps, args.warmup_steps, args.capacity)
             elif args.what == "learner":
                 from stream_rl.bench.learner import main as bench_learner
 
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                     if not seeds:
                         raise BenchSetupError("--seeds names no seed")
                 bench_e2e(cfg, args.out_json, steps, [s.strip() for s in args.systems.split(",") if s.strip()],
-                          args.keep, args.eval_every, args.eval_samples, seeds)
+                          args.keep, args.eval_every, args.eval_samples, seeds, args.capacity)
             elif args.what == "correction":
                 from stream_rl.bench.correction import main as bench_correction
 

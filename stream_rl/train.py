@@ -70,6 +70,9 @@ def summarize(records: list[dict]) -> dict:
         "tokens_generated": sum(r["tokens_generated"] for r in records),
         "tokens_trained": sum(r["tokens_trained"] for r in records),
         "wall_s": records[-1]["wall_s"] if records else 0.0,
+        # The run's mean generation rate: every generated token over the training wall time.
+        "gen_tokens_per_s": (sum(r["tokens_generated"] for r in records) / records[-1]["wall_s"]
+                             if records and records[-1]["wall_s"] else 0.0),
     }
 
 

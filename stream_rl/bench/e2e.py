@@ -46,6 +46,7 @@ written beside the JSON as it completes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -56,6 +57,7 @@ from pathlib import Path
 
 import msgspec
 
+from stream_rl.bench.capacity import CapacityProbe, capacity_fraction, mean_response_tokens
 from stream_rl.bench.common import BenchSetupError, emit, with_free_ports, write_json
 from stream_rl.config import Config
 from stream_rl.metrics import read_metrics
@@ -153,6 +155,10 @@ def ratios(systems: dict) -> dict:
            "stream_vs_trl": speedup(systems, "stream", "trl")}
     a, b = (systems.get(s, {}).get("generated_tokens_per_trained_sample") for s in ("stream", "stream_nopruning"))
     out["tokens_per_trained_sample_vs_nopruning"] = a / b if a is not None and b else None
+    caps = [v["engine_capacity_tokens_per_s"] for v in systems.values() if v.get("engine_capacity_tokens_per_s")]
+    out["engine_capacity_tokens_per_s"] = statistics.fmean(caps) if caps else None
+    for s in ("stream", "sync"):
+        out[f"{s}_capacity_fraction"] = systems.get(s, {}).get("capacity_fraction")
     return out
 
 
@@ -175,12 +181,14 @@ def issue_targets(systems: dict, ratio: dict, final_key: str) -> dict:
             ratio["tokens_per_trained_sample_vs_nopruning"] <= 0.6
     if ratio.get("stream_vs_trl") is not None:
         targets["stream_vs_trl_at_least_3"] = ratio["stream_vs_trl"] >= 3.0
+    if ratio.get("stream_capacity_fraction") is not None:
+        targets["stream_capacity_fraction_at_least_0.85"] = ratio["stream_capacity_fraction"] >= 0.85
     return targets
 
 
 def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = None, window: int = 5,
               fraction: float = 0.9, heldout_limit: int | None = None, keep_dir: str | None = None,
-              eval_every: int = 10, eval_samples: int = 4) -> dict:
+              eval_every: int = 10, eval_samples: int = 4, capacity: bool = True) -> dict:
     bad = [s for s in systems if s not in SYSTEMS]
     if bad or not systems:
         raise BenchSetupError(f"systems must be among {', '.join(SYSTEMS)}; got {list(systems)}")
@@ -203,7 +211,10 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
     start_reward = None
     if eval_every:
         start_reward = heldout_reward(cfg.model.path, cfg, eval_samples, heldout_limit)
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-e2e-") as tmp:
+    # The raw engine, placed as the pipeline's, measured after each system (#24).
+    probe = CapacityProbe(cfg) if capacity else None
+    workload = cfg.generator.max_tokens
+    with probe or contextlib.nullcontext(), tempfile.TemporaryDirectory(dir=workdir, prefix="bench-e2e-") as tmp:
         root = Path(keep_dir or tmp)
         for system in systems:
             run_dir = root / system
@@ -232,6 +243,12 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
             res = system_result(records, startup_s)
             res.update(extra, run_s=time.time() - ts,
                        **heldout_accuracy(run_dir / "final_model", cfg, limit=heldout_limit))
+            if probe is not None:
+                # TRL's records carry no response lengths: the previous system's workload.
+                workload = mean_response_tokens(records, workload)
+                cap = probe.measure(workload)
+                res.update(engine_capacity=cap, engine_capacity_tokens_per_s=cap["engine_capacity_tokens_per_s"],
+                           **capacity_fraction(records, cap["engine_capacity_tokens_per_s"]))
             out[system] = res
             rewards = rewards_of[system] = [r["reward_policy_mean"] for r in records]
             curves[system] = (moving_average(rewards, window), [r["wall_s"] for r in records])
@@ -284,7 +301,8 @@ def bench_e2e(cfg: Config, steps: int, systems=SYSTEMS, workdir: str | None = No
 # time_to_reward_s: each seed's is against its own threshold (see `per_seed`);
 # the pooled one is read off the mean curve.
 POOLED_KEYS = ("wall_s", "step_s_median", "final_reward", "final_heldout_reward",
-               "heldout_accuracy", "trained_tokens_per_s", "generated_tokens", "trained_samples")
+               "heldout_accuracy", "trained_tokens_per_s", "generated_tokens", "trained_samples",
+               "gen_tokens_per_s", "engine_capacity_tokens_per_s", "capacity_fraction")
 
 
 def pool_seeds(runs: list[dict]) -> dict:
@@ -348,18 +366,19 @@ def pool_seeds(runs: list[dict]) -> dict:
 
 
 def main(cfg: Config, out_json: str | None, steps: int, systems: list[str], keep_dir: str | None = None,
-         eval_every: int = 10, eval_samples: int = 4, seeds: list[int] | None = None) -> dict:
+         eval_every: int = 10, eval_samples: int = 4, seeds: list[int] | None = None,
+         capacity: bool = True) -> dict:
     """One run at the config's seed, or one per seed in `seeds`, pooled (`pool_seeds`)."""
     if not seeds:
         return emit(bench_e2e(cfg, steps, systems, keep_dir=keep_dir, eval_every=eval_every,
-                              eval_samples=eval_samples), out_json)
+                              eval_samples=eval_samples, capacity=capacity), out_json)
     if len(set(seeds)) != len(seeds):
         raise BenchSetupError(f"--seeds must differ from each other (got {seeds})")
     runs = []
     for seed in seeds:
         scfg = msgspec.structs.replace(cfg, run=msgspec.structs.replace(cfg.run, seed=seed))
         runs.append(bench_e2e(scfg, steps, systems, keep_dir=keep_dir and str(Path(keep_dir) / f"seed{seed}"),
-                              eval_every=eval_every, eval_samples=eval_samples))
+                              eval_every=eval_every, eval_samples=eval_samples, capacity=capacity))
         if out_json:  # each seed's result as soon as it is in: a later seed's failure loses nothing
             path = Path(out_json)
             write_json(runs[-1], path.with_name(f"{path.stem}.seed{seed}{path.suffix}"))

@@ -26,6 +26,9 @@ flight at the engine (submitted, not yet finished) over `max_num_seqs`.
 `frontend_cpu_s_per_1k_tokens` is the CPU time of the processes in front of
 the engine (engine: this process; pipeline: controller and generator
 service, not the engine core and its workers, which poll while waiting).
+After the steps, `engine_capacity_tokens_per_s` is the raw engine's
+saturated rate (`bench/capacity.py`, twice, on requests of the engine
+mode's mean length) and each mode's `capacity_fraction` its share of it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 
 import msgspec
 
+from stream_rl.bench.capacity import CapacityProbe
 from stream_rl.bench.common import BenchSetupError, emit, with_free_ports
 from stream_rl.config import Config
 from stream_rl.controller import RolloutController, request_seed
@@ -224,7 +228,8 @@ def _with(cfg: Config, **generator) -> Config:
     return msgspec.structs.replace(cfg, generator=msgspec.structs.replace(cfg.generator, **generator))
 
 
-def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdir: str | None = None) -> dict:
+def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdir: str | None = None,
+                     capacity: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     from stream_rl.generator.client import GeneratorProcess
@@ -241,6 +246,7 @@ def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdi
     dataset = PromptDataset.load(cfg.data, tokenizer)
     t_start = time.time()
     engine = EngineMode(cfg, PromptSampler(dataset, cfg.data.shuffle, cfg.run.seed))
+    engine_open = True
     gens, cfgs = [], []
     try:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -259,11 +265,28 @@ def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdi
                     mode.step(timed=i >= warmup_steps)
             april.controller.drain()
             open_left = april.controller.buffer.num_open_groups
+            for gen in gens:  # idle engines out of the way of the capacity engine
+                gen.stop()
+            gens = []
+            engine.close()
+            engine_open = False
+            caps = []
+            if capacity:
+                # The raw engine saturated at the pipeline's concurrency, on
+                # requests of the engine mode's mean length (#24).
+                t = engine.tally
+                tokens = round(sum(t.tokens) / max(1, steps * g.target_groups * g.group_size))
+                with CapacityProbe(cfg) as probe:
+                    caps = [probe.measure(max(1, tokens)) for _ in range(2)]
     finally:
         for gen in gens:
             gen.stop()
-        engine.close()
+        if engine_open:
+            engine.close()
     modes = {"engine": engine.tally.result(), "sync": sync.tally.result(), "april": april.tally.result()}
+    capacity_tps = statistics.fmean(c["engine_capacity_tokens_per_s"] for c in caps) if caps else None
+    for m in modes.values():
+        m["capacity_fraction"] = m["useful_tokens_per_s"] / capacity_tps if capacity_tps else None
     modes["april"]["open_groups_left"] = open_left
     eng, syn, apr = modes["engine"], modes["sync"], modes["april"]
     return {
@@ -272,6 +295,8 @@ def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdi
         "pipeline_vs_engine": syn["useful_tokens_per_s"] / eng["useful_tokens_per_s"],
         # Seeded requests: the engine and the sync pipeline sample the same tokens.
         "engine_and_sync_tokens_equal": eng["useful_tokens"] == syn["useful_tokens"],
+        "engine_capacity_tokens_per_s": capacity_tps,
+        "engine_capacity": caps,
         "modes": modes,
         "setup": {
             "model": cfg.model.path, "target_groups": g.target_groups, "group_size": g.group_size,
@@ -285,5 +310,5 @@ def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdi
     }
 
 
-def main(cfg: Config, out_json: str | None, steps: int, warmup_steps: int) -> dict:
-    return emit(bench_generation(cfg, steps, warmup_steps), out_json)
+def main(cfg: Config, out_json: str | None, steps: int, warmup_steps: int, capacity: bool = True) -> dict:
+    return emit(bench_generation(cfg, steps, warmup_steps, capacity=capacity), out_json)
