@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument("what", choices=["generation", "pruning", "learner", "weight-sync", "e2e", "correction",
-                                     "pruning-bound"])
+                                     "pruning-bound", "profile"])
     _add_config_args(p)
     p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
     p.add_argument("--steps", type=int, default=None,
                    help="steps per mode (generation: timed steps, default 10; pruning: training steps, default 40; "
                         "learner: timed repeats per configuration after 1 warm-up, default 3; "
                         "weight-sync: timed syncs per backend after 1 warm-up, default 5; "
-                        "e2e: training steps per system, default 40; "
+                        "e2e: training steps per system, default 40; profile: training steps, default 40; "
                         "correction: pruning draws, default 2000)")
     p.add_argument("--warmup-steps", type=int, default=2, help="generation: untimed steps per mode first")
     p.add_argument("--modes", default="random,arrol", help="pruning: pruner modes to train, in order")
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "bench":
         steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40, "learner": 3,
                                                               "weight-sync": 5, "e2e": 40,
-                                                              "correction": 2000, "pruning-bound": 1}[args.what]
+                                                              "correction": 2000, "pruning-bound": 1, "profile": 40}[args.what]
         if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2
@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                 from stream_rl.bench.correction import main as bench_correction
 
                 bench_correction(cfg, args.out_json, steps)
+            elif args.what == "profile":
+                from stream_rl.bench.profile import main as bench_profile
+
+                bench_profile(args.config, args.overrides, args.out_json, steps)
             elif args.what == "pruning-bound":
                 from stream_rl.bench.pruning_bound import main as bench_pruning_bound
 

@@ -68,3 +68,16 @@ def test_the_raw_engine_is_idle_between_measures_and_batching_pays(engine_cfg):
     # Per decode step ~1.5 ms + 0.035 ms x batch here: 64 in flight give
     # several times the tokens/s of 4.
     assert big["engine_capacity_tokens_per_s"] > 2.0 * small["engine_capacity_tokens_per_s"] > 0
+
+
+def test_profile_lists_self_time_per_generated_token():
+    from stream_rl.bench.profile import top_functions
+
+    raw = ("process 1:\"python\";thread (0x1);main (a.py:1);step (a.py:9);decode (b.py:3) 30\n"
+           "process 1:\"python\";thread (0x1);main (a.py:1);step (a.py:9) 10\n"
+           "main (a.py:1);recv (z.py:2) 60\n")
+    top = top_functions(raw, rate=100, tokens=1000)
+    assert [t["function"] for t in top] == ["recv (z.py:2)", "decode (b.py:3)", "step (a.py:9)"]
+    # 60 samples at 100 Hz = 0.6 s over 1000 tokens.
+    assert top[0]["us_per_token"] == pytest.approx(600.0) and top[0]["share"] == pytest.approx(0.6)
+    assert top_functions("", 100, 0) == []

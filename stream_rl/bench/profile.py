@@ -1,0 +1,164 @@
+"""`stream-rl bench profile`: where each role's CPU goes per 1k generated tokens (#24).
+
+Runs `stream-rl train` on the config as a child, and over a window of its
+steps (after `skip` warm-up steps, before the last one) reads every process
+of the job's tree: the controller (the train process), the generator's front
+end, the learner, the engine's own processes (vLLM's engine core and
+workers), and anything else. Each role's CPU seconds over the window, per 1k
+tokens generated in it, and its share of a core. With py-spy installed
+(`pip install py-spy`), each Python process is also sampled over the same
+window and its hottest functions are listed by self time, in µs per
+generated token: the "which function, how many µs per token" a limit needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROLES = ("controller", "generator_front", "engine", "learner", "other")
+
+
+def role_of(proc, root_pid: int) -> str:
+    """The role of one process of the job's tree, from its command line and parent."""
+    import psutil
+
+    try:
+        cmd = " ".join(proc.cmdline())
+        if proc.pid == root_pid:
+            return "controller"
+        if "stream_rl" in cmd and " generator" in cmd:
+            return "generator_front"
+        if "stream_rl" in cmd and " learner" in cmd:
+            return "learner"
+        parent = proc.parent()
+        while parent is not None and parent.pid != root_pid:
+            pcmd = " ".join(parent.cmdline())
+            if "stream_rl" in pcmd and " generator" in pcmd:
+                return "engine"  # vLLM's engine core, its workers and helpers
+            parent = parent.parent()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    return "other"
+
+
+def cpu_by_pid(root) -> dict[int, tuple[str, float]]:
+    import psutil
+
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (role_of(p, root.pid), t.user + t.system)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def top_functions(raw: str, rate: int, tokens: int, n: int = 12) -> list[dict]:
+    """py-spy's raw (collapsed) stacks -> the `n` functions with the most
+    self time, in µs per generated token and as a share of the samples."""
+    self_samples: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if frames:
+            self_samples[frames[-1]] += int(count)
+            total += int(count)
+    return [{"function": f, "us_per_token": 1e6 * c / rate / tokens if tokens else None,
+             "share": c / total} for f, c in self_samples.most_common(n)]
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def profile(config: str, overrides: list[str], steps: int, skip: int = 5, rate: int = 100,
+            workdir: str | None = None, timeout_s: float = 1800.0) -> dict:
+    import psutil
+
+    from stream_rl.bench.common import BenchSetupError
+
+    if steps < skip + 3:
+        raise BenchSetupError(f"--steps ({steps}) must leave at least 3 steps after the {skip} warm-up steps")
+    pyspy = shutil.which("py-spy") or (str(Path(sys.executable).with_name("py-spy"))
+                                       if Path(sys.executable).with_name("py-spy").is_file() else None)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-profile-") as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "stream_rl", "train", "--config", config, "--out", str(out),
+               "--max-steps", str(steps), "--set", "run.progress=false"]
+        for o in overrides:
+            cmd += ["--set", o]
+        proc = subprocess.Popen(cmd, stdout=open(Path(tmp) / "train.log", "wb"), stderr=subprocess.STDOUT)
+        root = psutil.Process(proc.pid)
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + timeout_s
+
+        def wait_for(n: int) -> list[dict]:
+            while len(recs := _records(metrics)) < n:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log = (Path(tmp) / "train.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"the profiled run ended or stalled before step {n}:\n{log}")
+                time.sleep(0.05)
+            return recs
+
+        try:
+            n0 = len(wait_for(skip))
+            cpu0, t0 = cpu_by_pid(root), time.perf_counter()
+            spies = {}
+            if pyspy:
+                for pid, (role, _) in cpu0.items():
+                    if role != "other":
+                        f = Path(tmp) / f"{role}-{pid}.txt"
+                        spies[pid] = (role, f, subprocess.Popen(
+                            [pyspy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
+                             "--output", str(f), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            n1 = len(wait_for(steps - 1))
+            cpu1, t1 = cpu_by_pid(root), time.perf_counter()
+            for _, _, spy in spies.values():
+                spy.send_signal(signal.SIGINT)
+            for _, _, spy in spies.values():
+                spy.wait(60)
+            recs = _records(metrics)[n0:n1]
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()  # its roles exit with it
+                proc.wait(60)
+        window = t1 - t0
+        tokens = sum(r["tokens_generated"] for r in recs)
+        cpu = {r: 0.0 for r in ROLES}
+        for pid, (role, c) in cpu1.items():
+            cpu[role] += c - cpu0.get(pid, (role, 0.0))[1]
+        result = {
+            "benchmark": "profile", "config": config, "overrides": overrides, "steps_in_window": len(recs),
+            "window_s": window, "generated_tokens": tokens, "gen_tokens_per_s": tokens / window if window else 0.0,
+            "cpus": os.cpu_count(), "py_spy": bool(pyspy), "rate_hz": rate,
+            "roles": {r: {"cpu_s": c, "cpu_s_per_1k_tokens": 1000 * c / tokens if tokens else None,
+                          "cores": c / window if window else None} for r, c in cpu.items()},
+        }
+        for pid, (role, f, _) in spies.items():
+            if f.is_file():
+                fn = result["roles"][role].setdefault("top_self", [])
+                fn += top_functions(f.read_text(), rate, tokens)
+        return result
+
+
+def main(config: str, overrides: list[str], out_json: str | None, steps: int) -> dict:
+    from stream_rl.bench.common import emit
+
+    return emit(profile(config, overrides, steps), out_json)
