@@ -246,7 +246,6 @@ def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdi
     dataset = PromptDataset.load(cfg.data, tokenizer)
     t_start = time.time()
     engine = EngineMode(cfg, PromptSampler(dataset, cfg.data.shuffle, cfg.run.seed))
-    engine_open = True
     gens, cfgs = [], []
     try:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -265,24 +264,17 @@ def bench_generation(cfg: Config, steps: int = 10, warmup_steps: int = 2, workdi
                     mode.step(timed=i >= warmup_steps)
             april.controller.drain()
             open_left = april.controller.buffer.num_open_groups
-            for gen in gens:  # idle engines out of the way of the capacity engine
-                gen.stop()
-            gens = []
-            engine.close()
-            engine_open = False
-            caps = []
-            if capacity:
-                # The raw engine saturated at the pipeline's concurrency, on
-                # requests of the engine mode's mean length (#24).
-                t = engine.tally
-                tokens = round(sum(t.tokens) / max(1, steps * g.target_groups * g.group_size))
-                with CapacityProbe(cfg) as probe:
-                    caps = [probe.measure(max(1, tokens)) for _ in range(2)]
     finally:
         for gen in gens:
             gen.stop()
-        if engine_open:
-            engine.close()
+        engine.close()
+    caps = []
+    if capacity:
+        # With the modes' engines gone: the raw engine saturated at the
+        # pipeline's concurrency, on requests of the engine mode's mean length (#24).
+        tokens = round(sum(engine.tally.tokens) / max(1, steps * g.target_groups * g.group_size))
+        with CapacityProbe(cfg) as probe:
+            caps = [probe.measure(max(1, tokens)) for _ in range(2)]
     modes = {"engine": engine.tally.result(), "sync": sync.tally.result(), "april": april.tally.result()}
     capacity_tps = statistics.fmean(c["engine_capacity_tokens_per_s"] for c in caps) if caps else None
     for m in modes.values():

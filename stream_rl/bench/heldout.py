@@ -126,6 +126,27 @@ def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, b
     return out  # type: ignore[return-value]
 
 
+def heldout_responses(model_dir: str | Path, cfg: Config, path: str | Path | None = None,
+                      limit: int | None = None, batch_size: int = 64, samples: int = 0, seed: int = 0):
+    """(rows, dataset, tokenizer, responses): the held-out rows and, per row,
+    the greedy response (`samples` 0) or `samples` responses sampled as the
+    generators sample, of the model in `model_dir`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _load_tokenizer(model_dir, cfg)
+    rows, ds = load_heldout(cfg, tokenizer, path, limit)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, _DTYPES[cfg.model.dtype]),
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    model.to("cpu")
+    prompts = [list(r.prompt_ids) for r in rows]
+    g = cfg.generator
+    responses = ([[r] for r in greedy_generate(model, tokenizer, prompts, g.max_tokens, batch_size)] if not samples
+                 else sample_generate(model, tokenizer, prompts, g.max_tokens, samples, g.temperature, g.top_p,
+                                      seed, batch_size))
+    return rows, ds, tokenizer, responses
+
+
 def heldout_accuracy(model_dir: str | Path, cfg: Config, path: str | Path | None = None,
                      limit: int | None = None, batch_size: int = 64, samples: int = 0, seed: int = 0) -> dict:
     """Greedy accuracy of the model in `model_dir` on the held-out prompts;
@@ -138,21 +159,9 @@ def heldout_accuracy(model_dir: str | Path, cfg: Config, path: str | Path | None
     first `limit` prompts only. Each response (special tokens skipped) is
     scored with `make_verifier(cfg.data)` against the row's `data.answer_field`.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     t0 = time.perf_counter()
-    tokenizer = _load_tokenizer(model_dir, cfg)
-    rows, ds = load_heldout(cfg, tokenizer, path, limit)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, _DTYPES[cfg.model.dtype]),
-                                                 trust_remote_code=cfg.model.trust_remote_code)
-    model.to("cpu")
+    rows, ds, tokenizer, responses = heldout_responses(model_dir, cfg, path, limit, batch_size, samples, seed)
     verifier = make_verifier(cfg.data)
-    prompts = [list(r.prompt_ids) for r in rows]
-    g = cfg.generator
-    responses = ([[r] for r in greedy_generate(model, tokenizer, prompts, g.max_tokens, batch_size)] if not samples
-                 else sample_generate(model, tokenizer, prompts, g.max_tokens, samples, g.temperature, g.top_p,
-                                      seed, batch_size))
     scores = [verifier.score(tokenizer.decode(resp, skip_special_tokens=True), row.answer)
               for resps, row in zip(responses, rows) for resp in resps]
     key = "heldout_sampled_reward" if samples else "heldout_accuracy"

@@ -24,6 +24,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from stream_rl.metrics import read_metrics
+
 ROLES = ("controller", "generator_front", "engine", "learner", "other")
 
 
@@ -81,9 +83,11 @@ def top_functions(raw: str, rate: int, tokens: int, n: int = 12) -> list[dict]:
 
 
 def _records(path: Path) -> list[dict]:
-    if not path.is_file():
+    """The run's metrics so far; none while a line is half written (the caller polls again)."""
+    try:
+        return read_metrics(path) if path.is_file() else []
+    except json.JSONDecodeError:
         return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def profile(config: str, overrides: list[str], steps: int, skip: int = 5, rate: int = 100,
@@ -94,8 +98,8 @@ def profile(config: str, overrides: list[str], steps: int, skip: int = 5, rate: 
 
     if steps < skip + 3:
         raise BenchSetupError(f"--steps ({steps}) must leave at least 3 steps after the {skip} warm-up steps")
-    pyspy = shutil.which("py-spy") or (str(Path(sys.executable).with_name("py-spy"))
-                                       if Path(sys.executable).with_name("py-spy").is_file() else None)
+    # On PATH, or beside this interpreter (a virtual environment not activated).
+    pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-profile-") as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "stream_rl", "train", "--config", config, "--out", str(out),
@@ -133,7 +137,7 @@ def profile(config: str, overrides: list[str], steps: int, skip: int = 5, rate: 
                 spy.send_signal(signal.SIGINT)
             for _, _, spy in spies.values():
                 spy.wait(60)
-            recs = _records(metrics)[n0:n1]
+            recs = wait_for(n1)[n0:n1]
             proc.wait(timeout=300)
         finally:
             if proc.poll() is None:

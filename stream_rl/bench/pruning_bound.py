@@ -77,19 +77,10 @@ def bound_of_lengths(groups: list[list[int]], kappa: float, l_detect: int, max_t
 def sampled_group_lengths(cfg: Config, model_dir: str | Path, samples: int, seed: int = 0,
                           limit: int | None = None) -> list[list[int]]:
     """Response lengths of `samples` rollouts per held-out prompt, sampled as the generators sample."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from stream_rl.bench.heldout import heldout_responses
 
-    from stream_rl.bench.heldout import _DTYPES, _load_tokenizer, load_heldout, sample_generate
-
-    tokenizer = _load_tokenizer(model_dir, cfg)
-    rows, _ = load_heldout(cfg, tokenizer, None, limit)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, _DTYPES[cfg.model.dtype]),
-                                                 trust_remote_code=cfg.model.trust_remote_code)
-    g = cfg.generator
     # 512 rows a generate() call, as bench e2e's held-out sampling (its fastest here).
-    out = sample_generate(model, tokenizer, [list(r.prompt_ids) for r in rows], g.max_tokens, samples,
-                          g.temperature, g.top_p, seed, batch_size=512)
+    _, _, _, out = heldout_responses(model_dir, cfg, limit=limit, batch_size=512, samples=samples, seed=seed)
     return [[len(r) for r in group] for group in out]
 
 
