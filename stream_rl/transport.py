@@ -9,6 +9,7 @@ foreign or corrupt sender cannot crash a service.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import socket
 import time
@@ -93,7 +94,7 @@ class ZmqChannel(_Decoding, Channel):
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
             if deadline is not None:
-                left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                left_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))  # up: never a poll(0) short of it
                 if not self._sock.poll(left_ms):
                     return None
             msg = self._decode(self._sock.recv_multipart(copy=True))

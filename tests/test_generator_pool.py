@@ -100,3 +100,34 @@ def test_weight_update_completes_when_every_generator_serves_it(two):
     gens[1].outbox.send(WeightsUpdateFailed(version=2, error="shape mismatch"))
     with pytest.raises(GeneratorError, match="generator 1 failed .* shape mismatch"):
         pool.recv(2000)
+
+
+def test_a_timed_wait_blocks_instead_of_spinning(two):
+    # A wait's last fraction of a millisecond once rounded down to poll(0):
+    # the controller spun through it on the core it shares with the learner
+    # (about 20 polls per 5 ms wait in a stream run).
+    import time
+
+    _, pool = two
+    polls = []
+    real = pool._poller.poll
+    pool._poller.poll = lambda timeout=None: polls.append(timeout) or real(timeout)
+    for _ in range(20):
+        t0 = time.monotonic()
+        assert pool.recv(timeout_ms=5) is None
+        assert time.monotonic() - t0 >= 0.005
+    assert len(polls) <= 40, f"{len(polls)} polls for 20 waits: {polls[:12]}"
+    assert 0 not in polls
+
+
+def test_a_channel_waits_out_a_timeout_under_one_millisecond():
+    import time
+
+    port = free_ports(1)[0]
+    inbox = ZmqChannel(f"tcp://127.0.0.1:{port}", send=False, bind=True)
+    try:
+        t0 = time.monotonic()
+        assert inbox.recv(timeout_ms=1) is None
+        assert time.monotonic() - t0 >= 0.001
+    finally:
+        inbox.close()

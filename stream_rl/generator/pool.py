@@ -10,6 +10,7 @@ that bounds staleness).
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import zmq
@@ -92,7 +93,9 @@ class GeneratorPool:
                     msg = self._read(i, self.clients[i]._backlog.popleft())
                     if msg is not None:
                         return msg
-            left = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            # Rounded up: a wait of under 1 ms rounded down to poll(0), and the
+            # loop spun on the core the learner shares until the deadline.
+            left = None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
             ready = dict(self._poller.poll(left))
             got = None
             for k in range(n):
