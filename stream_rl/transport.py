@@ -72,6 +72,13 @@ class _Decoding:
             return None
 
 
+def ms_until(deadline: float) -> int:
+    """Whole milliseconds from now to a `time.monotonic()` deadline, rounded
+    up: rounded down, a wait's last fraction became poll(0) calls, and a
+    waiting loop spun through it (on the core the learner shares)."""
+    return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+
 class ZmqChannel(_Decoding, Channel):
     """Blocking ZMQ channel for threads and plain loops."""
 
@@ -94,8 +101,7 @@ class ZmqChannel(_Decoding, Channel):
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
             if deadline is not None:
-                left_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))  # up: never a poll(0) short of it
-                if not self._sock.poll(left_ms):
+                if not self._sock.poll(ms_until(deadline)):
                     return None
             msg = self._decode(self._sock.recv_multipart(copy=True))
             if msg is not None:

@@ -407,3 +407,15 @@ def test_continuation_to_be_scored_needs_every_response_logprob():
     ok = Decoder().decode(req(score_at=8, response_logprobs=[-1.0, -2.0]))
     assert ok.response_logprobs == [-1.0, -2.0]
     assert Decoder().decode(req()).response_logprobs == []  # no score wanted: none needed
+
+
+def test_a_channel_waits_out_a_timeout_under_one_millisecond():
+    # Rounded down to whole milliseconds, the wait was poll(0) and returned at once.
+    port = free_ports(1)[0]
+    inbox = ZmqChannel(f"tcp://127.0.0.1:{port}", send=False, bind=True)
+    try:
+        t0 = time.monotonic()
+        assert inbox.recv(timeout_ms=1) is None
+        assert time.monotonic() - t0 >= 0.001
+    finally:
+        inbox.close()

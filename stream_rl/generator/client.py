@@ -13,7 +13,7 @@ from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, Generator
                                 RolloutRequest, Shutdown, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.placement import Placement, format_cores
 from stream_rl.roles import died, start_role, stop_role
-from stream_rl.transport import ZmqChannel
+from stream_rl.transport import ZmqChannel, ms_until
 
 
 class GeneratorError(RuntimeError):
@@ -52,7 +52,7 @@ class GeneratorClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise GeneratorError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-            msg = self.stream.recv(int(min(left, 1.0) * 1000))
+            msg = self.stream.recv(ms_until(min(deadline, time.monotonic() + 1.0)))
             if msg is None:
                 self.check_alive()
                 continue

@@ -10,7 +10,6 @@ that bounds staleness).
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import zmq
@@ -18,6 +17,7 @@ import zmq
 from stream_rl.generator.client import GeneratorClient, GeneratorError
 from stream_rl.protocol import (GeneratorReady, RequestRejected, RolloutFinished, RolloutRequest, UpdateWeights,
                                 WeightsUpdated, WeightsUpdateFailed)
+from stream_rl.transport import ms_until
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,7 @@ class GeneratorPool:
                     msg = self._read(i, self.clients[i]._backlog.popleft())
                     if msg is not None:
                         return msg
-            # Rounded up: a wait of under 1 ms rounded down to poll(0), and the
-            # loop spun on the core the learner shares until the deadline.
-            left = None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            left = None if deadline is None else ms_until(deadline)
             ready = dict(self._poller.poll(left))
             got = None
             for k in range(n):
