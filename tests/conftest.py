@@ -56,7 +56,17 @@ def generator(engine_cfg, tmp_path_factory):
     # the engine's busy-waiting processes on cores of their own. Unplaced on
     # two cores they starved its front end, which then streamed in bursts
     # seconds late, and tests that abort "the running tail" found it done.
-    gen = GeneratorProcess(engine_cfg, tmp_path_factory.mktemp("generator"), placement=for_job(engine_cfg))
+    from stream_rl.generator.step_trace import ENV
+
+    # The engine traces its steps and weight loads (what `bench profile`
+    # reads), so the engine tests also check the trace.
+    trace = tmp_path_factory.mktemp("step-trace")
+    os.environ[ENV] = str(trace)
+    try:
+        gen = GeneratorProcess(engine_cfg, tmp_path_factory.mktemp("generator"), placement=for_job(engine_cfg))
+    finally:
+        del os.environ[ENV]
+    gen.step_trace = trace
     yield gen
     gen.stop()
 

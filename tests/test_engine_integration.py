@@ -316,6 +316,16 @@ def test_sync_in_flight_recomputes_the_running_requests(generator, tokenizer, en
     assert straddled > 0  # the sync landed while requests ran
     assert old_gap > 1e-2  # and the weights it brought differ visibly
     sender.close()
+    # The engine's step trace saw the load and, right after it, the running
+    # requests' KV recomputed: prefill tokens beyond one a row, at least one
+    # per request that straddled the sync.
+    from stream_rl.generator.step_trace import read_trace
+
+    steps, events = read_trace(generator.step_trace)
+    loads = [start for kind, start, _ in events if kind == "W"]
+    assert loads and all(tokens >= rows >= 1 and seconds > 0 for _, seconds, tokens, rows in steps)
+    after = [tokens - rows for start, _, tokens, rows in steps if loads[-1] < start < loads[-1] + 5.0]
+    assert sum(after) >= straddled, (sum(after), straddled)
 
 
 def test_weight_sync_refuses_mismatched_or_stale_weights_and_keeps_serving(generator, tokenizer, engine_cfg,

@@ -24,6 +24,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from stream_rl.generator.step_trace import ENV as STEP_TRACE_ENV
+from stream_rl.generator.step_trace import summarize as summarize_steps
 from stream_rl.metrics import read_metrics
 
 ROLES = ("controller", "generator_front", "engine", "learner", "other")
@@ -82,6 +84,29 @@ def top_functions(raw: str, rate: int, tokens: int, n: int = 12) -> list[dict]:
              "share": c / total} for f, c in self_samples.most_common(n)]
 
 
+def engine_steps(summary: dict, generated: int) -> dict:
+    """The trace's summary, with each part of the engine's time priced per
+    1k generated tokens: forward steps (of which prefill tokens, at the
+    fitted cost per token), weight loads, and the rest (scheduling,
+    sampling, messages, waiting for work)."""
+    out = dict(summary)
+    if not generated or not summary["window_s"]:
+        return out
+    per_1k = 1000.0 / generated
+    rest = summary["window_s"] - summary["forward_s"] - summary["weight_load_s"]
+    out["ms_per_1k_generated"] = {
+        "wall": 1000 * summary["window_s"] * per_1k,
+        "forward": 1000 * summary["forward_s"] * per_1k,
+        "forward_fixed": (1000 * summary["step_fixed_s"] * summary["steps"] * per_1k
+                          if summary["step_fixed_s"] is not None else None),
+        "prefill": (1000 * summary["step_per_token_s"] * summary["prefill_tokens"] * per_1k
+                    if summary["step_per_token_s"] is not None else None),
+        "weight_load": 1000 * summary["weight_load_s"] * per_1k,
+        "rest": 1000 * rest * per_1k,
+    }
+    return out
+
+
 def _records(path: Path) -> list[dict]:
     """The run's metrics so far; none while a line is half written (the caller polls again)."""
     try:
@@ -106,7 +131,9 @@ def profile(config: str, overrides: list[str], steps: int, skip: int = 5, rate: 
                "--max-steps", str(steps), "--set", "run.progress=false"]
         for o in overrides:
             cmd += ["--set", o]
-        proc = subprocess.Popen(cmd, stdout=open(Path(tmp) / "train.log", "wb"), stderr=subprocess.STDOUT)
+        trace = Path(tmp) / "steps"  # the engine's own account of its steps (generator/step_trace.py)
+        proc = subprocess.Popen(cmd, stdout=open(Path(tmp) / "train.log", "wb"), stderr=subprocess.STDOUT,
+                                env={**os.environ, STEP_TRACE_ENV: str(trace)})
         root = psutil.Process(proc.pid)
         metrics = out / "metrics.jsonl"
         deadline = time.monotonic() + timeout_s
@@ -121,7 +148,7 @@ def profile(config: str, overrides: list[str], steps: int, skip: int = 5, rate: 
 
         try:
             n0 = len(wait_for(skip))
-            cpu0, t0 = cpu_by_pid(root), time.perf_counter()
+            cpu0, t0, m0 = cpu_by_pid(root), time.perf_counter(), time.monotonic()
             spies = {}
             if pyspy:
                 for pid, (role, _) in cpu0.items():
@@ -132,7 +159,7 @@ def profile(config: str, overrides: list[str], steps: int, skip: int = 5, rate: 
                              "--output", str(f), "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             n1 = len(wait_for(steps - 1))
-            cpu1, t1 = cpu_by_pid(root), time.perf_counter()
+            cpu1, t1, m1 = cpu_by_pid(root), time.perf_counter(), time.monotonic()
             for _, _, spy in spies.values():
                 spy.send_signal(signal.SIGINT)
             for _, _, spy in spies.values():
@@ -155,6 +182,7 @@ def profile(config: str, overrides: list[str], steps: int, skip: int = 5, rate: 
             "roles": {r: {"cpu_s": c, "cpu_s_per_1k_tokens": 1000 * c / tokens if tokens else None,
                           "cores": c / window if window else None} for r, c in cpu.items()},
         }
+        result["engine_steps"] = engine_steps(summarize_steps(trace, m0, m1), tokens)
         for pid, (role, f, _) in spies.items():
             if f.is_file():
                 fn = result["roles"][role].setdefault("top_self", [])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import msgspec
@@ -20,6 +21,7 @@ from stream_rl.generator.engine import (EngineReports, build_engine, engine_shap
 from stream_rl.generator.logprob_ledger import LogprobLedger
 from stream_rl.generator.quality_scorer import SCORE_KEY
 from stream_rl.generator.sampled_logprobs import STREAM_KEY
+from stream_rl.generator.step_trace import ENV as STEP_TRACE_ENV
 from stream_rl.placement import pin
 from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, QualityScore, RequestRejected,
                                 RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
@@ -322,6 +324,8 @@ class GeneratorService:
         self._reports = EngineReports(self.engine, g.hwm, self.logprobs.add, self._on_score)
         if g.return_logprobs:
             await self._reports.enable_logprobs()
+        if os.environ.get(STEP_TRACE_ENV):  # `bench profile`'s view of the engine's steps
+            await self.engine.collective_rpc("stream_rl_enable_step_trace", args=(os.environ[STEP_TRACE_ENV],))
         # Always on (it costs nothing until a head is loaded and a request
         # asks for a score), so one engine serves every pruner mode; it scores
         # with the head weights that arrive with the policy's (`quality_head.*`).

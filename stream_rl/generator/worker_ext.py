@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -76,9 +77,12 @@ class StreamRLWorkerExtension:
         stream = policy()
         first = next(stream, None)
         if first is not None:
+            start = time.monotonic()
             self.model_runner.reload_weights(weights_iterator=itertools.chain([first], stream),
                                              is_checkpoint_format=True)
             _refresh_cpu_gemm(self.model_runner.get_model())
+            if getattr(self, "_stream_rl_trace", None) is not None:
+                self._stream_rl_trace.event("W", start, time.monotonic())
         if head:
             scorer = getattr(self, "_stream_rl_scorer", None)
             if scorer is None:
@@ -137,6 +141,7 @@ class StreamRLWorkerExtension:
         from stream_rl.weights_sync.buckets import bucket_nbytes, unpack_bucket
         from stream_rl.weights_sync.group import weight_group
 
+        start = time.monotonic()
         try:
             g = state["meta"]["group"]
             key = (g["host"], g["port"])
@@ -159,6 +164,8 @@ class StreamRLWorkerExtension:
                 state["tensors"] += unpack_bucket(buf, bucket)
         except BaseException as err:
             state["error"] = f"{type(err).__name__}: {err}"
+        if getattr(self, "_stream_rl_trace", None) is not None:
+            self._stream_rl_trace.event("R", start, time.monotonic())
 
     def stream_rl_staging_state(self) -> str:
         state = getattr(self, "_stream_rl_stage", None)
@@ -218,6 +225,14 @@ class StreamRLWorkerExtension:
         if getattr(self, "_stream_rl_scorer", None) is None:
             self._stream_rl_scorer = QualityScorer(self.model_runner, self._stream_rl_logprobs(),
                                                    self._stream_rl_sender(addr))
+
+    def stream_rl_enable_step_trace(self, directory: str) -> None:
+        """Time every model step and weight load into `directory`
+        (`generator/step_trace.py`; `bench profile` reads it)."""
+        from stream_rl.generator.step_trace import StepTrace
+
+        if getattr(self, "_stream_rl_trace", None) is None:
+            self._stream_rl_trace = StepTrace(self.model_runner, directory)
 
     def stream_rl_param_names(self) -> list[tuple[str, list[int]]]:
         return [(n, list(p.shape)) for n, p in self.model_runner.get_model().named_parameters()]
