@@ -110,7 +110,7 @@ class GeneratorConfig(_Section):
     # no queue between them. "auto": "uni" for a one-rank engine (vLLM's own
     # choice on GPUs), "mp" for tensor parallelism. On the tiny world a CPU
     # engine on one core generated ~25-35% more tokens a second with "uni"
-    # (README, "Cores").
+    # (docs/cores-and-placement.md).
     executor: Literal["auto", "mp", "uni"] = "auto"
 
 

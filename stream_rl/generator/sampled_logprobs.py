@@ -3,7 +3,7 @@
 vLLM's own path (`SamplingParams.logprobs`) packs small arrays per request
 and per step in the engine and builds a `Logprob` object per token in the
 front end. On the tiny world that cost about a quarter of a CPU engine's
-tokens a second (README, "Cores"). Here hooks on the
+tokens a second (docs/cores-and-placement.md). Here hooks on the
 sampler read the step's raw logits and the tokens drawn from them. One
 message per step carries every request's log-prob to the generator service:
 the service's key for the request and the token's position in the request's
