@@ -188,19 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2
-        from stream_rl.bench.common import BenchSetupError
+        from benchmarks.common import BenchSetupError
 
         try:
             if args.what == "generation":
-                from stream_rl.bench.generation import main as bench_generation
+                from benchmarks.generation import main as bench_generation
 
                 bench_generation(cfg, args.out_json, steps, args.warmup_steps, args.capacity)
             elif args.what == "learner":
-                from stream_rl.bench.learner import main as bench_learner
+                from benchmarks.learner import main as bench_learner
 
                 bench_learner(cfg, args.out_json, steps)
             elif args.what == "e2e":
-                from stream_rl.bench.e2e import main as bench_e2e
+                from benchmarks.e2e import main as bench_e2e
 
                 seeds = None
                 if args.seeds is not None:
@@ -213,26 +213,26 @@ def main(argv: list[str] | None = None) -> int:
                 bench_e2e(cfg, args.out_json, steps, [s.strip() for s in args.systems.split(",") if s.strip()],
                           args.keep, args.eval_every, args.eval_samples, seeds, args.capacity)
             elif args.what == "correction":
-                from stream_rl.bench.correction import main as bench_correction
+                from benchmarks.correction import main as bench_correction
 
                 bench_correction(cfg, args.out_json, steps)
             elif args.what == "profile":
-                from stream_rl.bench.profile import main as bench_profile
+                from benchmarks.profile import main as bench_profile
 
                 bench_profile(args.config, args.overrides, args.out_json, steps)
             elif args.what == "pruning-bound":
-                from stream_rl.bench.pruning_bound import main as bench_pruning_bound
+                from benchmarks.pruning_bound import main as bench_pruning_bound
 
                 if args.samples is not None and args.samples < 1:
                     raise BenchSetupError(f"--samples must be >= 1 (got {args.samples})")
                 models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
                 bench_pruning_bound(cfg, args.out_json, models, args.samples)
             elif args.what == "weight-sync":
-                from stream_rl.bench.weight_sync import main as bench_weight_sync
+                from benchmarks.weight_sync import main as bench_weight_sync
 
                 bench_weight_sync(cfg, args.out_json, steps)
             else:
-                from stream_rl.bench.pruning import main as bench_pruning
+                from benchmarks.pruning import main as bench_pruning
 
                 modes = [m.strip() for m in args.modes.split(",") if m.strip()]
                 bench_pruning(cfg, args.out_json, steps, modes)
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(summary)
         print(json.dumps({k: v for k, v in summary.items() if k != "per_question"}, indent=2))
     elif args.cmd in ("train", "controller"):
-        from stream_rl.train import controller, train
+        from stream_rl.controller.launch import connect, train
 
         if args.max_steps is not None and args.max_steps < 1:
             print("config error: --max-steps must be >= 1", file=sys.stderr)
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         from stream_rl.learner.client import LearnerError
 
         try:
-            summary = (train if args.cmd == "train" else controller)(cfg, args.out, args.max_steps,
+            summary = (train if args.cmd == "train" else connect)(cfg, args.out, args.max_steps,
                                                                      resume=args.resume)
         except (ConfigError, DataError, FileNotFoundError) as err:  # found before anything ran
             print(f"error: {err}", file=sys.stderr)

@@ -57,3 +57,30 @@ class MetricsLogger:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def mean(xs) -> float:
+    """The mean, 0 for none."""
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def summarize(records: list[dict]) -> dict:
+    """Reward of the first and last 20% of steps, and run totals."""
+    n = len(records)
+    k = max(1, n // 5)
+    first = mean(r["reward_policy_mean"] for r in records[:k])
+    last = mean(r["reward_policy_mean"] for r in records[-k:])
+    return {
+        "steps": n,
+        "policy_version": records[-1]["policy_version"] if records else 0,
+        "reward_first_20pct": first,
+        "reward_last_20pct": last,
+        "reward_rise": last - first,
+        "tokens_generated": sum(r["tokens_generated"] for r in records),
+        "tokens_trained": sum(r["tokens_trained"] for r in records),
+        "wall_s": records[-1]["wall_s"] if records else 0.0,
+        # The run's mean generation rate: every generated token over the training wall time.
+        "gen_tokens_per_s": (sum(r["tokens_generated"] for r in records) / records[-1]["wall_s"]
+                             if records and records[-1]["wall_s"] else 0.0),
+    }

@@ -22,8 +22,6 @@ from typing import Any, Literal, Union
 
 import msgspec
 
-from stream_rl.buffer.rollouts import Group
-
 
 class _Msg(msgspec.Struct, tag=True, forbid_unknown_fields=True, kw_only=True):
     pass
@@ -146,6 +144,80 @@ class WorkerLogprobs(_Msg):
     logprobs: list[float]
 
 
+# --- rollouts: what the buffer assembles and the learner trains on -------------
+
+# How a rollout ended. "pruned": stopped by the pruner; it completes its group
+# but is not trained on as a policy sample.
+FINISH_REASONS = ("stop", "length", "pruned")
+
+
+class Rollout(msgspec.Struct, kw_only=True):
+    rollout_id: str
+    group_id: str
+    prompt_ids: list[int]
+    answer: str
+    max_tokens: int  # the whole budget; a continuation gets what is left of it
+    response_ids: list[int] = []
+    logprobs: list[float] | None = []  # rollout log-prob per token; None if not requested
+    versions: list[int] = []  # policy version that sampled each token
+    attempt: int = 0  # engine requests started for this rollout
+    restarts: int = 0  # times its tokens were discarded as too stale
+    finish_reason: str | None = None
+    reward: float | None = None
+    # The pruner's view (ARRoL): the quality head's logit and its input
+    # features (float32 bytes) at L_detect tokens, the calibrated posterior
+    # q, and the decision. keep_prob: the probability that it survived every
+    # pruning draw it faced (its inclusion probability, for importance
+    # correction; the product over restarts; 1.0 when no draw could remove
+    # it). decision: None (not reached L_detect), "cold" (cold start),
+    # "exempt" (the unpruned measurement slice), "kept", "spared" (its group
+    # was at its minimum: no draw), "pruned", "unscored" (the score never
+    # arrived).
+    score: float | None = None
+    features: bytes | None = None
+    q: float | None = None
+    keep_prob: float = 1.0
+    decision: str | None = None
+    # Probability its prompt survived prompt-level pruning (DPPO); 1.0 when
+    # prompts are not pruned.
+    prompt_inclusion: float = 1.0
+    # The buffer session that started its latest request ("" unless restored
+    # from a checkpoint): a resumed run's requests never share an id with
+    # requests of the killed run that may still run in a surviving engine.
+    session: str = ""
+
+    @property
+    def request_id(self) -> str:
+        """The id of the current (latest) engine request for this rollout."""
+        return f"{self.rollout_id}.{self.attempt}{self.session}"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def tokens_left(self) -> int:
+        return self.max_tokens - len(self.response_ids)
+
+
+class Group(msgspec.Struct, kw_only=True):
+    group_id: str
+    rollouts: list[Rollout]
+
+    @property
+    def survivors(self) -> list[Rollout]:
+        """Members not pruned: the policy samples of this group."""
+        return [r for r in self.rollouts if r.finish_reason != "pruned"]
+
+    @property
+    def rewards(self) -> list[float]:
+        return [r.reward for r in self.survivors]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.response_ids) for r in self.rollouts)
+
+
 # --- controller -> learner ----------------------------------------------------
 
 class TrainBatch(_Msg):
@@ -196,6 +268,9 @@ class StepDone(_Msg):
     step: int
     stats: dict[str, Any]  # the update's and the head's metrics
     weights: WeightsStaged | None = None
+    # Each trained group's mean |advantage| (0 for a group left out): DPPO's
+    # prompt history (`data.DppoPromptSampler`), from the update itself.
+    group_abs_advantage: dict[str, float] = {}
 
 
 class CheckpointSaved(_Msg):

@@ -23,6 +23,17 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread for a module's tests, restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_world() -> dict:
     from stream_rl.tiny.prepare import prepare_tiny

@@ -31,8 +31,8 @@ from typing import Callable, Literal
 
 import msgspec
 
-from stream_rl.buffer.rollouts import FINISH_REASONS, BufferError, Group, Rollout
-from stream_rl.protocol import TokenChunk
+from stream_rl.buffer.rollouts import BufferError, append_chunk, restart
+from stream_rl.protocol import FINISH_REASONS, Group, Rollout, TokenChunk
 
 # Continuation order of partials: given the waiting partials (oldest first),
 # return them in the order to continue them. Register more here.
@@ -87,6 +87,7 @@ class RecyclingBuffer:
         self.partials: deque[Rollout] = deque()
         self.pruning: set[str] = set()  # request ids whose abort means "pruned"
         self._paused: set[str] = set()  # partials that stopped at the pruner's decision point
+        self._pause_at: dict[str, int] = {}  # request id -> the length where it stops for the pruner
         self.ready: list[Group] = []
         self.next_group = 0
         self.stats = BufferStats()
@@ -109,8 +110,10 @@ class RecyclingBuffer:
         self.stats.groups_started += 1
         return members
 
-    def start(self, rollout: Rollout) -> str:
-        """Mark `rollout` as running under a new engine request id; returns it."""
+    def start(self, rollout: Rollout, pause_at: int | None = None) -> str:
+        """Mark `rollout` as running under a new engine request id; returns it.
+        `pause_at`: the request stops at this length for the pruner's
+        decision (`end` then keeps it as a partial, unless pruned)."""
         members = self.groups.get(rollout.group_id)
         if members is None or not any(m is rollout for m in members):
             raise BufferError(f"rollout {rollout.rollout_id} belongs to unknown group {rollout.group_id!r}")
@@ -123,12 +126,16 @@ class RecyclingBuffer:
         rollout.attempt += 1
         rollout.session = self.session
         self.running[rollout.request_id] = rollout
+        if pause_at is not None:
+            self._pause_at[rollout.request_id] = pause_at
         return rollout.request_id
 
     def take_partials(self, version: int, limit: int | None = None) -> tuple[list[Rollout], list[str]]:
         """Partials to continue now, in continuation order, with the staleness
         bound applied at `version`. Returns (partials to start, request ids of
         running members of groups dropped as stale, to abort)."""
+        if not self.partials:
+            return [], []
         waiting = self.order(list(self.partials))
         self.partials.clear()
         out, abort = [], []
@@ -141,7 +148,7 @@ class RecyclingBuffer:
                 continue
             if self.max_staleness is not None and r.versions and version - min(r.versions) > self.max_staleness:
                 if self.stale_policy == "restart":
-                    self.stats.tokens_discarded += r.restart()
+                    self.stats.tokens_discarded += restart(r)
                     self.stats.stale_restarted += 1
                 else:
                     self.stats.stale_dropped_groups += 1
@@ -161,7 +168,7 @@ class RecyclingBuffer:
         if r is None:
             self.stats.late_messages += 1
             return None
-        r.append(chunk)
+        append_chunk(r, chunk)
         return r
 
     def on_finished(self, request_id: str, reason: str, reward: float | None = None,
@@ -188,6 +195,31 @@ class RecyclingBuffer:
             return r
         self.finish(r, "length" if reason == "abort" else reason, reward)
         return r
+
+    def end(self, request_id: str, reason: str, score: Callable[[Rollout], float]) -> tuple[Rollout | None, str]:
+        """An engine request ended with `reason`. Returns its rollout and what
+        became of it: "late" (not running: its group was dropped, or the
+        notice repeats), "paused" (stopped at its decision point and kept: it
+        continues), "partial" (aborted with budget left), "pruned", or
+        "finished" (its reward is `score(rollout)`)."""
+        if reason != "abort" and reason not in FINISH_REASONS:
+            raise BufferError(f"unknown finish reason {reason!r} for {request_id}")
+        at = self._pause_at.pop(request_id, None)
+        r = self.running.get(request_id)
+        if r is None:
+            self.stats.late_messages += 1
+            return None, "late"
+        if request_id in self.pruning:
+            self.on_finished(request_id, reason)
+            return r, "pruned"
+        if at is not None and reason == "length" and len(r.response_ids) == at:
+            self.on_finished(request_id, "abort", paused=True)
+            return r, "paused"
+        if not self._ends(r, reason):
+            self.on_finished(request_id, reason)
+            return r, "partial"
+        self.on_finished(request_id, reason, score(r))
+        return r, "finished"
 
     def needs_reward(self, request_id: str, reason: str) -> bool:
         """Whether `on_finished(request_id, reason)` will finish a running
@@ -231,6 +263,7 @@ class RecyclingBuffer:
         for rid in running:
             del self.running[rid]
             self.pruning.discard(rid)
+            self._pause_at.pop(rid, None)
         self.partials = deque(r for r in self.partials if r.group_id != group_id)
         self.stats.groups_dropped += 1
         self.stats.tokens_discarded += sum(len(m.response_ids) for m in members)
@@ -239,6 +272,23 @@ class RecyclingBuffer:
     def group_of(self, request_id: str) -> str | None:
         r = self.running.get(request_id)
         return r.group_id if r else None
+
+    def held_group_ids(self) -> set[str]:
+        """Ids of the groups held here, complete or open."""
+        return {g.group_id for g in self.ready} | set(self.groups)
+
+    def members(self, group_id: str) -> list[Rollout]:
+        """The rollouts of an open group."""
+        return self.groups[group_id]
+
+    def stale_running(self, version: int) -> list[str]:
+        """Running requests whose oldest token is more than max_staleness
+        versions behind `version` (none under "mask"), those being pruned
+        aside: stopped, they come back as partials for `take_partials`."""
+        if self.max_staleness is None:
+            return []
+        return [rid for rid, r in self.running.items()
+                if r.versions and version - min(r.versions) > self.max_staleness and rid not in self.pruning]
 
     # --- output ------------------------------------------------------------------
 
@@ -264,7 +314,7 @@ class RecyclingBuffer:
             elif self.stale_policy == "restart" and stale(g.survivors):
                 for r in g.survivors:
                     if stale([r]):
-                        self.stats.tokens_discarded += r.restart()
+                        self.stats.tokens_discarded += restart(r)
                         self.stats.stale_restarted += 1
                         r.finish_reason, r.reward = None, None
                         self.partials.append(r)

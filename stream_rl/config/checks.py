@@ -23,11 +23,11 @@ def check(cfg: Config) -> None:
             f"generator.chunk_tokens ({cfg.generator.chunk_tokens}) exceeds "
             f"generator.max_tokens ({cfg.generator.max_tokens})")
     g = cfg.generator
-    in_flight = math.ceil(g.overprovision * g.target_groups) if g.mode == "april" else g.target_groups
+    in_flight = g.target_groups if cfg.mode == "sync" else math.ceil(g.overprovision * g.target_groups)
     if cfg.buffer.max_groups < in_flight:
         raise ConfigError(
-            f"buffer.max_groups ({cfg.buffer.max_groups}) is below the {in_flight} groups generator.mode="
-            f"{g.mode!r} keeps in flight (generator.overprovision x generator.target_groups)")
+            f"buffer.max_groups ({cfg.buffer.max_groups}) is below the {in_flight} groups mode="
+            f"{cfg.mode!r} keeps in flight (generator.overprovision x generator.target_groups)")
     if p.mode != "none" and p.l_detect >= g.max_tokens:
         raise ConfigError(f"pruner.l_detect ({p.l_detect}) must be below generator.max_tokens ({g.max_tokens}): "
                           "no rollout could reach it")

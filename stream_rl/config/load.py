@@ -93,6 +93,10 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
             raise ConfigError(f"config section '{section}' must be a mapping")
         current[key] = value
     _inherit_eval_answer_key(raw)
+    if isinstance(raw.get("generator"), dict) and "mode" in raw["generator"]:
+        raise ConfigError(f"generator.mode ({raw['generator']['mode']!r}) is gone: the schedule is the top-level "
+                          "key `mode` (sync, april or stream); generator.mode=april is mode=april, "
+                          "generator.mode=sync is mode=sync")
     try:
         cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as err:

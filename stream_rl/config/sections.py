@@ -62,10 +62,7 @@ class DataConfig(_Section):
 class GeneratorConfig(_Section):
     group_size: Annotated[int, Meta(ge=2)] = 8
     target_groups: PosInt = 8
-    # "april": keep overprovision x target_groups groups in flight, end the
-    # step when target_groups are complete, abort the rest and continue them
-    # next step. "sync": generate exactly target_groups groups to completion.
-    mode: Literal["april", "sync"] = "april"
+    # Groups kept in flight per group a step needs (mode april and stream).
     overprovision: Annotated[float, Meta(ge=1.0)] = 2.0
     max_tokens: PosInt = 256
     temperature: NonNegFloat = 1.0
@@ -310,12 +307,14 @@ class EvalConfig(_Section):
 
 
 class Config(_Section):
-    # "sync": the synchronous GRPO baseline: a step generates target_groups
-    # groups to completion (no pruning, no partials), trains, syncs, and only
-    # then generates again. "stream": generation, pruning and learning run
-    # concurrently; generation never waits for the learner beyond
-    # buffer.max_staleness, and weights reach the engines in flight.
-    mode: Literal["sync", "stream"] = "stream"
+    # The schedule. "sync": the synchronous GRPO baseline (a step generates
+    # target_groups groups to completion, trains, syncs, then generates
+    # again). "april": synchronous updates, but each step keeps
+    # overprovision x target_groups groups in flight, ends when target_groups
+    # are complete and continues the rest next step (APRIL, as in slime).
+    # "stream": generation, pruning and learning run at once; weights reach
+    # the engines in flight (docs/architecture.md).
+    mode: Literal["sync", "april", "stream"] = "stream"
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     data: DataConfig = msgspec.field(default_factory=DataConfig)
     generator: GeneratorConfig = msgspec.field(default_factory=GeneratorConfig)

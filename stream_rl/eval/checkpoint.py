@@ -20,13 +20,11 @@ from pathlib import Path
 
 import torch
 
+from stream_rl.learner.checkpoint import FINAL_HEAD_FILE, HEAD_FILE, MODEL_FILE
 from stream_rl.pruner.head import HEAD_PREFIX
 
 # The quality head beside a final model: {"head": state dict, "l_detect": int}
 # (a .pt file: vLLM loads every *.safetensors of a model directory as weights).
-HEAD_FILE = "quality_head.pt"
-CHECKPOINT_HEAD_FILE = "head.pt"
-CHECKPOINT_MODEL_FILE = Path("model") / "model.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -89,18 +87,18 @@ def resolve_checkpoint(path: str | Path) -> PolicySource:
         except FileNotFoundError as err:
             raise CheckpointError(f"--checkpoint {path} is a run directory without a checkpoint: {err}") from None
     if (path / "meta.json").is_file():
-        weights = path / CHECKPOINT_MODEL_FILE
+        weights = path / MODEL_FILE
         if not weights.is_file():
-            raise CheckpointError(f"checkpoint {path} has no {CHECKPOINT_MODEL_FILE}")
+            raise CheckpointError(f"checkpoint {path} has no {MODEL_FILE}")
         has_head = json.loads((path / "meta.json").read_text()).get("has_head", False)
-        if has_head and not (path / CHECKPOINT_HEAD_FILE).is_file():
-            raise CheckpointError(f"checkpoint {path} says it has a quality head, but {CHECKPOINT_HEAD_FILE} is missing")
-        head, l_detect = _read_head(path / CHECKPOINT_HEAD_FILE) if has_head else (None, None)
+        if has_head and not (path / HEAD_FILE).is_file():
+            raise CheckpointError(f"checkpoint {path} says it has a quality head, but {HEAD_FILE} is missing")
+        head, l_detect = _read_head(path / HEAD_FILE) if has_head else (None, None)
         return PolicySource(path, "checkpoint", None, weights, head, l_detect, _run_config(path))
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        head, l_detect = _read_head(path / HEAD_FILE) if (path / HEAD_FILE).is_file() else (None, None)
+        head, l_detect = _read_head(path / FINAL_HEAD_FILE) if (path / FINAL_HEAD_FILE).is_file() else (None, None)
         return PolicySource(path, "model", path, None, head, l_detect, _run_config(path))
-    raise CheckpointError(f"--checkpoint {path}: neither a learner checkpoint (meta.json, {CHECKPOINT_MODEL_FILE}) "
+    raise CheckpointError(f"--checkpoint {path}: neither a learner checkpoint (meta.json, {MODEL_FILE}) "
                           "nor a model directory (config.json, *.safetensors)")
 
 

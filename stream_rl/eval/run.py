@@ -253,7 +253,7 @@ def evaluate(cfg: Config, checkpoint: str | Path, data: str | Path | None = None
     """Run the evaluation; returns (and writes to `out_json`) the summary."""
     import uvloop
 
-    from stream_rl.bench.heldout import load_heldout
+    from stream_rl.eval.heldout import load_heldout
 
     t0 = time.perf_counter()
     # vLLM logs to stdout by default; the command prints its JSON there.

@@ -31,7 +31,7 @@ import msgspec
 import torch
 
 from stream_rl.config import Config
-from stream_rl.controller import request_seed
+from stream_rl.controller.rollouts import request_seed
 from stream_rl.eval.checkpoint import CheckpointError, PolicySource
 from stream_rl.eval.voting import deepconf_token_confidence
 from stream_rl.generator.engine import EngineReports, build_engine

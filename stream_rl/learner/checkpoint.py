@@ -34,6 +34,9 @@ from safetensors.torch import load_file, save_file
 
 FORMAT = 1
 MODEL_FILE = Path("model") / "model.safetensors"
+HEAD_FILE = "head.pt"  # the quality head's weights, optimizer and replay
+# The quality head beside a saved policy (final_model/), for `stream-rl eval`.
+FINAL_HEAD_FILE = "quality_head.pt"
 
 
 def config_hash(cfg) -> str:
@@ -80,7 +83,7 @@ def save_checkpoint(path, learner, *, step: int, version: int, pruner=None, extr
     ht = learner.head_trainer
     if ht is not None:
         torch.save({"head": ht.head.state_dict(), "opt": ht.opt.state_dict(), "x": ht._x, "y": ht._y,
-                    "added": ht._added, "gen": ht._gen.get_state()}, tmp / "head.pt")
+                    "added": ht._added, "gen": ht._gen.get_state()}, tmp / HEAD_FILE)
     if pruner is not None:
         _write_json(tmp / "pruner.json", pruner.state_dict())
     mc = learner.model.config
@@ -193,7 +196,7 @@ def load_checkpoint(path, learner, pruner=None) -> dict:
     weights = load_file(str(path / MODEL_FILE))
     opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     tr = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    h = torch.load(path / "head.pt", map_location="cpu", weights_only=True) if ht is not None else None
+    h = torch.load(path / HEAD_FILE, map_location="cpu", weights_only=True) if ht is not None else None
     if h is not None:
         got = {k: tuple(v.shape) for k, v in h["head"].items()} | {"replay": tuple(h["x"].shape)}
         want = {k: tuple(v.shape) for k, v in ht.head.state_dict().items()} | {"replay": tuple(ht._x.shape)}

@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from stream_rl.buffer.rollouts import Group
 from stream_rl.config import PrunerConfig
+from stream_rl.protocol import Group
 from stream_rl.pruner.head import QualityHead, decode_features, head_input_size
 
 

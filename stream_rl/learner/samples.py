@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from stream_rl.buffer.rollouts import Group
 from stream_rl.learner.advantages import group_advantages, ht_group_advantages
+from stream_rl.protocol import Group
 
 
 @dataclass

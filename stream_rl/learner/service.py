@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from stream_rl.config import Config
-from stream_rl.learner.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from stream_rl.learner.checkpoint import FINAL_HEAD_FILE, find_checkpoint, load_checkpoint, save_checkpoint
 from stream_rl.learner.distributed import broadcast_batch, init_from_env
 from stream_rl.learner.distributed import close as close_distributed
 from stream_rl.learner.samples import samples_from_groups
@@ -26,6 +26,14 @@ from stream_rl.transport import ZmqChannel
 from stream_rl.weights_sync import make_weight_sender
 
 log = logging.getLogger(__name__)
+
+
+def group_abs_advantage(groups, samples) -> dict[str, float]:
+    """Each group's mean |advantage| over its trained samples (0 if none)."""
+    adv: dict[str, list[float]] = {}
+    for s in samples:
+        adv.setdefault(s.group_id, []).append(abs(s.advantage))
+    return {g.group_id: sum(adv[g.group_id]) / len(adv[g.group_id]) if g.group_id in adv else 0.0 for g in groups}
 
 
 def snapshot_path(out: Path, steps: int) -> Path:
@@ -75,7 +83,8 @@ class LearnerService:
             t1 = time.perf_counter()
             weights = self.stage(msg.sync_version)
             stats["stage_s"] = time.perf_counter() - t1
-        return StepDone(step=msg.step, stats=stats, weights=weights)
+        return StepDone(step=msg.step, stats=stats, weights=weights,
+                        group_abs_advantage=group_abs_advantage(msg.groups, batch.samples))
 
     def run(self) -> int:
         """Serve until `Shutdown`; returns the updates done."""
@@ -119,9 +128,7 @@ class LearnerService:
             # *.safetensors of the directory as the model's weights.
             import torch
 
-            from stream_rl.eval.checkpoint import HEAD_FILE
-
-            torch.save({"head": ht.head.state_dict(), "l_detect": self.cfg.pruner.l_detect}, final / HEAD_FILE)
+            torch.save({"head": ht.head.state_dict(), "l_detect": self.cfg.pruner.l_detect}, final / FINAL_HEAD_FILE)
 
 
 def follow(cfg: Config, rank: int, world: int, resume: str | Path | None = None) -> int:

@@ -9,7 +9,6 @@ import random
 
 import torch
 
-from stream_rl.buffer.rollouts import Group
 from stream_rl.config import Config
 from stream_rl.learner.correction import (dppo_prune_completions, effective_sample_size, loss_normalisers,
                                           mask_stale_tokens, offpolicy_counts, offpolicy_stats_from,
@@ -17,6 +16,7 @@ from stream_rl.learner.correction import (dppo_prune_completions, effective_samp
 from stream_rl.learner.losses import policy_loss
 from stream_rl.learner.packing import Layout, pack_layout, pad_layout, response_logprobs, split_by_budget
 from stream_rl.learner.samples import Sample, SampleSet, samples_from_groups  # noqa: F401 (re-exported)
+from stream_rl.protocol import Group
 
 
 def pad_batch(samples: list[Sample], pad_id: int):

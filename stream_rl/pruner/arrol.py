@@ -24,8 +24,8 @@ from collections import deque
 
 import numpy as np
 
-from stream_rl.buffer.rollouts import Group, Rollout
 from stream_rl.config import PrunerConfig
+from stream_rl.protocol import Group, Rollout
 from stream_rl.pruner.base import SamplingPruner
 from stream_rl.pruner.calibration import BinnedCalibrator
 from stream_rl.pruner.quality import head_accuracy, head_auc, head_spearman, stratified_auc

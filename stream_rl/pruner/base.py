@@ -19,8 +19,8 @@ import math
 
 import numpy as np
 
-from stream_rl.buffer.rollouts import Group, Rollout
 from stream_rl.config import PrunerConfig
+from stream_rl.protocol import Group, Rollout
 from stream_rl.pruner.quality import group_balance
 
 
@@ -158,16 +158,3 @@ class SamplingPruner(Pruner):
 
 class RandomPruner(SamplingPruner):
     """Keeps a rollout reaching l_detect tokens with probability kappa."""
-
-
-def make_pruner(cfg) -> Pruner:
-    mode = cfg.pruner.mode
-    if mode == "none":
-        return Pruner()
-    if mode == "random":
-        return RandomPruner(cfg.pruner, cfg.run.seed)
-    if mode == "arrol":
-        from stream_rl.pruner.arrol import ArrolPruner
-
-        return ArrolPruner(cfg.pruner, cfg.run.seed)
-    raise ValueError(f"unknown pruner.mode {mode!r}")

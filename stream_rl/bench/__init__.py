@@ -1,1 +1,0 @@
-"""Benchmarks that print JSON (`stream-rl bench ...`)."""

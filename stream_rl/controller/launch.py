@@ -1,0 +1,150 @@
+"""`stream-rl train` and `stream-rl controller`: start or reach the roles,
+then run the job (`controller/job.py`) on its schedule
+(`controller/schedules.py`).
+
+The controller (this process) owns the generators' streams, the pruner and
+the recycling buffer; complete groups go to the learner process as
+`TrainBatch`es, and the weights it stages go to the generators as
+`UpdateWeights`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import msgspec
+
+from stream_rl.config import Config
+from stream_rl.controller.job import Job
+from stream_rl.controller.schedules import run_stream, run_sync
+from stream_rl.generator.client import GeneratorClient, GeneratorProcess
+from stream_rl.generator.pool import GeneratorPool
+from stream_rl.learner.checkpoint import find_checkpoint
+from stream_rl.learner.client import LearnerClient, LearnerError, LearnerProcess
+from stream_rl.metrics import MetricsLogger, summarize
+from stream_rl.placement import allowed_cores, for_job, pin
+from stream_rl.preflight import CheckedJob, check_job
+from stream_rl.protocol import Hello, LearnerReady, Shutdown
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None = None,
+          generator: GeneratorClient | list[GeneratorClient] | None = None, resume: bool = False) -> dict:
+    """Every role on this host: the learner and `generator.count` generator
+    processes, and the controller here. `generator` reuses running
+    generator(s) instead (tests share one engine); they may serve other
+    weights than cfg.model.path's, so the learner's are synced first.
+    `resume` continues from the newest complete checkpoint in OUT."""
+    t_start = time.time()
+    checked = check_job(cfg)  # before anything starts: errors in seconds, not after the engines load
+    out = Path(out_dir or cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = find_checkpoint(out / "checkpoint") if resume else None
+    owned = generator is None
+    # Engines started here get cores of their own (generator.engine_cpus).
+    placement = for_job(cfg) if owned else None
+    own_cores = allowed_cores()
+    if placement is not None:
+        log.info("cores: engine(s) %s; front end(s), controller and learner %s", placement.engines, placement.rest)
+    learner = LearnerProcess(cfg, out, resume=ckpt, cpus=placement and placement.rest)  # starts while the engines load
+    gens: list[GeneratorClient] = []
+    try:
+        if owned:
+            gens = [GeneratorProcess(cfg, out, index=i, wait=False, placement=placement)
+                    for i in range(cfg.generator.count)]
+            if placement is not None:
+                pin(placement.rest)
+            for g in gens:
+                g.wait_ready(cfg.generator.startup_timeout_s)
+        else:
+            gens = list(generator) if isinstance(generator, list) else [generator]
+        ready = learner.wait_ready(cfg.learner.startup_timeout_s)
+        return run_controller(cfg, out, GeneratorPool(gens), learner, ready, max_steps, t_start,
+                              fresh_generators=owned, resume_from=ckpt, checked=checked)
+    finally:
+        learner.stop()
+        if owned:
+            for g in gens:
+                g.stop()
+        if placement is not None:
+            pin(own_cores)
+
+
+def connect(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None = None,
+               resume: bool = False) -> dict:
+    """`stream-rl controller`: the generators and the learner run elsewhere
+    (their addresses are in the config); connect, run the job, and tell every
+    role to exit when it ends (the learner saves its final model first)."""
+    t_start = time.time()
+    checked = check_job(cfg)
+    out = Path(out_dir or cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = find_checkpoint(out / "checkpoint") if resume else None
+    learner = LearnerClient(cfg)
+    gens = [GeneratorClient(cfg, i) for i in range(cfg.generator.count)]
+    try:
+        for g in gens:
+            # A generator that is already up (this job resumed) answers with
+            # the version it serves; a starting one says so when ready.
+            g.requests.send(Hello())
+            g.wait_ready(cfg.generator.startup_timeout_s)
+        ready = learner.wait_for(LearnerReady, cfg.learner.startup_timeout_s, "the learner to start")
+        return run_controller(cfg, out, GeneratorPool(gens), learner, ready, max_steps, t_start,
+                              fresh_generators=all(g.version == 0 for g in gens), resume_from=ckpt, checked=checked)
+    finally:
+        # Queued messages get a moment to leave before the sockets close.
+        learner.send(Shutdown())
+        learner.batches.close(linger_ms=5000)
+        learner.close()
+        for g in gens:
+            g.requests.send(Shutdown())
+            g.requests.close(linger_ms=5000)
+            g.close()
+
+
+def run_controller(cfg: Config, out: Path, pool: GeneratorPool, learner: LearnerClient, ready: LearnerReady,
+                   max_steps: int | None, t_start: float, fresh_generators: bool, checked: CheckedJob,
+                   resume_from: Path | None = None) -> dict:
+    (out / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(cfg)))
+    steps = max_steps or cfg.run.max_steps
+    job = Job(cfg, out, pool, learner, steps, checked)
+    if resume_from is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        step = job.restore(resume_from)
+        if ready.step != step:
+            raise LearnerError(f"the learner resumed at step {ready.step}, the controller's checkpoint "
+                               f"{resume_from} is step {step}: start both from the same checkpoint")
+        log.info("resuming after step %d from %s", step, resume_from)
+    if ready.needs_sync or not fresh_generators:
+        # The generators serve the model path's weights (or others): start
+        # from the learner's, with its quality head.
+        job.sync_now()
+    log.info("%s job ready after %.1f s (%d generator(s), %d learner rank(s))", cfg.mode,
+             time.time() - t_start, len(pool.clients), ready.ranks)
+    metrics = MetricsLogger(out, steps, cfg.run.progress)
+    job.t0 = time.time() - job.wall_offset
+    try:
+        (run_stream if cfg.mode == "stream" else run_sync)(job, metrics)
+        # Partials left in the buffer are kept, with their last tokens, for a
+        # later run to continue (resume).
+        job.controller.drain()
+        job.controller.buffer.save(out / "buffer.msgpack")
+        job.checkpoint(job.records[-1]["step"] if job.records else job.first_step - 1)
+    finally:
+        metrics.close()
+    records = job.records
+    summary = summarize(records)
+    summary["mode"] = cfg.mode
+    summary["requests_per_generator"] = list(pool.submitted)
+    summary["generator_versions"] = [c.version for c in pool.clients]  # at the end: the last sync included
+    summary["startup_s"] = job.t0 - t_start
+    summary["step_s_median"] = statistics.median(r["step_s"] for r in records) if records else 0.0
+    summary.update({f"prune/{k}": v for k, v in job.controller.pruner.summary().items()})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
