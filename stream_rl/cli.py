@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("train", "controller", "generator", "learner"):
         from stream_rl.roles import exit_on_sigterm
 
-        exit_on_sigterm()
+        exit_on_sigterm(args.cmd)
     if args.cmd == "prepare-tiny":
         from stream_rl.tiny.prepare import prepare_tiny
 

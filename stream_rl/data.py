@@ -10,6 +10,7 @@ on; they are set aside, counted and reported, never silently kept.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -38,24 +39,36 @@ class PromptRow:
     inclusion: float = 1.0
 
 
-def _json_lines(path: Path) -> list[tuple[str, object]]:
+def _text(path: Path) -> str:
+    """The file as UTF-8 text; bytes that are not UTF-8 are an error naming
+    the file and line (counted from 1)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}; data files must be "
+                        "UTF-8)") from None
+
+
+def _json_lines(path: Path, text: str | None = None) -> list[tuple[str, object]]:
     rows = []
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}:{line_no}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({err})") from None
+    # split("\n"), not splitlines(): a JSON string may hold U+2028 and its kin.
+    for line_no, line in enumerate((_text(path) if text is None else text).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}:{line_no}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({err})") from None
     return rows
 
 
 def _json(path: Path) -> list[tuple[str, object]]:
     """A JSON array of rows, or JSON lines under a .json name."""
-    text = path.read_text()
+    text = _text(path)
     if not text.lstrip().startswith("["):
-        return _json_lines(path)
+        return _json_lines(path, text)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
@@ -64,10 +77,9 @@ def _json(path: Path) -> list[tuple[str, object]]:
 
 
 def _csv(path: Path) -> list[tuple[str, object]]:
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        # Line numbers count the header (line 1); a quoted field may span lines.
-        return [(f"{path}:{reader.line_num}", row) for row in reader]
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    # Line numbers count the header (line 1); a quoted field may span lines.
+    return [(f"{path}:{reader.line_num}", row) for row in reader]
 
 
 def _read_rows(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:

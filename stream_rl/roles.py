@@ -23,10 +23,19 @@ def _exit_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def exit_on_sigterm() -> None:
-    """SIGTERM raises SystemExit, so `finally` blocks stop a role's children
-    (Python's default would end the process without them)."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+def exit_on_sigterm(role: str | None = None) -> None:
+    """SIGTERM (and, with `role`, Ctrl-C's SIGINT) raises SystemExit, so
+    `finally` blocks stop a role's children (Python's default would end the
+    process without them). With `role` it says so on stderr at once: a stop
+    takes seconds, and silence read as a hang."""
+    def handler(signum, frame):
+        if role:
+            print(f"stream-rl {role}: {signal.Signals(signum).name} received: stopping", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    if role:
+        signal.signal(signal.SIGINT, handler)
 
 
 def start_role(args: list[str], log_path: Path, cpus: list[int] | None = None) -> tuple[subprocess.Popen, object]:
@@ -64,21 +73,34 @@ def exit_cause(log_path: Path, tail_bytes: int = 65536) -> str | None:
 
 
 def died(role: str, proc: subprocess.Popen, log_path: Path) -> str:
-    """What to say when a role's process has exited."""
+    """What to say when a role's process has exited: killed by a signal
+    (its log's last line says nothing then), or its log's last error."""
+    code = proc.returncode
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"{role} process was killed by {name} (exit code {code}; log: {log_path})"
     cause = exit_cause(log_path)
-    return f"{role} process exited with code {proc.returncode}" + (f": {cause}" if cause else "") + \
-        f" (log: {log_path})"
+    return f"{role} process exited with code {code}" + (f": {cause}" if cause else "") + f" (log: {log_path})"
 
 
 def stop_role(proc: subprocess.Popen, ask: Callable[[], None], timeout_s: float) -> None:
-    """`ask` it to exit; past `timeout_s`, kill its whole session (an
-    engine's own children, torchrun's ranks)."""
+    """`ask` it to exit; past `timeout_s`, kill it. Then kill whatever of its
+    session is left (an engine's own processes, torchrun's ranks), also when
+    the role itself is already gone: a generator killed mid-run left its vLLM
+    engine running, holding memory, ports and, on a GPU host, the GPU."""
     if proc.poll() is None:
         try:
             ask()
             proc.wait(timeout_s)
         except Exception:
             pass
-    if proc.poll() is None:
+    try:
+        # The session's id is the role's pid; the kernel does not reuse it
+        # while any process of the session lives.
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing of it is left
+    proc.wait()

@@ -5,9 +5,40 @@ from __future__ import annotations
 
 import math
 
+import msgspec
+
 from stream_rl.config.sections import Config, ConfigError, GeneratorConfig
 
+
+def _non_finite(value, path: str):
+    """Dotted paths of every NaN or infinite number in `value`."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path]
+    if isinstance(value, msgspec.Struct):
+        return [p for f in value.__struct_fields__ for p in _non_finite(getattr(value, f), f"{path}.{f}".lstrip("."))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, f"{path}[{i}]")]
+    return []
+
+
+def check_address(name: str, addr: str) -> None:
+    """A ZMQ endpoint the roles can bind or connect: tcp://HOST:PORT or ipc://PATH."""
+    scheme, sep, rest = addr.partition("://")
+    if scheme == "ipc" and sep and rest:
+        return
+    host, colon, port = rest.rpartition(":")
+    if not (scheme == "tcp" and sep and colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"{name} must be tcp://HOST:PORT (PORT 1-65535) or ipc://PATH; got {addr!r}")
+
+
 def check(cfg: Config) -> None:
+    bad = _non_finite(cfg, "")
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: must be a finite number (not NaN or infinity)")
+    for name, addr in (("learner.addr", cfg.learner.addr), ("learner.reply_addr", cfg.learner.reply_addr),
+                       ("generator.request_addr", cfg.generator.request_addr),
+                       ("generator.stream_addr", cfg.generator.stream_addr)):
+        check_address(name, addr)
     p = cfg.pruner
     if p.p_min > p.p_max:
         raise ConfigError(f"pruner.p_min ({p.p_min}) must not exceed pruner.p_max ({p.p_max})")

@@ -121,6 +121,8 @@ class Job:
             # request to serving, and how long generation stood still for it.
             "weights_load_s": max((u.load_s for u in self.pool.last_update.values()), default=0.0),
             "weights_pause_s": max((u.pause_s for u in self.pool.last_update.values()), default=0.0),
+            # Replies skipped on the learner's socket so far (duplicates, strays, forgeries).
+            "stray_learner_replies": self.learner.stray,
             **timing,
             "wall_s": time.time() - self.t0,
             **done.stats,

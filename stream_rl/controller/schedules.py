@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -25,8 +24,6 @@ from stream_rl.generator.pool import GeneratorPool
 from stream_rl.learner.client import LearnerClient
 from stream_rl.metrics import MetricsLogger
 from stream_rl.protocol import StepDone, WeightsLoaded, WeightsStaged
-
-log = logging.getLogger(__name__)
 
 
 class UpdateRelay:
@@ -70,7 +67,7 @@ def run_sync(job: Job, metrics: MetricsLogger) -> None:
         groups, gstats = c.collect(target, overprovision)
         tt = time.perf_counter()
         job.batch(step, groups)
-        done = job.learner.wait_for(StepDone, 3600.0, f"step {step}")
+        done = job.learner.wait_for(StepDone, 3600.0, f"step {step}", match=lambda m, step=step: m.step == step)
         tw = time.perf_counter()
         job.score_prompts(groups, done)
         if done.weights is not None:
@@ -101,7 +98,7 @@ def run_stream(job: Job, metrics: MetricsLogger) -> None:
         if relay.poll():  # a new version serves everywhere
             c.abort_stale(job.pool.version)
         reply = job.learner.recv(timeout_ms=0)
-        if isinstance(reply, StepDone):
+        if isinstance(reply, StepDone) and reply.step in sent:
             groups, gstats, t_sent = sent.pop(reply.step)
             step_done = reply.step
             job.score_prompts(groups, reply)
@@ -114,7 +111,7 @@ def run_stream(job: Job, metrics: MetricsLogger) -> None:
             t_done = done_t
             job.maybe_checkpoint(reply.step)
         elif reply is not None:
-            log.warning("unexpected message from the learner: %s", type(reply).__name__)
+            job.learner.skip(reply, f"step {step_done + 1}")
         if not sent and c.num_ready >= target and step_sent < job.steps:
             # Bounded staleness: the update trains on the weights last staged.
             c.expire_stale(job.staged, keep=job.restored)

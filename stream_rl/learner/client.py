@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from stream_rl.config import Config
 from stream_rl.protocol import Decoder, FromLearner, LearnerFailed, LearnerReady, Shutdown
 from stream_rl.roles import died, start_role, stop_role
 from stream_rl.transport import ZmqChannel, free_ports
+
+
+log = logging.getLogger(__name__)
 
 
 class LearnerError(RuntimeError):
@@ -24,6 +28,7 @@ class LearnerClient:
         self.replies = ZmqChannel(lc.reply_addr, send=False, bind=True, hwm=cfg.generator.hwm,
                                   decoder=Decoder(FromLearner))
         self.batches = ZmqChannel(lc.addr, send=True, bind=False, hwm=cfg.generator.hwm)
+        self.stray = 0  # well-formed replies nobody waited for (`skip`)
 
     def send(self, msg) -> None:
         self.batches.send(msg)
@@ -37,15 +42,27 @@ class LearnerClient:
             raise LearnerError(f"the learner failed: {msg.error}")
         return msg
 
-    def wait_for(self, kind, timeout_s: float, what: str):
+    def wait_for(self, kind, timeout_s: float, what: str, match=None):
+        """The next reply of type `kind` (and for which `match(reply)`);
+        any other reply on the way is skipped."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             msg = self.recv(1000)
-            if isinstance(msg, kind):
+            if msg is None:
+                continue
+            if isinstance(msg, kind) and (match is None or match(msg)):
                 return msg
-            if msg is not None:
-                raise LearnerError(f"expected {kind.__name__} from the learner ({what}), got {type(msg).__name__}")
+            self.skip(msg, what)
         raise LearnerError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def skip(self, msg, waiting_for: str) -> None:
+        """A well-formed reply nobody asked for: a duplicate, a stale
+        learner's from an earlier job on this port, or a forged one. It is
+        counted and logged (the first 10, then every 100th), not obeyed."""
+        self.stray += 1
+        if self.stray <= 10 or self.stray % 100 == 0:
+            log.warning("skipped an unexpected %s on the learner's reply socket while waiting for %s "
+                        "(%d so far)", msgspec.json.encode(msg).decode()[:200], waiting_for, self.stray)
 
     def check_alive(self) -> None:
         """Raise LearnerError if the learner is known to be gone."""

@@ -91,3 +91,26 @@ def test_a_dead_role_is_reported_with_its_cause_once(tmp_path):
     msg = died("learner", proc, tmp_path / "r.log")
     assert msg.startswith("learner process exited with code 3: bye") and "r.log" in msg
     assert exit_cause(tmp_path / "missing.log") is None
+
+
+def test_stopping_a_role_that_died_stops_what_it_started(tmp_path):
+    """A role killed mid-run (SIGKILL: no cleanup) leaves its own children,
+    as a killed generator left its vLLM engine; stopping the role kills them."""
+    from stream_rl.roles import start_role, stop_role
+
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(120)\n")
+    (tmp_path / "role.py").write_text(script)
+    proc, log = start_role([str(tmp_path / "role.py")], tmp_path / "role.log")
+    deadline = time.time() + 30
+    while not (tmp_path / "role.log").read_text().strip() and time.time() < deadline:
+        time.sleep(0.05)
+    grandchild = int((tmp_path / "role.log").read_text().split()[0])
+    proc.kill()
+    proc.wait()
+    assert not _gone(grandchild)  # orphaned, still running
+    stop_role(proc, ask=lambda: None, timeout_s=1.0)
+    log.close()
+    assert _wait_gone(grandchild), "the role's child outlived stop_role"

@@ -342,3 +342,26 @@ def test_eval_reads_its_questions_naming_eval_keys(tok, tmp_path):
     path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "12a=", "answer": "0"}])
     with pytest.raises(DataError, match=r"e\.jsonl:1: missing field 'target' \(set by eval.answer_field"):
         PromptDataset.load(DataConfig(path=path, answer_field="target"), tok, section="eval")
+
+
+@pytest.mark.parametrize("suffix, good", [(".jsonl", '{"prompt": "a", "answer": "1"}\n'),
+                                          (".json", '{"prompt": "a", "answer": "1"}\n'),
+                                          (".csv", "prompt,answer\na,1\n")])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, suffix, good):
+    from stream_rl.config import DataConfig
+    from stream_rl.data import DataError, _read_rows
+
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(good.encode() + good.splitlines()[-1].encode()[:3] + b"\xff\xfe rest\n")
+    with pytest.raises(DataError, match=rf"{path.name}:{good.count(chr(10)) + 1}: not UTF-8 text \(byte 0xff"):
+        _read_rows(DataConfig(path=str(path)))
+
+
+def test_a_json_line_may_hold_a_line_separator(tmp_path):
+    from stream_rl.config import DataConfig
+    from stream_rl.data import _read_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a\u2028b", "answer": "1"}\n{"prompt": "c", "answer": "2"}\n', encoding="utf-8")
+    rows, _ = _read_rows(DataConfig(path=str(path)))
+    assert [(where.rsplit(":", 1)[1], r["prompt"]) for where, r in rows] == [("1", "a\u2028b"), ("2", "c")]

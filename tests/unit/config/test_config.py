@@ -417,3 +417,26 @@ def test_tiny_eval_votes_on_the_tasks_final_answer():
 @pytest.mark.parametrize("fmt", ["json", "csv"])
 def test_data_formats_are_allowed(fmt):
     assert config_from_dict({"data": {"format": fmt}}).data.format == fmt
+
+
+@pytest.mark.parametrize("override, field", [
+    ("learner.lr=.inf", "learner.lr"), ("learner.grad_clip=.inf", "learner.grad_clip"),
+    ("pruner.lam=.inf", "pruner.lam"), ("generator.temperature=.inf", "generator.temperature"),
+    ("learner.kl_beta=.inf", "learner.kl_beta")])
+def test_non_finite_numbers_are_refused_naming_the_field(override, field):
+    msg = error_of({}, [override])
+    assert f"{field}: must be a finite number" in msg
+
+
+@pytest.mark.parametrize("override", ["learner.addr=notanaddr", "learner.reply_addr=tcp://127.0.0.1",
+                                      "generator.stream_addr=tcp://:5556", "generator.request_addr=udp://h:1",
+                                      "learner.addr=tcp://h:70000"])
+def test_malformed_addresses_are_refused_naming_the_field(override):
+    field, _, value = override.partition("=")
+    msg = error_of({}, [override])
+    assert field in msg and repr(value) in msg and "tcp://HOST:PORT" in msg
+
+
+def test_good_addresses_load():
+    cfg = config_from_dict({}, ["learner.addr=ipc:///tmp/learner.sock", "learner.reply_addr=tcp://[::1]:5571"])
+    assert cfg.learner.addr == "ipc:///tmp/learner.sock"
