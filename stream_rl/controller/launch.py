@@ -67,9 +67,15 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
         return run_controller(cfg, out, GeneratorPool(gens), learner, ready, max_steps, t_start,
                               fresh_generators=owned, resume_from=ckpt, checked=checked)
     finally:
+        # A generator that died left its engine running, still a rank of the
+        # weight broadcast: kill it first, or the learner waits on that
+        # broadcast until its stop times out instead of saving and exiting.
+        dead = [g for g in gens if owned and g.proc.poll() is not None]
+        for g in dead:
+            g.stop()
         learner.stop()
-        if owned:
-            for g in gens:
+        for g in gens:
+            if owned and g not in dead:
                 g.stop()
         if placement is not None:
             pin(own_cores)

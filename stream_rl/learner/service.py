@@ -24,6 +24,7 @@ from stream_rl.protocol import (CheckpointSaved, Decoder, LearnerFailed, Learner
                                 StepDone, SyncWeights, ToLearner, TrainBatch, WeightsLoaded, WeightsStaged)
 from stream_rl.transport import ZmqChannel
 from stream_rl.weights_sync import make_weight_sender
+from stream_rl.weights_sync.base import WeightSyncFailed
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +94,14 @@ class LearnerService:
         try:
             while True:
                 msg = self.inbox.recv()
-                if isinstance(msg, TrainBatch):
-                    self.outbox.send(self.train(msg))
-                elif isinstance(msg, SyncWeights):
-                    self.outbox.send(self.stage(msg.version))
-                elif isinstance(msg, WeightsLoaded):
-                    self.sender.release(msg.version)
-                elif isinstance(msg, SaveCheckpoint):
-                    save_checkpoint(msg.path, self.learner, step=msg.step, version=msg.version)
-                    self.outbox.send(CheckpointSaved(path=msg.path, step=msg.step))
-                elif isinstance(msg, Shutdown):
-                    self.save_final()
-                    return self.learner.steps
+                try:
+                    if self.handle(msg):
+                        return self.learner.steps
+                except WeightSyncFailed as err:
+                    # A generator is gone, not this model: say so, and serve
+                    # on, so that the Shutdown that follows still saves it.
+                    log.error("%s", err)
+                    self.outbox.send(LearnerFailed(error=f"{type(err).__name__}: {err}"))
         except BaseException as err:
             self.outbox.send(LearnerFailed(error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"))
             raise
@@ -112,6 +109,22 @@ class LearnerService:
             self.sender.close()
             self.inbox.close()
             self.outbox.close()
+
+    def handle(self, msg) -> bool:
+        """Act on one message; True once told to stop."""
+        if isinstance(msg, TrainBatch):
+            self.outbox.send(self.train(msg))
+        elif isinstance(msg, SyncWeights):
+            self.outbox.send(self.stage(msg.version))
+        elif isinstance(msg, WeightsLoaded):
+            self.sender.release(msg.version)
+        elif isinstance(msg, SaveCheckpoint):
+            save_checkpoint(msg.path, self.learner, step=msg.step, version=msg.version)
+            self.outbox.send(CheckpointSaved(path=msg.path, step=msg.step))
+        elif isinstance(msg, Shutdown):
+            self.save_final()
+            return True
+        return False
 
     def save_final(self) -> None:
         from transformers import AutoTokenizer

@@ -12,6 +12,11 @@ from abc import ABC, abstractmethod
 import torch
 
 
+class WeightSyncFailed(RuntimeError):
+    """A transfer to the generators failed (one of them is gone, most
+    often). The learner's own weights are intact."""
+
+
 class WeightSender(ABC):
     @abstractmethod
     def stage(self, weights: dict[str, torch.Tensor], version: int) -> str:

@@ -18,7 +18,7 @@ import threading
 import torch
 
 from stream_rl.transport import free_ports
-from stream_rl.weights_sync.base import WeightSender
+from stream_rl.weights_sync.base import WeightSender, WeightSyncFailed
 from stream_rl.weights_sync.buckets import bucket_nbytes, encode_uri, pack_bucket, plan_buckets
 from stream_rl.weights_sync.group import weight_group
 
@@ -70,7 +70,7 @@ class TorchDistWeightSender(WeightSender):
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
-            raise RuntimeError(f"weight broadcast failed: {type(err).__name__}: {err}") from err
+            raise WeightSyncFailed(f"weight broadcast failed: {type(err).__name__}: {err}") from err
 
     def release(self, version: int) -> None:
         self._finish()
