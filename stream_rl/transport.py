@@ -40,33 +40,72 @@ class Channel(ABC):
     def close(self) -> None: ...
 
 
+BIND_RETRY_S = 5.0
+
+
+def _bind(sock: zmq.Socket, addr: str, retry_s: float = BIND_RETRY_S) -> None:
+    """Bind, retrying "Address already in use" for up to `retry_s`: an
+    address closed a moment ago (a benchmark's previous mode, a restarted
+    role) is still held while the kernel and ZMQ's I/O thread let it go."""
+    deadline = time.monotonic() + retry_s
+    pause = 0.01
+    while True:
+        try:
+            sock.bind(addr)
+            return
+        except zmq.ZMQError as err:
+            if err.errno != zmq.EADDRINUSE or time.monotonic() + pause > deadline:
+                raise zmq.ZMQError(err.errno, f"cannot bind {addr}: {err.strerror}") from None
+            time.sleep(pause)
+            pause = min(0.2, pause * 2)
+
+
 def _socket(ctx: zmq.Context, kind: int, addr: str, bind: bool, hwm: int) -> zmq.Socket:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.LINGER, 0)
-    (sock.bind if bind else sock.connect)(addr)
+    try:
+        _bind(sock, addr) if bind else sock.connect(addr)
+    except BaseException:
+        sock.close(0)
+        raise
     return sock
+
+
+REJECT_LOG_EVERY_S = 1.0
 
 
 class _Decoding:
     def __init__(self, decoder: Decoder | None):
         self._decoder = decoder or Decoder()
         self.rejected = 0
+        self._reject_logged_at = -math.inf
+        self._reject_unlogged = 0
         # Called with a rejected message's bytes and the reason (after the log
         # line), e.g. to tell its sender; it must not raise.
         self.on_reject: Callable[[bytes, str], None] | None = None
 
+    def _reject(self, reason: str) -> None:
+        """Count it; log the reason at most once a second, with how many
+        went unlogged since: a flood must not become a flood of log lines."""
+        self.rejected += 1
+        now = time.monotonic()
+        if now - self._reject_logged_at < REJECT_LOG_EVERY_S:
+            self._reject_unlogged += 1
+            return
+        more = f" (and {self._reject_unlogged} more rejected since the last such line)" if self._reject_unlogged else ""
+        log.error("rejected a message: %s%s", reason, more)
+        self._reject_logged_at, self._reject_unlogged = now, 0
+
     def _decode(self, frames: list[bytes]) -> Message | None:
         if len(frames) != 1:
-            self.rejected += 1
-            log.error("rejected multipart message with %d frames", len(frames))
+            self._reject(f"multipart message with {len(frames)} frames")
             return None
         try:
             return self._decoder.decode(frames[0])
         except ProtocolError as err:
-            self.rejected += 1
-            log.error("%s", err)
+            self._reject(str(err))
             if self.on_reject is not None:
                 self.on_reject(frames[0], str(err))
             return None

@@ -279,7 +279,8 @@ class RunConfig(_Section):
     progress: bool = True
     # Save the learner's full state (policy, optimizer, head, pruner, step,
     # version) to OUT/checkpoint every this many steps; 0: at the end only.
-    checkpoint_every: NonNegInt = 0
+    # On by default: a killed long job should have something to resume.
+    checkpoint_every: NonNegInt = 50
     # Save the policy (weights and config only) to OUT/snapshots/step_NNNNN
     # after every this many steps, to evaluate the run's curve afterwards
     # (`bench e2e` does); 0: none.

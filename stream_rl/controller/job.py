@@ -123,6 +123,9 @@ class Job:
             "weights_pause_s": max((u.pause_s for u in self.pool.last_update.values()), default=0.0),
             # Replies skipped on the learner's socket so far (duplicates, strays, forgeries).
             "stray_learner_replies": self.learner.stray,
+            # Messages that failed to decode on the controller's sockets so far
+            # (the learner's replies, every generator's stream).
+            "rejected_messages": self.learner.replies.rejected + sum(c.stream.rejected for c in self.pool.clients),
             **timing,
             "wall_s": time.time() - self.t0,
             **done.stats,

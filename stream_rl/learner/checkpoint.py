@@ -118,10 +118,29 @@ def save_controller_state(path, *, pruner, buffer, state: dict) -> None:
     os.replace(tmp, path / CONTROLLER_FILE)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Every file under `root`, then every directory, on disk: a rename is
+    atomic, but after a power loss it may point at files never written."""
+    dirs = [root]
+    for p in root.rglob("*"):
+        if p.is_dir():
+            dirs.append(p)
+            continue
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    for d in dirs:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def commit_checkpoint(staged, path) -> Path:
     """Swap the complete checkpoint at `staged` in as `path`; the previous one
     stays whole until then (as `path`.old during the swap)."""
     staged, path = Path(staged), Path(path)
+    _fsync_tree(staged)
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():

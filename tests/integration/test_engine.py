@@ -394,6 +394,8 @@ def test_train_runs_end_to_end(generator, engine_cfg, tmp_path, mode):
     # loaded machine two steps can be recorded before it does.)
     assert all(r["groups"] == cfg.generator.target_groups for r in records)
     assert sum(r["tokens_generated"] for r in records) > 0 and all(0.0 <= r["reward_mean"] <= 1.0 for r in records)
+    # Nothing on the wire was refused or out of turn in a clean run.
+    assert all(r["rejected_messages"] == 0 and r["stray_learner_replies"] == 0 for r in records)
     # The learner scores the current version's tokens as the engine sampled them.
     assert logprob_gaps_within(records)
     # Only APRIL's step ends with requests still running: its extra groups,

@@ -440,3 +440,8 @@ def test_malformed_addresses_are_refused_naming_the_field(override):
 def test_good_addresses_load():
     cfg = config_from_dict({}, ["learner.addr=ipc:///tmp/learner.sock", "learner.reply_addr=tcp://[::1]:5571"])
     assert cfg.learner.addr == "ipc:///tmp/learner.sock"
+
+
+def test_a_default_job_checkpoints_periodically():
+    # A killed long run with the defaults must have something to resume.
+    assert config_from_dict({}).run.checkpoint_every > 0
