@@ -92,6 +92,9 @@ class GeneratorConfig(_Section):
     # instead of dropping.
     hwm: PosInt = 10000
     startup_timeout_s: PosFloat = 600.0
+    # A generator with requests running that sends nothing for this long is
+    # taken for hung (stopped, wedged) and the job stops naming it.
+    hang_timeout_s: PosFloat = 300.0
     # CPU engines that `stream-rl train` starts beside the learner: the cores
     # the engine's own processes (its scheduler, which busy-waits, and with
     # executor mp its worker) run on; the generators' front ends, the
@@ -256,6 +259,9 @@ class LearnerConfig(_Section):
     addr: str = "tcp://127.0.0.1:5570"
     reply_addr: str = "tcp://127.0.0.1:5571"
     startup_timeout_s: PosFloat = 600.0
+    # An update not answered in this long is taken for a hung learner (a
+    # stopped process, a stuck collective) and the job stops naming it.
+    step_timeout_s: PosFloat = 1800.0
 
 
 class WeightsSyncConfig(_Section):

@@ -67,7 +67,8 @@ def run_sync(job: Job, metrics: MetricsLogger) -> None:
         groups, gstats = c.collect(target, overprovision)
         tt = time.perf_counter()
         job.batch(step, groups)
-        done = job.learner.wait_for(StepDone, 3600.0, f"step {step}", match=lambda m, step=step: m.step == step)
+        done = job.learner.wait_for(StepDone, cfg.learner.step_timeout_s, f"step {step}",
+                                    match=lambda m, step=step: m.step == step, key="learner.step_timeout_s")
         tw = time.perf_counter()
         job.score_prompts(groups, done)
         if done.weights is not None:
@@ -112,6 +113,10 @@ def run_stream(job: Job, metrics: MetricsLogger) -> None:
             job.maybe_checkpoint(reply.step)
         elif reply is not None:
             job.learner.skip(reply, f"step {step_done + 1}")
+        elif sent:
+            waited = time.perf_counter() - min(t for _, _, t in sent.values())
+            if waited > cfg.learner.step_timeout_s:
+                raise job.learner.hangs(f"step {min(sent)}", waited, "learner.step_timeout_s")
         if not sent and c.num_ready >= target and step_sent < job.steps:
             # Bounded staleness: the update trains on the weights last staged.
             c.expire_stale(job.staged, keep=job.restored)

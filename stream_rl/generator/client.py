@@ -30,6 +30,7 @@ class GeneratorClient:
         self.requests = ZmqChannel(request_addr, send=True, bind=False, hwm=g.hwm)
         self.stream = ZmqChannel(stream_addr, send=False, bind=False, hwm=g.hwm, decoder=Decoder(FromGenerator))
         self.version = 0
+        self.hung = False  # the pool found it silent with requests running
         # Messages that arrived while waiting for a specific reply; handed
         # out by recv() in arrival order so nothing is lost.
         self._backlog: deque = deque()
@@ -113,7 +114,7 @@ class GeneratorProcess(GeneratorClient):
             raise GeneratorError(died("generator", self.proc, Path(self._log.name)))
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        stop_role(self.proc, lambda: self.requests.send(Shutdown()), timeout_s)
+        stop_role(self.proc, lambda: self.requests.send(Shutdown()), 2.0 if self.hung else timeout_s)
         self.close()
         self._log.close()
 

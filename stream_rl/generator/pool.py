@@ -23,10 +23,15 @@ log = logging.getLogger(__name__)
 
 
 class GeneratorPool:
-    def __init__(self, clients: list[GeneratorClient]):
+    def __init__(self, clients: list[GeneratorClient], hang_timeout_s: float | None = None):
         if not clients:
             raise ValueError("a generator pool needs at least one generator")
         self.clients = clients
+        # A generator with requests running that sends nothing for this long
+        # hangs (a stopped process, a wedged engine): the job stops naming it.
+        self.hang_timeout_s = hang_timeout_s
+        self.heard = [time.monotonic()] * len(clients)  # when each last sent anything
+        self._silence_checked = 0.0
         self.owner: dict[str, int] = {}  # running request id -> generator index
         self.running = [0] * len(clients)
         self.submitted = [0] * len(clients)
@@ -43,6 +48,8 @@ class GeneratorPool:
 
     def submit(self, req: RolloutRequest) -> None:
         i = min(range(len(self.clients)), key=self.running.__getitem__)
+        if not self.running[i]:
+            self.heard[i] = time.monotonic()  # its silence while idle is no hang
         self.owner[req.request_id] = i
         self.running[i] += 1
         self.submitted[i] += 1
@@ -59,12 +66,29 @@ class GeneratorPool:
     def check_alive(self) -> None:
         for c in self.clients:
             c.check_alive()
+        self.check_silence(time.monotonic())
+
+    def check_silence(self, now: float) -> None:
+        """GeneratorError for a generator with requests running that has sent
+        nothing for `hang_timeout_s`."""
+        if self.hang_timeout_s is None:
+            return
+        for i, heard in enumerate(self.heard):
+            if self.running[i] and now - heard > self.hang_timeout_s:
+                self.clients[i].hung = True  # its stop is not waited out
+                raise GeneratorError(f"generator {i} has sent nothing for {now - heard:.0f} s with "
+                                     f"{self.running[i]} requests running: it hangs (generator.hang_timeout_s: "
+                                     f"{self.hang_timeout_s:g})")
 
     # --- the streams ---------------------------------------------------------------
 
     def _read(self, i: int, msg):
         """Book-keeping on a message from generator i; weight replies are
         consumed here (None returned), everything else goes on."""
+        self.heard[i] = now = time.monotonic()
+        if now - self._silence_checked > 1.0:  # one generator may hang while another streams
+            self._silence_checked = now
+            self.check_silence(now)
         if isinstance(msg, (RolloutFinished, RequestRejected)):
             if self.owner.pop(msg.request_id, None) is not None:
                 self.running[i] -= 1

@@ -29,6 +29,7 @@ class LearnerClient:
                                   decoder=Decoder(FromLearner))
         self.batches = ZmqChannel(lc.addr, send=True, bind=False, hwm=cfg.generator.hwm)
         self.stray = 0  # well-formed replies nobody waited for (`skip`)
+        self.hung = False  # it stopped answering (`hangs`): its stop is not waited out
 
     def send(self, msg) -> None:
         self.batches.send(msg)
@@ -42,7 +43,7 @@ class LearnerClient:
             raise LearnerError(f"the learner failed: {msg.error}")
         return msg
 
-    def wait_for(self, kind, timeout_s: float, what: str, match=None):
+    def wait_for(self, kind, timeout_s: float, what: str, match=None, key: str | None = None):
         """The next reply of type `kind` (and for which `match(reply)`);
         any other reply on the way is skipped."""
         deadline = time.monotonic() + timeout_s
@@ -53,7 +54,15 @@ class LearnerClient:
             if isinstance(msg, kind) and (match is None or match(msg)):
                 return msg
             self.skip(msg, what)
-        raise LearnerError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        raise self.hangs(what, timeout_s, key)
+
+    def hangs(self, what: str, waited_s: float, key: str | None = None) -> LearnerError:
+        """The error for a learner that has not answered `what` in
+        `waited_s` (a stopped process, a stuck collective); `key` is the
+        config key that set the wait."""
+        self.hung = True
+        return LearnerError(f"timed out after {waited_s:.0f} s waiting for {what}: the learner hangs"
+                            + (f" ({key})" if key else ""))
 
     def skip(self, msg, waiting_for: str) -> None:
         """A well-formed reply nobody asked for: a duplicate, a stale
@@ -91,14 +100,15 @@ class LearnerProcess(LearnerClient):
         self.proc, self._log = start_role(cmd, out_dir / "learner.log", cpus)
 
     def wait_ready(self, timeout_s: float) -> LearnerReady:
-        return self.wait_for(LearnerReady, timeout_s, "the learner to start")
+        return self.wait_for(LearnerReady, timeout_s, "the learner to start", key="learner.startup_timeout_s")
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
             raise LearnerError(died("learner", self.proc, Path(self._log.name)))
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        """Ask it to save its final model and exit; kill it if it does not."""
-        stop_role(self.proc, lambda: self.send(Shutdown()), timeout_s)
+        """Ask it to save its final model and exit; kill it if it does not
+        (at once, nearly, if it hangs: it would not answer)."""
+        stop_role(self.proc, lambda: self.send(Shutdown()), 2.0 if self.hung else timeout_s)
         self.close()
         self._log.close()

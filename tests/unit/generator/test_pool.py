@@ -3,6 +3,8 @@ generator service binds) answer as the service would."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from stream_rl.config import generator_addrs, load_config
@@ -118,3 +120,23 @@ def test_a_timed_wait_blocks_instead_of_spinning(two):
         assert time.monotonic() - t0 >= 0.005
     assert len(polls) <= 40, f"{len(polls)} polls for 20 waits: {polls[:12]}"
     assert 0 not in polls
+
+
+def test_a_generator_silent_with_requests_running_is_taken_for_hung(two):
+    gens, pool = two
+    pool.hang_timeout_s = 0.5
+    pool.submit(req("a"))
+    pool.submit(req("b"))
+    (a,), (b,) = gens[0].take(1), gens[1].take(1)
+    # Generator 1 streams on; generator 0 goes silent with its request running.
+    deadline = time.monotonic() + 10
+    with pytest.raises(GeneratorError, match=r"generator 0 has sent nothing for \d+ s with 1 requests running"):
+        offset = 0
+        while time.monotonic() < deadline:
+            gens[1].outbox.send(TokenChunk(request_id=b.request_id, offset=offset, token_ids=[5], logprobs=[-0.1],
+                                           versions=[0]))
+            offset += 1
+            pool.recv(100)
+    # An idle generator is never hung, however long it is quiet.
+    pool.running = [0, 0]
+    pool.check_silence(time.monotonic() + 3600)

@@ -28,5 +28,5 @@ def test_a_duplicate_stray_or_forged_reply_is_skipped_and_counted(client_and_lea
         learner.send(msg)
     done = client.wait_for(StepDone, 10.0, "step 2", match=lambda m: m.step == 2)
     assert done.step == 2 and done.stats == {"loss": 0.5} and client.stray == 3
-    with pytest.raises(LearnerError, match="timed out after 1 s waiting for step 3"):
+    with pytest.raises(LearnerError, match="timed out after 1 s waiting for step 3: the learner hangs"):
         client.wait_for(StepDone, 1.0, "step 3", match=lambda m: m.step == 3)
