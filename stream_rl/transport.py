@@ -76,27 +76,37 @@ def _socket(ctx: zmq.Context, kind: int, addr: str, bind: bool, hwm: int) -> zmq
 REJECT_LOG_EVERY_S = 1.0
 
 
+class ThrottledLog:
+    """Log a recurring line at most once per `every_s`, saying how many
+    were left out since: a flood must not become a flood of log lines."""
+
+    def __init__(self, logger: logging.Logger = log, every_s: float = REJECT_LOG_EVERY_S):
+        self.logger, self.every_s = logger, every_s
+        self._logged_at = -math.inf
+        self._left_out = 0
+
+    def __call__(self, level: int, fmt: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._logged_at < self.every_s:
+            self._left_out += 1
+            return
+        more = f" (and {self._left_out} more since the last such line)" if self._left_out else ""
+        self.logger.log(level, fmt + "%s", *args, more)
+        self._logged_at, self._left_out = now, 0
+
+
 class _Decoding:
     def __init__(self, decoder: Decoder | None):
         self._decoder = decoder or Decoder()
         self.rejected = 0
-        self._reject_logged_at = -math.inf
-        self._reject_unlogged = 0
+        self._reject_log = ThrottledLog()
         # Called with a rejected message's bytes and the reason (after the log
         # line), e.g. to tell its sender; it must not raise.
         self.on_reject: Callable[[bytes, str], None] | None = None
 
     def _reject(self, reason: str) -> None:
-        """Count it; log the reason at most once a second, with how many
-        went unlogged since: a flood must not become a flood of log lines."""
         self.rejected += 1
-        now = time.monotonic()
-        if now - self._reject_logged_at < REJECT_LOG_EVERY_S:
-            self._reject_unlogged += 1
-            return
-        more = f" (and {self._reject_unlogged} more rejected since the last such line)" if self._reject_unlogged else ""
-        log.error("rejected a message: %s%s", reason, more)
-        self._reject_logged_at, self._reject_unlogged = now, 0
+        self._reject_log(logging.ERROR, "rejected a message: %s", reason)
 
     def _decode(self, frames: list[bytes]) -> Message | None:
         if len(frames) != 1:

@@ -6,7 +6,7 @@ the file. Errors name the offending field by its dotted path and, for
 enumerations, the allowed values.
 """
 
-from stream_rl.config.checks import generator_addrs
+from stream_rl.config.checks import generator_addrs, split_address
 from stream_rl.config.load import EVAL_INHERITS, config_from_dict, config_to_dict, load_config
 from stream_rl.config.sections import (BufferConfig, Config, ConfigError, DataConfig, EvalConfig, GeneratorConfig,
                                        LearnerConfig, ModelConfig, NonNegFloat, NonNegInt, PosFloat, PosInt,
@@ -14,4 +14,4 @@ from stream_rl.config.sections import (BufferConfig, Config, ConfigError, DataCo
 
 __all__ = ["BufferConfig", "Config", "ConfigError", "DataConfig", "EVAL_INHERITS", "EvalConfig", "GeneratorConfig",
            "LearnerConfig", "ModelConfig", "NonNegFloat", "NonNegInt", "PosFloat", "PosInt", "PrunerConfig", "Prob",
-           "RunConfig", "WeightsSyncConfig", "config_from_dict", "config_to_dict", "generator_addrs", "load_config"]
+           "RunConfig", "WeightsSyncConfig", "config_from_dict", "config_to_dict", "generator_addrs", "load_config", "split_address"]

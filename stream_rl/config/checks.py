@@ -21,13 +21,20 @@ def _non_finite(value, path: str):
     return []
 
 
+def split_address(addr: str) -> tuple[str, str, str]:
+    """(scheme, host, port) of a ZMQ endpoint such as tcp://HOST:PORT; a
+    part that is not there is ""."""
+    scheme, sep, rest = addr.partition("://")
+    host, colon, port = rest.rpartition(":")
+    return (scheme if sep else ""), host, (port if colon else "")
+
+
 def check_address(name: str, addr: str) -> None:
     """A ZMQ endpoint the roles can bind or connect: tcp://HOST:PORT or ipc://PATH."""
-    scheme, sep, rest = addr.partition("://")
-    if scheme == "ipc" and sep and rest:
+    if addr.startswith("ipc://") and len(addr) > len("ipc://"):
         return
-    host, colon, port = rest.rpartition(":")
-    if not (scheme == "tcp" and sep and colon and host and port.isdigit() and 0 < int(port) < 65536):
+    scheme, host, port = split_address(addr)
+    if not (scheme == "tcp" and host and port.isdigit() and 0 < int(port) < 65536):
         raise ConfigError(f"{name} must be tcp://HOST:PORT (PORT 1-65535) or ipc://PATH; got {addr!r}")
 
 
@@ -119,9 +126,8 @@ def generator_addrs(g: GeneratorConfig, index: int) -> tuple[str, str]:
         return g.request_addr, g.stream_addr
     out = []
     for field, addr in (("request_addr", g.request_addr), ("stream_addr", g.stream_addr)):
-        scheme, _, rest = addr.partition("://")
-        host, sep, port = rest.rpartition(":")
-        if scheme != "tcp" or not sep or not port.isdigit():
+        scheme, host, port = split_address(addr)
+        if scheme != "tcp" or not port.isdigit():
             raise ConfigError(f"generator.{field} must be tcp://HOST:PORT with generator.count > 1 or "
                               f"generator.hosts; got {addr!r}")
         out.append(f"tcp://{g.hosts[index] if g.hosts else host}:{int(port) + 2 * index}")

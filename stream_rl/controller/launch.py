@@ -64,13 +64,14 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
         else:
             gens = list(generator) if isinstance(generator, list) else [generator]
         ready = learner.wait_ready(cfg.learner.startup_timeout_s)
-        return run_controller(cfg, out, GeneratorPool(gens, cfg.generator.hang_timeout_s), learner, ready, max_steps, t_start,
+        pool = GeneratorPool(gens, cfg.generator.hang_timeout_s)
+        return run_controller(cfg, out, pool, learner, ready, max_steps, t_start,
                               fresh_generators=owned, resume_from=ckpt, checked=checked)
     finally:
         # A generator that died (or hangs) left its engine running, still a
         # rank of the weight broadcast: kill it first, or the learner waits on
         # that broadcast until its stop times out instead of saving and exiting.
-        lost = [g for g in gens if owned and (g.proc.poll() is not None or g.hung)]
+        lost = [g for g in gens if g.proc.poll() is not None or g.hung] if owned else []
         for g in lost:
             g.stop()
         learner.stop()
@@ -101,7 +102,8 @@ def connect(cfg: Config, out_dir: str | Path | None = None, max_steps: int | Non
             g.wait_ready(cfg.generator.startup_timeout_s)
         ready = learner.wait_for(LearnerReady, cfg.learner.startup_timeout_s, "the learner to start",
                                  key="learner.startup_timeout_s")
-        return run_controller(cfg, out, GeneratorPool(gens, cfg.generator.hang_timeout_s), learner, ready, max_steps, t_start,
+        pool = GeneratorPool(gens, cfg.generator.hang_timeout_s)
+        return run_controller(cfg, out, pool, learner, ready, max_steps, t_start,
                               fresh_generators=all(g.version == 0 for g in gens), resume_from=ckpt, checked=checked)
     finally:
         # Queued messages get a moment to leave before the sockets close.

@@ -15,7 +15,7 @@ import time
 
 import msgspec
 
-from stream_rl.config import Config, generator_addrs
+from stream_rl.config import Config, generator_addrs, split_address
 from stream_rl.generator.engine import (EngineReports, build_engine, engine_shape_problem, token_versions,
                                         version_starts)
 from stream_rl.generator.logprob_ledger import LogprobLedger
@@ -379,8 +379,7 @@ class GeneratorService:
 
 def _bindable(addr: str) -> str:
     """A generator on another host binds every interface of its port."""
-    scheme, _, rest = addr.partition("://")
-    host, _, port = rest.rpartition(":")
+    scheme, host, port = split_address(addr)
     local = host in ("127.0.0.1", "localhost", "*", "0.0.0.0")
     return addr if scheme != "tcp" or local else f"tcp://*:{port}"
 

@@ -12,7 +12,7 @@ import msgspec
 from stream_rl.config import Config
 from stream_rl.protocol import Decoder, FromLearner, LearnerFailed, LearnerReady, Shutdown
 from stream_rl.roles import died, start_role, stop_role
-from stream_rl.transport import ZmqChannel, free_ports
+from stream_rl.transport import ThrottledLog, ZmqChannel, free_ports
 
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class LearnerClient:
                                   decoder=Decoder(FromLearner))
         self.batches = ZmqChannel(lc.addr, send=True, bind=False, hwm=cfg.generator.hwm)
         self.stray = 0  # well-formed replies nobody waited for (`skip`)
+        self._stray_log = ThrottledLog(log)
         self.hung = False  # it stopped answering (`hangs`): its stop is not waited out
 
     def send(self, msg) -> None:
@@ -67,11 +68,10 @@ class LearnerClient:
     def skip(self, msg, waiting_for: str) -> None:
         """A well-formed reply nobody asked for: a duplicate, a stale
         learner's from an earlier job on this port, or a forged one. It is
-        counted and logged (the first 10, then every 100th), not obeyed."""
+        counted and logged (at most once a second), not obeyed."""
         self.stray += 1
-        if self.stray <= 10 or self.stray % 100 == 0:
-            log.warning("skipped an unexpected %s on the learner's reply socket while waiting for %s "
-                        "(%d so far)", msgspec.json.encode(msg).decode()[:200], waiting_for, self.stray)
+        self._stray_log(logging.WARNING, "skipped an unexpected %s on the learner's reply socket while waiting "
+                        "for %s (%d so far)", msgspec.json.encode(msg).decode()[:200], waiting_for, self.stray)
 
     def check_alive(self) -> None:
         """Raise LearnerError if the learner is known to be gone."""
