@@ -205,7 +205,7 @@ def sync_once(gen, load: Load, sender, weights: dict, version: int, timeout_s: f
     gen.requests.send(UpdateWeights(version=version, uri=uri))
     t_sent = None
     # torch_dist: when the sender's background broadcast ends (profiling only).
-    thread = getattr(sender, "_thread", None)
+    thread = getattr(sender, "transfer_thread", None)
     last_pump = t_staged
     while True:
         try:

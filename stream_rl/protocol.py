@@ -220,6 +220,15 @@ class Group(msgspec.Struct, kw_only=True):
 
 # --- controller -> learner ----------------------------------------------------
 
+class Receivers(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The generators a staged version goes to. `epoch` changes whenever a
+    generator is lost or rejoins: a transport that keeps a group of
+    receivers (torch_dist) builds a new one then, and never waits on a
+    transfer of an earlier epoch, whose peer may be dead."""
+    epoch: int = 0
+    generators: list[int]
+
+
 class TrainBatch(_Msg):
     """One update's groups (complete, rewarded; the learner computes the
     advantages and trains the quality head on them too)."""
@@ -228,11 +237,14 @@ class TrainBatch(_Msg):
     # Stage the updated weights for the generators as this version (None:
     # no sync after this step, weights_sync.every_steps).
     sync_version: int | None = None
+    receivers: Receivers | None = None  # None: every configured generator
 
 
 class SyncWeights(_Msg):
-    """Stage the current weights as `version` without training (at start)."""
+    """Stage the current weights as `version` without training (at start,
+    and for a generator that rejoins while no other serves)."""
     version: int
+    receivers: Receivers | None = None
 
 
 class WeightsLoaded(_Msg):
@@ -262,6 +274,7 @@ class LearnerReady(_Msg):
 class WeightsStaged(_Msg):
     version: int
     uri: str
+    receivers: Receivers | None = None  # as asked: who may load it
 
 
 class StepDone(_Msg):

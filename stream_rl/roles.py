@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -91,16 +92,29 @@ def stop_role(proc: subprocess.Popen, ask: Callable[[], None], timeout_s: float)
     session is left (an engine's own processes, torchrun's ranks), also when
     the role itself is already gone: a generator killed mid-run left its vLLM
     engine running, holding memory, ports and, on a GPU host, the GPU."""
-    if proc.poll() is None:
+    stop_roles([(proc, ask, timeout_s)])
+
+
+def stop_roles(roles: list[tuple[subprocess.Popen, Callable[[], None], float]]) -> None:
+    """`stop_role` for several at once: all are asked together and waited
+    for side by side (each up to its own timeout), so a job's stop takes its
+    slowest role's time, not the sum."""
+    start = time.monotonic()
+    for proc, ask, _ in roles:
+        if proc.poll() is None:
+            try:
+                ask()
+            except Exception:
+                pass
+    for proc, _, timeout_s in sorted(roles, key=lambda r: r[2]):
         try:
-            ask()
-            proc.wait(timeout_s)
-        except Exception:
+            proc.wait(max(0.0, start + timeout_s - time.monotonic()))
+        except subprocess.TimeoutExpired:
             pass
-    try:
-        # The session's id is the role's pid; the kernel does not reuse it
-        # while any process of the session lives.
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # nothing of it is left
-    proc.wait()
+        try:
+            # The session's id is the role's pid; the kernel does not reuse it
+            # while any process of the session lives.
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # nothing of it is left
+        proc.wait()

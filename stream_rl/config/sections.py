@@ -93,8 +93,14 @@ class GeneratorConfig(_Section):
     hwm: PosInt = 10000
     startup_timeout_s: PosFloat = 600.0
     # A generator with requests running that sends nothing for this long is
-    # taken for hung (stopped, wedged) and the job stops naming it.
+    # taken for hung (stopped, wedged) and treated as lost.
     hang_timeout_s: PosFloat = 300.0
+    # A lost generator (died, hung) is started again (or, run elsewhere,
+    # waited for) up to this many times, after restart_backoff_s doubling
+    # each time; its rollouts continue on the others meanwhile. 0: a loss
+    # with no generator left ends the job.
+    max_restarts: NonNegInt = 3
+    restart_backoff_s: NonNegFloat = 2.0
     # CPU engines that `stream-rl train` starts beside the learner: the cores
     # the engine's own processes (its scheduler, which busy-waits, and with
     # executor mp its worker) run on; the generators' front ends, the

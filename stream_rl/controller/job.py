@@ -45,6 +45,8 @@ class Job:
         self.records: list[dict] = []
         self.first_step = 1
         self.restored: set[str] = set()  # groups a checkpoint handed over: trained, never dropped as stale
+        self.learner_busy = False  # a batch is out (stream): a sync now would queue behind its update
+        self.controller.on_idle = self.rejoin
         self.wall_offset = 0.0  # wall time of the steps before a resume
         self.t0 = time.time()
 
@@ -76,11 +78,20 @@ class Job:
         return step % self.cfg.weights_sync.every_steps == 0 or step == self.steps
 
     def sync_now(self) -> None:
-        """Stage the learner's current weights and load them everywhere (start)."""
-        self.learner.send(SyncWeights(version=self.next_version()))
+        """Stage the learner's current weights and load them on every
+        generator serving or rejoining (at start; a rejoin with none serving)."""
+        self.learner.send(SyncWeights(version=self.next_version(), receivers=self.pool.receivers()))
         staged = self.learner.wait_for(WeightsStaged, self.cfg.learner.startup_timeout_s, "staged weights")
-        self.pool.update_weights(staged.version, staged.uri)
+        self.pool.update_weights(staged.version, staged.uri, staged.receivers)
         self.learner.send(WeightsLoaded(version=staged.version))
+
+    def rejoin(self) -> None:
+        """A restarted generator waits for weights while none serves (one
+        generator, or all lost): stage them now if the learner is free;
+        with others serving it rejoins at the next sync (`batch`)."""
+        if self.pool.joining and not self.pool.live and not self.learner_busy:
+            log.warning("generator(s) %s rejoin with none serving: syncing the weights now", self.pool.joining)
+            self.sync_now()
 
     # --- records ---
 
@@ -126,6 +137,10 @@ class Job:
             # Messages that failed to decode on the controller's sockets so far
             # (the learner's replies, every generator's stream).
             "rejected_messages": self.learner.replies.rejected + sum(c.stream.rejected for c in self.pool.clients),
+            # Generators lost and restarted so far; rollouts and tokens a loss
+            # left running, continued on the others instead of regenerated.
+            **self.pool.stats(),
+            "tokens_recovered": gstats.tokens_recovered,
             **timing,
             "wall_s": time.time() - self.t0,
             **done.stats,
@@ -136,8 +151,10 @@ class Job:
 
     def batch(self, step: int, groups: list[Group]) -> None:
         self.trained_on[step] = self.staged
-        self.learner.send(TrainBatch(step=step, groups=groups,
-                                     sync_version=self.next_version() if self.sync_due(step) else None))
+        # A generator waiting to rejoin gets the weights with this update.
+        sync = self.sync_due(step) or bool(self.pool.joining)
+        self.learner.send(TrainBatch(step=step, groups=groups, sync_version=self.next_version() if sync else None,
+                                     receivers=self.pool.receivers() if sync else None))
 
     def score_prompts(self, groups: list[Group], done: StepDone) -> None:
         """DPPO's prompt history: each trained group's mean |A|, as the

@@ -29,6 +29,7 @@ from stream_rl.metrics import MetricsLogger, summarize
 from stream_rl.placement import allowed_cores, for_job, pin
 from stream_rl.preflight import CheckedJob, check_job
 from stream_rl.protocol import Hello, LearnerReady, Shutdown
+from stream_rl.roles import stop_roles
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,13 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
         log.info("cores: engine(s) %s; front end(s), controller and learner %s", placement.engines, placement.rest)
     learner = LearnerProcess(cfg, out, resume=ckpt, cpus=placement and placement.rest)  # starts while the engines load
     gens: list[GeneratorClient] = []
+    pool = None
     try:
         if owned:
-            gens = [GeneratorProcess(cfg, out, index=i, wait=False, placement=placement)
-                    for i in range(cfg.generator.count)]
+            def start(i: int) -> GeneratorProcess:
+                return GeneratorProcess(cfg, out, index=i, wait=False, placement=placement)
+
+            gens = [start(i) for i in range(cfg.generator.count)]
             if placement is not None:
                 pin(placement.rest)
             for g in gens:
@@ -64,22 +68,46 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
         else:
             gens = list(generator) if isinstance(generator, list) else [generator]
         ready = learner.wait_ready(cfg.learner.startup_timeout_s)
-        pool = GeneratorPool(gens, cfg.generator.hang_timeout_s)
+        pool = make_pool(cfg, gens, start if owned else None)
         return run_controller(cfg, out, pool, learner, ready, max_steps, t_start,
                               fresh_generators=owned, resume_from=ckpt, checked=checked)
     finally:
-        # A generator that died (or hangs) left its engine running, still a
-        # rank of the weight broadcast: kill it first, or the learner waits on
-        # that broadcast until its stop times out instead of saving and exiting.
-        lost = [g for g in gens if g.proc.poll() is not None or g.hung] if owned else []
-        for g in lost:
-            g.stop()
-        learner.stop()
-        for g in gens:
-            if owned and g not in lost:
-                g.stop()
+        if owned:  # the pool's, restarted ones included
+            starting = [pool.clients[i] for i in pool.members.in_state("starting")] if pool is not None else []
+            stop_job(learner, pool.clients if pool is not None else gens, starting)
+        else:
+            learner.stop()
         if placement is not None:
             pin(own_cores)
+
+
+# A generator holds nothing to save: past this its engine is killed.
+GENERATOR_STOP_S = 3.0
+
+
+def stop_job(learner: LearnerProcess, gens: list[GeneratorProcess], starting: list[GeneratorProcess]) -> None:
+    """Every role of this host, side by side: the learner saves its final
+    model meanwhile. A generator that died, hangs or is still starting (it
+    would not answer) is killed first: its engine, left running, is still a
+    rank of the weight broadcast the learner may be finishing."""
+    lost = [g for g in gens if g.proc.poll() is not None or g.hung or g in starting]
+    stop_roles([(g.proc, lambda: None, 0.0) for g in lost])
+    stop_roles([learner.stopping()] + [g.stopping(GENERATOR_STOP_S) for g in gens if g not in lost])
+    for role in [learner, *gens]:
+        role.release()
+
+
+def make_pool(cfg: Config, gens: list[GeneratorClient], restart=None) -> GeneratorPool:
+    g = cfg.generator
+    return GeneratorPool(gens, g.hang_timeout_s, restart, g.max_restarts, g.restart_backoff_s, g.startup_timeout_s)
+
+
+def reconnect(cfg: Config, i: int) -> GeneratorClient:
+    """A generator run elsewhere, lost: fresh sockets (nothing queued for the
+    one that went reaches its successor) and a Hello it answers when up."""
+    c = GeneratorClient(cfg, i)
+    c.requests.send(Hello())
+    return c
 
 
 def connect(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None = None,
@@ -94,6 +122,7 @@ def connect(cfg: Config, out_dir: str | Path | None = None, max_steps: int | Non
     ckpt = find_checkpoint(out / "checkpoint") if resume else None
     learner = LearnerClient(cfg)
     gens = [GeneratorClient(cfg, i) for i in range(cfg.generator.count)]
+    pool = None
     try:
         for g in gens:
             # A generator that is already up (this job resumed) answers with
@@ -102,7 +131,7 @@ def connect(cfg: Config, out_dir: str | Path | None = None, max_steps: int | Non
             g.wait_ready(cfg.generator.startup_timeout_s)
         ready = learner.wait_for(LearnerReady, cfg.learner.startup_timeout_s, "the learner to start",
                                  key="learner.startup_timeout_s")
-        pool = GeneratorPool(gens, cfg.generator.hang_timeout_s)
+        pool = make_pool(cfg, gens, lambda i: reconnect(cfg, i))
         return run_controller(cfg, out, pool, learner, ready, max_steps, t_start,
                               fresh_generators=all(g.version == 0 for g in gens), resume_from=ckpt, checked=checked)
     finally:
@@ -110,7 +139,7 @@ def connect(cfg: Config, out_dir: str | Path | None = None, max_steps: int | Non
         learner.send(Shutdown())
         learner.batches.close(linger_ms=5000)
         learner.close()
-        for g in gens:
+        for g in (pool.clients if pool is not None else gens):
             g.requests.send(Shutdown())
             g.requests.close(linger_ms=5000)
             g.close()

@@ -23,6 +23,7 @@ import math
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import msgspec
 
@@ -48,6 +49,7 @@ class RolloutStats:
     truncated: int = 0  # finished by the length budget, not by EOS
     pruned_groups_dropped: int = 0  # fell below pruner.min_survivors (small_groups: drop)
     rejected: int = 0
+    tokens_recovered: int = 0  # streamed by a generator that was lost, kept to continue elsewhere
     aborted: int = 0  # requests still running at the step's end, aborted
     seconds: float = 0.0
     # Requests in flight integrated over time (request-seconds): divided by
@@ -90,6 +92,9 @@ class RolloutController:
         # after prompt for a generator that refuses them all.
         self.rejected_in_a_row = 0
         self._refill = False  # set by each collect: whether a dropped group is replaced at once
+        # Called when a wait for the generators times out: the job's chance to
+        # act while nothing streams (a generator rejoining with none serving).
+        self.on_idle: Callable[[], None] = lambda: None
         self._step = (time.perf_counter(), msgspec.structs.replace(self.buffer.stats))
 
     # --- requests out ---------------------------------------------------------
@@ -152,6 +157,7 @@ class RolloutController:
         self._last = now
         if msg is None:
             self.client.check_alive()
+            self.on_idle()
             return 0
         handled = 0
         while msg is not None:
@@ -264,6 +270,9 @@ class RolloutController:
                     self._replace_group(r.group_id)
         elif isinstance(msg, RolloutFinished):
             r, outcome = self.buffer.end(msg.request_id, msg.finish_reason, self._score)
+            if self.client.recovered and msg.request_id in self.client.recovered:
+                self.client.recovered.discard(msg.request_id)
+                stats.tokens_recovered += len(r.response_ids) if r is not None else 0
             if outcome != "late":
                 self.rejected_in_a_row = 0
             if outcome == "finished":

@@ -38,8 +38,10 @@ class UpdateRelay:
 
     def add(self, staged: WeightsStaged) -> None:
         if self.loading is None:
-            self.loading = staged
-            self.pool.begin_update(staged.version, staged.uri)
+            if self.pool.begin_update(staged.version, staged.uri, staged.receivers):
+                self.loading = staged
+            else:  # a receiver was lost since it was staged: never to be loaded
+                self.learner.send(WeightsLoaded(version=staged.version))
         else:
             if self.waiting is not None:  # never to be loaded: its staged copy may go
                 self.learner.send(WeightsLoaded(version=self.waiting.version))
@@ -71,8 +73,8 @@ def run_sync(job: Job, metrics: MetricsLogger) -> None:
                                     match=lambda m, step=step: m.step == step, key="learner.step_timeout_s")
         tw = time.perf_counter()
         job.score_prompts(groups, done)
-        if done.weights is not None:
-            job.pool.update_weights(done.weights.version, done.weights.uri)
+        if done.weights is not None:  # abandoned if a receiver was lost: the next sync covers it
+            job.pool.update_weights(done.weights.version, done.weights.uri, done.weights.receivers)
             job.learner.send(WeightsLoaded(version=done.weights.version))
         now = time.perf_counter()
         metrics.log(job.record(step, groups, gstats, done, train_wait_s=tw - tt, sync_s=now - tw, step_s=now - ts))
@@ -90,6 +92,7 @@ def run_stream(job: Job, metrics: MetricsLogger) -> None:
     stats = c.begin_step()
     t_done = time.perf_counter()
     while step_done < job.steps:
+        job.learner_busy = bool(sent)
         # New prompts keep open_limit groups in flight, less what waits
         # beyond one batch for the learner: generation runs at most one
         # batch ahead of the updates.

@@ -12,7 +12,7 @@ from stream_rl.config import Config, generator_addrs
 from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, GeneratorReady, RequestRejected,
                                 RolloutRequest, Shutdown, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.placement import Placement, format_cores
-from stream_rl.roles import died, start_role, stop_role
+from stream_rl.roles import died, start_role, stop_role, stop_roles
 from stream_rl.transport import ZmqChannel, ms_until
 
 
@@ -31,6 +31,7 @@ class GeneratorClient:
         self.stream = ZmqChannel(stream_addr, send=False, bind=False, hwm=g.hwm, decoder=Decoder(FromGenerator))
         self.version = 0
         self.hung = False  # the pool found it silent with requests running
+        self.recovered: set[str] = set()  # (a pool's: requests a lost generator's loss ended)
         # Messages that arrived while waiting for a specific reply; handed
         # out by recv() in arrival order so nothing is lost.
         self._backlog: deque = deque()
@@ -61,8 +62,19 @@ class GeneratorClient:
                 return msg
             self._backlog.append(msg)
 
+    def exit_cause(self) -> str | None:
+        """Why the generator is known to be gone, or None (alive, or run
+        elsewhere: then only its silence tells)."""
+        return None
+
     def check_alive(self) -> None:
         """Raise GeneratorError if the generator is known to be gone."""
+        cause = self.exit_cause()
+        if cause:
+            raise GeneratorError(cause)
+
+    def kill(self) -> None:
+        """Stop it at once, if it is this host's to stop."""
 
     def wait_ready(self, timeout_s: float) -> GeneratorReady:
         msg = self._wait_for((GeneratorReady,), timeout_s, "the generator to start")
@@ -109,12 +121,26 @@ class GeneratorProcess(GeneratorClient):
             self.stop()
             raise
 
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise GeneratorError(died("generator", self.proc, Path(self._log.name)))
+    def exit_cause(self) -> str | None:
+        if self.proc.poll() is None:
+            return None
+        return died(f"generator {self.index}", self.proc, Path(self._log.name))
+
+    def kill(self) -> None:
+        """SIGKILL it and everything of its session (its engine)."""
+        stop_role(self.proc, lambda: None, 0.0)
+        self._log.close()
+
+    def stopping(self, timeout_s: float = 30.0) -> tuple:
+        """Its part in `roles.stop_roles`: asked by a Shutdown (a hung one would not answer)."""
+        return self.proc, lambda: self.requests.send(Shutdown()), 2.0 if self.hung else timeout_s
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        stop_role(self.proc, lambda: self.requests.send(Shutdown()), 2.0 if self.hung else timeout_s)
+        stop_roles([self.stopping(timeout_s)])
+        self.release()
+
+    def release(self) -> None:
+        """Its sockets and log, once the process is gone."""
         self.close()
         self._log.close()
 

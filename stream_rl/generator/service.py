@@ -28,6 +28,7 @@ from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, Q
                                 WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.transport import AsyncZmqChannel
 from stream_rl.weights_sync.buckets import SCHEME as TORCH_DIST
+from stream_rl.weights_sync.buckets import decode_uri
 
 log = logging.getLogger(__name__)
 _FINISH_REASONS = ("stop", "length", "abort")
@@ -235,10 +236,17 @@ class GeneratorService:
             if msg.uri.startswith(TORCH_DIST):
                 # The workers receive in the background while generation
                 # goes on; only loading the staged weights pauses it.
-                # Generator i's workers are ranks 1 + i x tp + worker of the group.
-                first_rank = 1 + self.index * self.cfg.generator.tensor_parallel_size
+                # The k-th receiver's workers are ranks 1 + k x tp + worker of the group.
+                group = decode_uri(msg.uri)["group"]
+                members = group.get("members", list(range(self.cfg.generator.count)))
+                if self.index not in members:
+                    raise ValueError(f"generator {self.index} is not a receiver of this transfer ({members})")
+                first_rank = 1 + members.index(self.index) * self.cfg.generator.tensor_parallel_size
                 await self.engine.collective_rpc("stream_rl_stage_weights", args=(msg.uri, first_rank))
+                self._receiving = _group_key(msg.uri)
                 while True:
+                    if self._abandon:
+                        raise RuntimeError("abandoned: a transfer over a new group replaced it (a peer was lost)")
                     states = await self.engine.collective_rpc("stream_rl_staging_state")
                     errors = [s for s in states if s.startswith("error")]
                     if errors:
@@ -252,8 +260,10 @@ class GeneratorService:
         except Exception as err:
             log.exception("weight update to version %d failed before loading; version %d serves on",
                           msg.version, self.version)
+            self._receiving, self._abandon = None, False
             await self.outbox.send(WeightsUpdateFailed(version=msg.version, error=f"{type(err).__name__}: {err}"))
             return
+        self._receiving, self._abandon = None, False
         t_pause = time.perf_counter()
         # "keep" freezes running requests in place; they continue on the new
         # weights after resume (recomputed, below), and their later tokens
@@ -321,6 +331,8 @@ class GeneratorService:
         self._vocab_size = self.engine.model_config.get_vocab_size()
         await self.engine.update_weight_version(str(self.version))
         self._sync_task = None
+        self._receiving: tuple | None = None  # the group a transfer is being received over
+        self._abandon = False
         self._reports = EngineReports(self.engine, g.hwm, self.logprobs.add, self._on_score)
         if g.return_logprobs:
             await self._reports.enable_logprobs()
@@ -353,8 +365,12 @@ class GeneratorService:
                         await self.engine.abort(live)
                 elif isinstance(msg, UpdateWeights):
                     # A task: requests and aborts keep being served while the
-                    # weights travel; updates run one after the other.
+                    # weights travel; updates run one after the other. One
+                    # still receiving over another group waits for a peer
+                    # that was lost: it is abandoned, not waited out.
                     if self._sync_task is not None:
+                        key = _group_key(msg.uri)
+                        self._abandon = None not in (self._receiving, key) and self._receiving != key
                         await self._sync_task
                     self._sync_task = asyncio.create_task(self._update_weights(msg))
                 elif isinstance(msg, Hello):
@@ -375,6 +391,15 @@ class GeneratorService:
             self.inbox.close()
             self.outbox.close()
             self._reports.close()
+
+
+def _group_key(uri: str) -> tuple | None:
+    """The torch_dist group a weights URI goes over, None for another (or a bad) URI."""
+    try:
+        g = decode_uri(uri)["group"]
+        return (g["host"], g["port"])
+    except Exception:
+        return None
 
 
 def _bindable(addr: str) -> str:

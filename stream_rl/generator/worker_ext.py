@@ -131,7 +131,12 @@ class StreamRLWorkerExtension:
         meta = decode_uri(uri)
         prev = getattr(self, "_stream_rl_stage", None)
         if prev is not None and prev["thread"].is_alive():
-            raise RuntimeError("a weight transfer is still being received")
+            g = meta["group"]
+            if prev["meta"]["group"]["port"] == g["port"] and prev["meta"]["group"]["host"] == g["host"]:
+                raise RuntimeError("a weight transfer is still being received")
+            # A new group: the old one lost a peer (its sender abandoned it
+            # too). The thread is left to its group's timeout, with its buffers.
+            self._stream_rl_bufs = []
         state = {"error": None, "tensors": [], "meta": meta, "rank": first_rank + int(getattr(self, "rank", 0))}
         state["thread"] = threading.Thread(target=self._stream_rl_receive, args=(state,), daemon=True)
         self._stream_rl_stage = state

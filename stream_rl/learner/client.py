@@ -11,7 +11,7 @@ import msgspec
 
 from stream_rl.config import Config
 from stream_rl.protocol import Decoder, FromLearner, LearnerFailed, LearnerReady, Shutdown
-from stream_rl.roles import died, start_role, stop_role
+from stream_rl.roles import died, start_role, stop_roles
 from stream_rl.transport import ThrottledLog, ZmqChannel, free_ports
 
 
@@ -109,6 +109,14 @@ class LearnerProcess(LearnerClient):
     def stop(self, timeout_s: float = 60.0) -> None:
         """Ask it to save its final model and exit; kill it if it does not
         (at once, nearly, if it hangs: it would not answer)."""
-        stop_role(self.proc, lambda: self.send(Shutdown()), 2.0 if self.hung else timeout_s)
+        stop_roles([self.stopping(timeout_s)])
+        self.release()
+
+    def stopping(self, timeout_s: float = 60.0) -> tuple:
+        """Its part in `roles.stop_roles`."""
+        return self.proc, lambda: self.send(Shutdown()), 2.0 if self.hung else timeout_s
+
+    def release(self) -> None:
+        """Its sockets and log, once the process is gone."""
         self.close()
         self._log.close()

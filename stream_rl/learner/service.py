@@ -20,11 +20,10 @@ from stream_rl.learner.distributed import broadcast_batch, init_from_env
 from stream_rl.learner.distributed import close as close_distributed
 from stream_rl.learner.samples import samples_from_groups
 from stream_rl.learner.trainer import Learner
-from stream_rl.protocol import (CheckpointSaved, Decoder, LearnerFailed, LearnerReady, SaveCheckpoint, Shutdown,
-                                StepDone, SyncWeights, ToLearner, TrainBatch, WeightsLoaded, WeightsStaged)
+from stream_rl.protocol import (CheckpointSaved, Decoder, LearnerFailed, LearnerReady, Receivers, SaveCheckpoint,
+                                Shutdown, StepDone, SyncWeights, ToLearner, TrainBatch, WeightsLoaded, WeightsStaged)
 from stream_rl.transport import ZmqChannel
 from stream_rl.weights_sync import make_weight_sender
-from stream_rl.weights_sync.base import WeightSyncFailed
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,10 @@ class LearnerService:
                                 decoder=Decoder(ToLearner))
         self.outbox = ZmqChannel(cfg.learner.reply_addr, send=True, bind=False, hwm=cfg.generator.hwm)
 
-    def stage(self, version: int) -> WeightsStaged:
-        uri = self.sender.stage(self.learner.weights_for_sync(), version)
+    def stage(self, version: int, receivers: Receivers | None) -> WeightsStaged:
+        uri = self.sender.stage(self.learner.weights_for_sync(), version, receivers)
         self.version = version
-        return WeightsStaged(version=version, uri=uri)
+        return WeightsStaged(version=version, uri=uri, receivers=receivers)
 
     def train(self, msg: TrainBatch) -> StepDone:
         lc = self.cfg.learner
@@ -82,7 +81,7 @@ class LearnerService:
         weights = None
         if msg.sync_version is not None:
             t1 = time.perf_counter()
-            weights = self.stage(msg.sync_version)
+            weights = self.stage(msg.sync_version, msg.receivers)
             stats["stage_s"] = time.perf_counter() - t1
         return StepDone(step=msg.step, stats=stats, weights=weights,
                         group_abs_advantage=group_abs_advantage(msg.groups, batch.samples))
@@ -93,15 +92,8 @@ class LearnerService:
                                       needs_sync=self.learner.head_trainer is not None or self.resumed is not None))
         try:
             while True:
-                msg = self.inbox.recv()
-                try:
-                    if self.handle(msg):
-                        return self.learner.steps
-                except WeightSyncFailed as err:
-                    # A generator is gone, not this model: say so, and serve
-                    # on, so that the Shutdown that follows still saves it.
-                    log.error("%s", err)
-                    self.outbox.send(LearnerFailed(error=f"{type(err).__name__}: {err}"))
+                if self.handle(self.inbox.recv()):
+                    return self.learner.steps
         except BaseException as err:
             self.outbox.send(LearnerFailed(error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"))
             raise
@@ -115,7 +107,7 @@ class LearnerService:
         if isinstance(msg, TrainBatch):
             self.outbox.send(self.train(msg))
         elif isinstance(msg, SyncWeights):
-            self.outbox.send(self.stage(msg.version))
+            self.outbox.send(self.stage(msg.version, msg.receivers))
         elif isinstance(msg, WeightsLoaded):
             self.sender.release(msg.version)
         elif isinstance(msg, SaveCheckpoint):

@@ -7,8 +7,8 @@ def make_weight_sender(cfg, run_dir) -> WeightSender:
     if backend == "torch_dist":
         from stream_rl.weights_sync.torch_dist import TorchDistWeightSender
 
-        # Rank 0: the learner; then every worker of every generator.
-        return TorchDistWeightSender(cfg.generator.count * cfg.generator.tensor_parallel_size,
+        # Rank 0: the learner; then every worker of every receiving generator.
+        return TorchDistWeightSender(cfg.generator.count, cfg.generator.tensor_parallel_size,
                                      cfg.weights_sync.bucket_mb, cfg.learner.device, cfg.weights_sync.host,
                                      cfg.weights_sync.timeout_s)
     from stream_rl.weights_sync.file import FileWeightSender

@@ -11,16 +11,15 @@ from abc import ABC, abstractmethod
 
 import torch
 
-
-class WeightSyncFailed(RuntimeError):
-    """A transfer to the generators failed (one of them is gone, most
-    often). The learner's own weights are intact."""
+from stream_rl.protocol import Receivers
 
 
 class WeightSender(ABC):
     @abstractmethod
-    def stage(self, weights: dict[str, torch.Tensor], version: int) -> str:
-        """Make `weights` available as `version`; return the URI to load."""
+    def stage(self, weights: dict[str, torch.Tensor], version: int, receivers: Receivers | None = None) -> str:
+        """Make `weights` available as `version` to `receivers` (None: every
+        generator); return the URI to load. A transfer that failed, or one
+        to receivers of an earlier epoch, must not hold this one up."""
 
     @abstractmethod
     def release(self, version: int) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from stream_rl.protocol import Receivers
 from stream_rl.weights_sync.base import WeightSender
 
 
@@ -37,7 +38,7 @@ class FileWeightSender(WeightSender):
     def path(self, version: int) -> Path:
         return self.dir / f"weights-v{version:06d}.safetensors"
 
-    def stage(self, weights: dict[str, torch.Tensor], version: int) -> str:
+    def stage(self, weights: dict[str, torch.Tensor], version: int, receivers: Receivers | None = None) -> str:
         final = self.path(version)
         tmp = final.with_suffix(".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp),

@@ -353,7 +353,7 @@ def test_weight_sync_refuses_mismatched_or_stale_weights_and_keeps_serving(gener
     name = next(k for k in good if k.endswith("q_proj.weight"))
     wrong_shape = {**good, name: torch.zeros(good[name].shape[0] + 1, good[name].shape[1])}
     unknown = {**good, "model.layers.0.not_a_weight": torch.zeros(3)}
-    for sender in (FileWeightSender(tmp_path), TorchDistWeightSender(1, 1)):
+    for sender in (FileWeightSender(tmp_path), TorchDistWeightSender(1, 1, bucket_mb=1)):
         for bad, why in ((wrong_shape, name), (unknown, "unknown name")):
             v = generator.version + 1
             with pytest.raises(GeneratorError, match=why):

@@ -36,7 +36,8 @@ def test_a_stopped_role_ends_the_job_within_its_timeout_naming_it(engine_cfg, tm
     cfg_path.write_bytes(msgspec.json.encode(cfg))
     out = tmp_path / "run"
     job = subprocess.Popen([sys.executable, "-m", "stream_rl", "train", "--config", str(cfg_path), "--out", str(out),
-                            "--max-steps", "200", "--set", "mode=stream", "--set", f"{key}={TIMEOUT_S}"],
+                            "--max-steps", "200", "--set", "mode=stream", "--set", f"{key}={TIMEOUT_S}",
+                            "--set", "generator.max_restarts=0"],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

@@ -13,12 +13,16 @@ class Pool:
     """The two things UpdateRelay reads of a GeneratorPool: begin_update and
     `pending` (cleared here when the test lets the load finish)."""
 
-    def __init__(self):
+    def __init__(self, doomed=()):
         self.pending, self.begun = None, []
+        self.doomed = set(doomed)  # versions staged for a receiver lost since
 
-    def begin_update(self, version: int, uri: str) -> None:
+    def begin_update(self, version: int, uri: str, receivers=None) -> bool:
+        if version in self.doomed:
+            return False
         self.pending = version
         self.begun.append(version)
+        return True
 
 
 class Learner:
@@ -69,3 +73,15 @@ def test_every_staged_version_released_once_and_loads_in_order(events):
     released = _released(learner)
     assert sorted(released) == list(range(1, version + 1))
     assert pool.begun == sorted(pool.begun) and (not version or pool.begun[-1] == version)
+
+
+def test_a_version_staged_for_a_lost_generator_is_released_at_once_and_the_next_loads():
+    pool, learner = Pool(doomed={2}), Learner()
+    relay = UpdateRelay(pool, learner)
+    relay.add(WeightsStaged(version=1, uri="u1"))
+    relay.add(WeightsStaged(version=2, uri="u2"))  # waits for 1
+    pool.pending = None
+    assert relay.poll()  # 1 loaded; 2 cannot be: released, nothing loading
+    assert _released(learner) == [1, 2] and relay.loading is None
+    relay.add(WeightsStaged(version=3, uri="u3"))
+    assert pool.begun == [1, 3] and relay.loading.version == 3

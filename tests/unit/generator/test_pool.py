@@ -10,7 +10,7 @@ import pytest
 from stream_rl.config import generator_addrs, load_config
 from stream_rl.generator.client import GeneratorClient, GeneratorError
 from stream_rl.generator.pool import GeneratorPool
-from stream_rl.protocol import (AbortRequests, Decoder, RolloutFinished, RolloutRequest, TokenChunk, ToGenerator,
+from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, RolloutFinished, RolloutRequest, TokenChunk, ToGenerator,
                                 UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.transport import ZmqChannel, free_ports
 from tests.conftest import ROOT
@@ -122,21 +122,103 @@ def test_a_timed_wait_blocks_instead_of_spinning(two):
     assert 0 not in polls
 
 
-def test_a_generator_silent_with_requests_running_is_taken_for_hung(two):
+def test_a_generator_silent_with_requests_running_is_lost_and_its_requests_come_back_as_aborts(two):
     gens, pool = two
     pool.hang_timeout_s = 0.5
     pool.submit(req("a"))
     pool.submit(req("b"))
     (a,), (b,) = gens[0].take(1), gens[1].take(1)
+    # An idle generator is never hung, however long it is quiet: only 0 runs a request.
     # Generator 1 streams on; generator 0 goes silent with its request running.
-    deadline = time.monotonic() + 10
-    with pytest.raises(GeneratorError, match=r"generator 0 has sent nothing for \d+ s with 1 requests running"):
-        offset = 0
-        while time.monotonic() < deadline:
-            gens[1].outbox.send(TokenChunk(request_id=b.request_id, offset=offset, token_ids=[5], logprobs=[-0.1],
-                                           versions=[0]))
-            offset += 1
-            pool.recv(100)
-    # An idle generator is never hung, however long it is quiet.
-    pool.running = [0, 0]
-    pool.check_silence(time.monotonic() + 3600)
+    seen, offset, deadline = [], 0, time.monotonic() + 10
+    while time.monotonic() < deadline and not any(isinstance(m, RolloutFinished) for m in seen):
+        gens[1].outbox.send(TokenChunk(request_id=b.request_id, offset=offset, token_ids=[5], logprobs=[-0.1],
+                                       versions=[0]))
+        offset += 1
+        seen.append(pool.recv(100))
+    ended = [m for m in seen if isinstance(m, RolloutFinished)]
+    assert [(m.request_id, m.finish_reason) for m in ended] == [(a.request_id, "abort")]
+    assert pool.recovered == {a.request_id} and pool.running == [0, 1] and pool.live == [1]
+    assert pool.clients[0].hung and pool.stats()["generators_lost"] == 1
+    pool.submit(req("c"))  # only the survivor takes requests now
+    assert gens[1].take(1)[0].request_id == "c"
+    # The last one lost, with no restart: the job cannot go on, and says why.
+    pool.clients[1].exit_cause = lambda: "generator 1 process was killed by SIGKILL"
+    with pytest.raises(GeneratorError, match="no generator is left .* killed by SIGKILL"):
+        pool.check_alive()
+
+
+class Dies(GeneratorClient):
+    """A client whose process is gone once `dead` is set (what
+    GeneratorProcess learns from its process)."""
+    dead = False
+
+    def exit_cause(self):
+        return "generator process was killed by SIGKILL" if self.dead else None
+
+
+def test_a_lost_generator_restarts_rejoins_with_the_weights_and_takes_the_waiting_requests(tmp_path):
+    port = free_ports(1)[0]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"generator.request_addr=tcp://127.0.0.1:{port}", f"generator.stream_addr=tcp://127.0.0.1:{port + 1}"])
+    gen = StandIn(cfg, 0)
+    started = []
+
+    def restart(i):
+        started.append(i)
+        return GeneratorClient(cfg, i)
+
+    pool = GeneratorPool([Dies(cfg, 0)], restart=restart, max_restarts=1, backoff_s=0.2)
+    try:
+        pool.submit(req("a"))
+        gen.take(1)
+        gen.outbox.send(TokenChunk(request_id="a", offset=0, token_ids=[5, 6], logprobs=[-0.1, -0.2],
+                                   versions=[0, 0]))
+        time.sleep(0.2)
+        pool.clients[0].dead = True
+        gen.close()
+        # What it streamed before it went, then its request's end.
+        got = [pool.recv(2000), pool.recv(2000)]
+        assert isinstance(got[0], TokenChunk) and got[0].token_ids == [5, 6]
+        assert (got[1].request_id, got[1].finish_reason) == ("a", "abort")
+        pool.submit(req("a2"))  # none serves: it waits
+        assert pool.queued.keys() == {"a2"} and pool.live == []
+        gen = StandIn(cfg, 0)
+        assert pool.recv(1500) is None and started == [0]  # restarted after the backoff
+        gen.outbox.send(GeneratorReady(generator_id="gen0", version=0, max_model_len=64))
+        assert pool.recv(300) is None and pool.joining == [0]
+        receivers = pool.receivers()
+        assert receivers.generators == [0] and receivers.epoch == 2  # lost, then rejoining
+        assert pool.begin_update(3, "file:///w3", receivers)
+        (update,) = gen.take(1)
+        assert isinstance(update, UpdateWeights) and update.version == 3
+        assert pool.queued  # not before it serves the current weights
+        gen.outbox.send(WeightsUpdated(version=3, load_s=0.1))
+        assert pool.recv(300) is None
+        assert pool.live == [0] and pool.pending is None and pool.version == 3
+        assert gen.take(1)[0].request_id == "a2" and not pool.queued
+        stats = pool.stats()
+        assert stats["generators_lost"] == 1 and stats["generator_restarts"] == 1
+        assert stats["rollouts_recovered"] == 1 and stats["no_generator_s"] > 0.2
+    finally:
+        gen.close()
+        for c in pool.clients:
+            c.close()
+
+
+def test_a_transfer_that_loses_a_receiver_is_abandoned_and_the_survivors_failure_is_no_error(two):
+    gens, pool = two
+    assert pool.begin_update(1, "torch-dist://v1", pool.receivers())
+    for g in gens:
+        g.take(1)
+    pool.clients[1].exit_cause = lambda: "generator 1 process was killed by SIGKILL"
+    pool.clients[1].kill = lambda: None
+    pool.check_alive()  # lost mid-transfer: the version is abandoned, not waited for
+    assert pool.pending is None and 1 in pool.abandoned and pool.live == [0]
+    gens[0].outbox.send(WeightsUpdateFailed(version=1, error="Connection closed by peer"))
+    assert pool.recv(300) is None  # expected: logged, not raised
+    # Weights staged for the receivers before the loss cannot be delivered.
+    stale = pool.receivers().__class__(epoch=0, generators=[0, 1])
+    assert not pool.begin_update(2, "torch-dist://v2", stale) and pool.pending is None
+    assert pool.begin_update(3, "torch-dist://v3", pool.receivers())
+    assert gens[0].take(1)[0].version == 3
