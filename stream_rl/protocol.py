@@ -24,7 +24,10 @@ import msgspec
 
 
 class _Msg(msgspec.Struct, tag=True, forbid_unknown_fields=True, kw_only=True):
-    pass
+    # The job it belongs to (`run.id`), stamped by the sending channel: a
+    # receiver of a job drops and counts any other (a stale role of an
+    # earlier job on the same port, a stray or forged sender).
+    run: str = ""
 
 
 # --- controller -> generator ------------------------------------------------
@@ -318,14 +321,19 @@ def encode(msg: _Msg) -> bytes:
 class Decoder:
     """Strict decoder for one direction of a channel."""
 
-    def __init__(self, kind=Message):
+    def __init__(self, kind=Message, run: str = ""):
+        """`run`: accept only this job's messages (empty: any job's)."""
         self._dec = msgspec.msgpack.Decoder(kind)
+        self.run = run
 
     def decode(self, data: bytes) -> Message:
         try:
             msg = self._dec.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
             raise ProtocolError(f"rejected message ({len(data)} bytes): {err}") from None
+        if self.run and msg.run != self.run:
+            raise ProtocolError(f"rejected {type(msg).__name__} of another job (run {msg.run!r}; this job is "
+                                f"{self.run!r})")
         _check(msg)
         return msg
 

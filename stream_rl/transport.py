@@ -15,12 +15,12 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import zmq
 import zmq.asyncio
 
-from stream_rl.protocol import Decoder, Message, ProtocolError, encode
+from stream_rl.protocol import Decoder, Message, ProtocolError, encode  # noqa: F401 (encode: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,16 @@ def _bind(sock: zmq.Socket, addr: str, retry_s: float = BIND_RETRY_S) -> None:
             pause = min(0.2, pause * 2)
 
 
-def _socket(ctx: zmq.Context, kind: int, addr: str, bind: bool, hwm: int) -> zmq.Socket:
+def _socket(ctx: zmq.Context, kind: int, addr: str, bind: bool, hwm: int, max_bytes: int | None = None) -> zmq.Socket:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.LINGER, 0)
+    if max_bytes and kind == zmq.PULL:
+        # A bigger message drops its sender's connection before it is read
+        # into memory: with the high-water mark, a queue holds at most
+        # hwm x max_bytes.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     try:
         _bind(sock, addr) if bind else sock.connect(addr)
     except BaseException:
@@ -95,14 +100,38 @@ class ThrottledLog:
         self._logged_at, self._left_out = now, 0
 
 
+class Cap(NamedTuple):
+    """The largest message a channel's receiver takes, and the config key that sets it."""
+    max_bytes: int
+    key: str
+
+
+def caps(cfg) -> tuple[Cap, Cap]:
+    """A job's two caps: every message between roles, and the learner's batches."""
+    return (Cap(cfg.generator.max_message_mb << 20, "generator.max_message_mb"),
+            Cap(cfg.learner.max_batch_mb << 20, "learner.max_batch_mb"))
+
+
 class _Decoding:
-    def __init__(self, decoder: Decoder | None):
+    def __init__(self, decoder: Decoder | None, run: str = "", cap: Cap | None = None):
         self._decoder = decoder or Decoder()
+        self.run = run  # stamped on every message sent
+        self.cap = cap
         self.rejected = 0
         self._reject_log = ThrottledLog()
         # Called with a rejected message's bytes and the reason (after the log
         # line), e.g. to tell its sender; it must not raise.
         self.on_reject: Callable[[bytes, str], None] | None = None
+
+    def _encode(self, msg) -> bytes:
+        if self.run:
+            msg.run = self.run
+        data = encode(msg)
+        if self.cap is not None and len(data) > self.cap.max_bytes:
+            # The receiver would drop it with the connection: say so here.
+            raise ProtocolError(f"a {type(msg).__name__} of {len(data) / 2**20:.1f} MiB exceeds {self.cap.key} "
+                                f"({self.cap.max_bytes / 2**20:.0f} MiB): raise it in the config")
+        return data
 
     def _reject(self, reason: str) -> None:
         self.rejected += 1
@@ -132,9 +161,11 @@ class ZmqChannel(_Decoding, Channel):
     """Blocking ZMQ channel for threads and plain loops."""
 
     def __init__(self, addr: str, *, send: bool, bind: bool, hwm: int = 10000,
-                 decoder: Decoder | None = None, ctx: zmq.Context | None = None):
-        super().__init__(decoder)
-        self._sock = _socket(ctx or zmq.Context.instance(), zmq.PUSH if send else zmq.PULL, addr, bind, hwm)
+                 decoder: Decoder | None = None, ctx: zmq.Context | None = None, run: str = "",
+                 cap: Cap | None = None):
+        super().__init__(decoder, run, cap)
+        self._sock = _socket(ctx or zmq.Context.instance(), zmq.PUSH if send else zmq.PULL, addr, bind, hwm,
+                             cap and cap.max_bytes)
 
     @property
     def sock(self) -> zmq.Socket:
@@ -142,7 +173,7 @@ class ZmqChannel(_Decoding, Channel):
         return self._sock
 
     def send(self, msg) -> None:
-        self._sock.send(encode(msg), copy=False)
+        self._sock.send(self._encode(msg), copy=False)
 
     def recv(self, timeout_ms: int | None = None) -> Message | None:
         # A rejected message is skipped; the wait goes on for a valid one
@@ -169,13 +200,14 @@ class AsyncZmqChannel(_Decoding):
     """asyncio twin of ZmqChannel for the generator's event loop."""
 
     def __init__(self, addr: str, *, send: bool, bind: bool, hwm: int = 10000,
-                 decoder: Decoder | None = None, ctx: zmq.asyncio.Context | None = None):
-        super().__init__(decoder)
+                 decoder: Decoder | None = None, ctx: zmq.asyncio.Context | None = None, run: str = "",
+                 cap: Cap | None = None):
+        super().__init__(decoder, run, cap)
         self._sock = _socket(ctx or zmq.asyncio.Context.instance(), zmq.PUSH if send else zmq.PULL,
-                             addr, bind, hwm)
+                             addr, bind, hwm, cap and cap.max_bytes)
 
     async def send(self, msg) -> None:
-        await self._sock.send(encode(msg), copy=False)
+        await self._sock.send(self._encode(msg), copy=False)
 
     async def recv(self) -> Message:
         while True:

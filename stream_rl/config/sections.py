@@ -91,6 +91,10 @@ class GeneratorConfig(_Section):
     # ZMQ high-water marks: senders block at this many queued messages
     # instead of dropping.
     hwm: PosInt = 10000
+    # The largest message between roles (a TrainBatch aside:
+    # learner.max_batch_mb): a bigger one is refused, and a receiving queue
+    # holds at most hwm x this many bytes.
+    max_message_mb: PosInt = 64
     startup_timeout_s: PosFloat = 600.0
     # A generator with requests running that sends nothing for this long is
     # taken for hung (stopped, wedged) and treated as lost.
@@ -264,6 +268,9 @@ class LearnerConfig(_Section):
     ranks: PosInt = 1
     addr: str = "tcp://127.0.0.1:5570"
     reply_addr: str = "tcp://127.0.0.1:5571"
+    # The largest TrainBatch (a step's groups) the learner takes: a bigger
+    # one is refused at the controller, naming this key.
+    max_batch_mb: PosInt = 2048
     startup_timeout_s: PosFloat = 600.0
     # An update not answered in this long is taken for a hung learner (a
     # stopped process, a stuck collective) and the job stops naming it.
@@ -285,6 +292,10 @@ class WeightsSyncConfig(_Section):
 
 
 class RunConfig(_Section):
+    # Every message carries it and every receiver drops another job's. Empty:
+    # `stream-rl train` draws one per run; roles started apart (several
+    # hosts) accept any job's unless their shared config names one.
+    id: str = ""
     out_dir: str = "runs/tiny"
     max_steps: PosInt = 100
     seed: int = 0

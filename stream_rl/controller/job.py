@@ -141,6 +141,7 @@ class Job:
             # left running, continued on the others instead of regenerated.
             **self.pool.stats(),
             "tokens_recovered": gstats.tokens_recovered,
+            "chunks_out_of_order": gstats.chunks_out_of_order,
             **timing,
             "wall_s": time.time() - self.t0,
             **done.stats,

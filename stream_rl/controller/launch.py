@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import statistics
 import time
 from pathlib import Path
@@ -43,10 +44,12 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
     `resume` continues from the newest complete checkpoint in OUT."""
     t_start = time.time()
     checked = check_job(cfg)  # before anything starts: errors in seconds, not after the engines load
+    owned = generator is None
+    if owned and not cfg.run.id:  # a job of its own on the wire (a shared generator keeps its own)
+        cfg = msgspec.structs.replace(cfg, run=msgspec.structs.replace(cfg.run, id=secrets.token_hex(4)))
     out = Path(out_dir or cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = find_checkpoint(out / "checkpoint") if resume else None
-    owned = generator is None
     # Engines started here get cores of their own (generator.engine_cpus).
     placement = for_job(cfg) if owned else None
     own_cores = allowed_cores()

@@ -28,11 +28,13 @@ from typing import Callable
 import msgspec
 
 from stream_rl.buffer.recycling import RecyclingBuffer
+from stream_rl.buffer.rollouts import BufferError
 from stream_rl.config import Config
 from stream_rl.data import PromptSampler
 from stream_rl.generator.client import GeneratorClient, GeneratorError
 from stream_rl.protocol import Group, RequestRejected, Rollout, RolloutFinished, RolloutRequest, TokenChunk
 from stream_rl.pruner.base import Pruner
+from stream_rl.transport import ThrottledLog
 from stream_rl.verifier import MathVerifier
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class RolloutStats:
     pruned_groups_dropped: int = 0  # fell below pruner.min_survivors (small_groups: drop)
     rejected: int = 0
     tokens_recovered: int = 0  # streamed by a generator that was lost, kept to continue elsewhere
+    chunks_out_of_order: int = 0  # a chunk lost (a second reader on a stream?) or repeated
     aborted: int = 0  # requests still running at the step's end, aborted
     seconds: float = 0.0
     # Requests in flight integrated over time (request-seconds): divided by
@@ -95,6 +98,10 @@ class RolloutController:
         # Called when a wait for the generators times out: the job's chance to
         # act while nothing streams (a generator rejoining with none serving).
         self.on_idle: Callable[[], None] = lambda: None
+        # Requests whose stream skipped or repeated a chunk: stopped, their
+        # rollouts continue from the tokens before it.
+        self.out_of_order: set[str] = set()
+        self._order_log = ThrottledLog(log)
         self._step = (time.perf_counter(), msgspec.structs.replace(self.buffer.stats))
 
     # --- requests out ---------------------------------------------------------
@@ -257,7 +264,16 @@ class RolloutController:
 
     def handle(self, msg, stats: RolloutStats) -> None:
         if isinstance(msg, TokenChunk):
-            r = self.buffer.on_chunk(msg)
+            if msg.request_id in self.out_of_order:
+                return  # being stopped: what came after the gap is not its
+            try:
+                r = self.buffer.on_chunk(msg)
+            except BufferError as err:
+                stats.chunks_out_of_order += 1
+                self._order_log(logging.ERROR, "%s; it is stopped and continues from the tokens before", err)
+                self.out_of_order.add(msg.request_id)
+                self.client.abort([msg.request_id])
+                return
             if r is None:
                 return  # a late chunk of a dropped group
             stats.tokens_generated += len(msg.token_ids)
@@ -269,7 +285,11 @@ class RolloutController:
                     stats.pruned_groups_dropped += 1
                     self._replace_group(r.group_id)
         elif isinstance(msg, RolloutFinished):
-            r, outcome = self.buffer.end(msg.request_id, msg.finish_reason, self._score)
+            # A request whose stream had a gap ends as aborted: its rollout is
+            # kept to the gap and continues, it is not scored incomplete.
+            reason = "abort" if msg.request_id in self.out_of_order else msg.finish_reason
+            self.out_of_order.discard(msg.request_id)
+            r, outcome = self.buffer.end(msg.request_id, reason, self._score)
             if self.client.recovered and msg.request_id in self.client.recovered:
                 self.client.recovered.discard(msg.request_id)
                 stats.tokens_recovered += len(r.response_ids) if r is not None else 0

@@ -13,7 +13,7 @@ from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, Generator
                                 RolloutRequest, Shutdown, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.placement import Placement, format_cores
 from stream_rl.roles import died, start_role, stop_role, stop_roles
-from stream_rl.transport import ZmqChannel, ms_until
+from stream_rl.transport import ZmqChannel, caps, ms_until
 
 
 class GeneratorError(RuntimeError):
@@ -27,8 +27,10 @@ class GeneratorClient:
         g = cfg.generator
         request_addr, stream_addr = generator_addrs(g, index)
         self.index = index
-        self.requests = ZmqChannel(request_addr, send=True, bind=False, hwm=g.hwm)
-        self.stream = ZmqChannel(stream_addr, send=False, bind=False, hwm=g.hwm, decoder=Decoder(FromGenerator))
+        cap, _ = caps(cfg)
+        self.requests = ZmqChannel(request_addr, send=True, bind=False, hwm=g.hwm, run=cfg.run.id, cap=cap)
+        self.stream = ZmqChannel(stream_addr, send=False, bind=False, hwm=g.hwm, cap=cap,
+                                 decoder=Decoder(FromGenerator, cfg.run.id))
         self.version = 0
         self.hung = False  # the pool found it silent with requests running
         self.recovered: set[str] = set()  # (a pool's: requests a lost generator's loss ended)

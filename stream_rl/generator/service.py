@@ -26,7 +26,7 @@ from stream_rl.placement import pin
 from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, QualityScore, RequestRejected,
                                 RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
                                 WeightsUpdated, WeightsUpdateFailed)
-from stream_rl.transport import AsyncZmqChannel
+from stream_rl.transport import AsyncZmqChannel, caps
 from stream_rl.weights_sync.buckets import SCHEME as TORCH_DIST
 from stream_rl.weights_sync.buckets import decode_uri
 
@@ -319,10 +319,12 @@ class GeneratorService:
         # port between its choice and a bind made after the engine was up
         # ("Address already in use"). Requests sent meanwhile wait here.
         request_addr, stream_addr = generator_addrs(g, self.index)
-        self.inbox = AsyncZmqChannel(_bindable(request_addr), send=False, bind=True, hwm=g.hwm,
-                                     decoder=Decoder(ToGenerator))
+        cap, _ = caps(self.cfg)
+        self.inbox = AsyncZmqChannel(_bindable(request_addr), send=False, bind=True, hwm=g.hwm, cap=cap,
+                                     decoder=Decoder(ToGenerator, self.cfg.run.id))
         self.inbox.on_reject = self._reject_undecodable
-        self.outbox = AsyncZmqChannel(_bindable(stream_addr), send=True, bind=True, hwm=g.hwm)
+        self.outbox = AsyncZmqChannel(_bindable(stream_addr), send=True, bind=True, hwm=g.hwm, run=self.cfg.run.id,
+                                      cap=cap)
         if self.engine_cpus:  # the engine's scheduler process inherits this process's cores
             pin(self.engine_cpus)
         self.engine = build_engine(self.cfg, self.index, self.engine_cpus)

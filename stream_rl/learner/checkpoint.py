@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import msgspec
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 MODEL_FILE = Path("model") / "model.safetensors"
@@ -40,6 +44,8 @@ FINAL_HEAD_FILE = "quality_head.pt"
 
 
 def config_hash(cfg) -> str:
+    """The config's identity, its run id aside (a new one every run)."""
+    cfg = msgspec.structs.replace(cfg, run=msgspec.structs.replace(cfg.run, id=""))
     return hashlib.sha256(msgspec.json.encode(cfg)).hexdigest()[:16]
 
 
@@ -92,7 +98,9 @@ def save_checkpoint(path, learner, *, step: int, version: int, pruner=None, extr
         "learner_steps": learner.steps, "has_head": ht is not None, "has_pruner": pruner is not None,
         "model": {k: getattr(mc, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")},
     })
-    return commit_checkpoint(tmp, path)
+    # The job's checkpoint keeps two generations (`Job.checkpoint`); this
+    # part, written into its staging directory, replaces what is there.
+    return commit_checkpoint(tmp, path, keep_previous=False)
 
 
 # --- the whole job's checkpoint: the learner's part, then the controller's ----------
@@ -129,35 +137,105 @@ def _fsync_tree(root: Path) -> None:
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     for d in dirs:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(d)
 
 
-def commit_checkpoint(staged, path) -> Path:
-    """Swap the complete checkpoint at `staged` in as `path`; the previous one
-    stays whole until then (as `path`.old during the swap)."""
+MANIFEST_FILE = "manifest.json"  # every file's size and CRC-32, written at commit
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def check_checkpoint(path) -> str | None:
+    """What is wrong with the checkpoint at `path` (missing, incomplete, a
+    file truncated or changed since it was committed), or None if intact."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not there"
+    for name in (CONTROLLER_FILE, "meta.json"):
+        if not (path / name).is_file():
+            return f"incomplete: no {name}"
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return None  # written before manifests: trusted as complete
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"{MANIFEST_FILE} is unreadable ({type(err).__name__}: {err})"
+    for rel, (size, crc) in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} is {f.stat().st_size} bytes, {size} when it was written (truncated?)"
+        if _crc32(f) != crc:
+            return f"{rel} does not match its CRC-32 (changed or corrupted since it was written)"
+    return None
+
+
+# The checkpoints kept: the newest (`path`) and the one before (`path`.prev),
+# so a newer one found damaged at resume still leaves one to resume from.
+def previous_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".prev")
+
+
+def commit_checkpoint(staged, path, keep_previous: bool = True) -> Path:
+    """Swap the complete checkpoint at `staged` in as `path`, with a manifest
+    of its files, all fsynced; the one it replaces becomes `path`.prev (the
+    one before that is deleted), or goes too without `keep_previous`. A
+    crash at any point leaves the newest complete one findable
+    (`find_checkpoint`)."""
     staged, path = Path(staged), Path(path)
+    _write_json(staged / MANIFEST_FILE, {"files": {str(f.relative_to(staged)): [f.stat().st_size, _crc32(f)]
+                                                   for f in _files(staged)}})
     _fsync_tree(staged)
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    prev = previous_path(path)
     if path.exists():
-        path.rename(old)
+        shutil.rmtree(prev, ignore_errors=True)
+        path.rename(prev)
     staged.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    if not keep_previous:
+        shutil.rmtree(prev, ignore_errors=True)
+    _fsync_dir(path.parent)  # the renames themselves
     return path
 
 
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def find_checkpoint(path) -> Path:
-    """The newest complete job checkpoint at `path`: a run killed while
-    writing or swapping one leaves it as `path`.next or `path`.old."""
+    """The newest intact job checkpoint at `path`: a run killed while
+    writing or swapping one leaves it as `path`.next; a damaged newest one
+    is passed over for `path`.prev, saying what is wrong with it."""
     path = Path(path)
-    for cand in (staging_path(path), path, path.with_name(path.name + ".old")):
-        if (cand / CONTROLLER_FILE).is_file() and (cand / "meta.json").is_file():
+    problems = []
+    for cand in (staging_path(path), path, previous_path(path), path.with_name(path.name + ".old")):
+        why = check_checkpoint(cand)
+        if why is None:
+            for older, reason in problems:
+                if reason != "not there" and not (older == staging_path(path) and reason.startswith("incomplete")):
+                    log.warning("checkpoint %s is not used: %s; resuming from %s", older, reason, cand)
             return cand
-    raise FileNotFoundError(f"no complete checkpoint at {path} (nor {path.name}.next / {path.name}.old)")
+        problems.append((cand, why))
+    raise FileNotFoundError(f"no intact checkpoint at {path}: "
+                            + "; ".join(f"{c.name}: {why}" for c, why in problems if why != "not there")
+                            if any(why != "not there" for _, why in problems)
+                            else f"no complete checkpoint at {path} (nor {path.name}.next / {path.name}.prev)")
 
 
 def load_controller_state(path, *, pruner, buffer, sampler) -> dict:

@@ -12,7 +12,7 @@ import msgspec
 from stream_rl.config import Config
 from stream_rl.protocol import Decoder, FromLearner, LearnerFailed, LearnerReady, Shutdown
 from stream_rl.roles import died, start_role, stop_roles
-from stream_rl.transport import ThrottledLog, ZmqChannel, free_ports
+from stream_rl.transport import ThrottledLog, ZmqChannel, caps, free_ports
 
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,11 @@ class LearnerError(RuntimeError):
 class LearnerClient:
     def __init__(self, cfg: Config):
         lc = cfg.learner
-        self.replies = ZmqChannel(lc.reply_addr, send=False, bind=True, hwm=cfg.generator.hwm,
-                                  decoder=Decoder(FromLearner))
-        self.batches = ZmqChannel(lc.addr, send=True, bind=False, hwm=cfg.generator.hwm)
+        cap, batch_cap = caps(cfg)
+        self.replies = ZmqChannel(lc.reply_addr, send=False, bind=True, hwm=cfg.generator.hwm, cap=cap,
+                                  decoder=Decoder(FromLearner, cfg.run.id))
+        self.batches = ZmqChannel(lc.addr, send=True, bind=False, hwm=cfg.generator.hwm, run=cfg.run.id,
+                                  cap=batch_cap)
         self.stray = 0  # well-formed replies nobody waited for (`skip`)
         self._stray_log = ThrottledLog(log)
         self.hung = False  # it stopped answering (`hangs`): its stop is not waited out

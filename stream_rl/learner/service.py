@@ -22,7 +22,7 @@ from stream_rl.learner.samples import samples_from_groups
 from stream_rl.learner.trainer import Learner
 from stream_rl.protocol import (CheckpointSaved, Decoder, LearnerFailed, LearnerReady, Receivers, SaveCheckpoint,
                                 Shutdown, StepDone, SyncWeights, ToLearner, TrainBatch, WeightsLoaded, WeightsStaged)
-from stream_rl.transport import ZmqChannel
+from stream_rl.transport import ZmqChannel, caps
 from stream_rl.weights_sync import make_weight_sender
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,11 @@ class LearnerService:
             self.resumed = load_checkpoint(find_checkpoint(resume), self.learner)
             self.version = self.resumed["version"]
         self.sender = make_weight_sender(cfg, self.out)
-        self.inbox = ZmqChannel(cfg.learner.addr, send=False, bind=True, hwm=cfg.generator.hwm,
-                                decoder=Decoder(ToLearner))
-        self.outbox = ZmqChannel(cfg.learner.reply_addr, send=True, bind=False, hwm=cfg.generator.hwm)
+        cap, batch_cap = caps(cfg)
+        self.inbox = ZmqChannel(cfg.learner.addr, send=False, bind=True, hwm=cfg.generator.hwm, cap=batch_cap,
+                                decoder=Decoder(ToLearner, cfg.run.id))
+        self.outbox = ZmqChannel(cfg.learner.reply_addr, send=True, bind=False, hwm=cfg.generator.hwm,
+                                 run=cfg.run.id, cap=cap)
 
     def stage(self, version: int, receivers: Receivers | None) -> WeightsStaged:
         uri = self.sender.stage(self.learner.weights_for_sync(), version, receivers)

@@ -93,12 +93,16 @@ def test_a_generator_killed_mid_run_is_survived_and_forged_replies_are_skipped(e
         family = _family(job)
         time.sleep(0.5)
         os.kill(_generator_pid(out, 1), signal.SIGKILL)
-        # A stale learner's reply, a forged one, on the controller's reply socket.
+        # On the controller's reply socket: a duplicate reply of this job
+        # (its run id), and a forged one (another job's, or none).
+        run = json.loads((out / "config.json").read_text())["run"]["id"]
+        assert run
         sock = zmq.Context.instance().socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(cfg.learner.reply_addr)
-        sock.send(encode(StepDone(step=1, stats={})))  # a duplicate: step 1 is done
+        sock.send(encode(StepDone(step=1, stats={}, run=run)))  # step 1 is done
         sock.send(encode(StepDone(step=99999, stats={})))
+        sock.send(encode(StepDone(step=99999, stats={}, run="another-job")))
         sock.close()
         log, _ = job.communicate(timeout=600)
     finally:
@@ -110,7 +114,7 @@ def test_a_generator_killed_mid_run_is_survived_and_forged_replies_are_skipped(e
     last = records[-1]
     assert last["generators_lost"] == 1 and "generator 1 lost: generator 1 process was killed by SIGKILL" in log
     assert last["rollouts_recovered"] > 0 and sum(r["tokens_recovered"] for r in records) > 0
-    assert last["stray_learner_replies"] >= 2
+    assert last["stray_learner_replies"] == 1 and last["rejected_messages"] >= 2
     assert (out / "final_model" / "config.json").exists()
     time.sleep(1)
     assert not _left(family), "left running"

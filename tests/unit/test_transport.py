@@ -60,3 +60,44 @@ def test_a_flood_of_bad_messages_is_counted_in_full_and_logged_a_line_a_second(c
     finally:
         tx.close()
         rx.close()
+
+
+def test_another_jobs_messages_are_dropped_and_counted():
+    from stream_rl.protocol import Decoder, FromLearner, LearnerFailed, StepDone
+
+    addr = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    rx = ZmqChannel(addr, send=False, bind=True, decoder=Decoder(FromLearner, run="job-a"))
+    ours = ZmqChannel(addr, send=True, bind=False, run="job-a")
+    stale = ZmqChannel(addr, send=True, bind=False, run="job-b")  # a learner of an earlier job on this port
+    bare = ZmqChannel(addr, send=True, bind=False)  # a forger who does not know the id
+    try:
+        stale.send(StepDone(step=1, stats={}))
+        bare.send(LearnerFailed(error="forged"))
+        ours.send(StepDone(step=2, stats={}))
+        got = rx.recv(timeout_ms=2000)
+        assert isinstance(got, StepDone) and got.step == 2 and got.run == "job-a"
+        assert rx.recv(timeout_ms=200) is None and rx.rejected == 2
+    finally:
+        for c in (rx, ours, stale, bare):
+            c.close()
+
+
+def test_a_message_over_the_cap_is_refused_at_the_sender_naming_the_key_and_dropped_at_the_receiver():
+    from stream_rl.protocol import ProtocolError, StepDone
+    from stream_rl.transport import Cap
+
+    addr = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    cap = Cap(1 << 20, "generator.max_message_mb")
+    rx = ZmqChannel(addr, send=False, bind=True, cap=cap)
+    tx = ZmqChannel(addr, send=True, bind=False, cap=cap)
+    raw = ZmqChannel(addr, send=True, bind=False)  # no cap of its own: only the receiver's holds
+    try:
+        with pytest.raises(ProtocolError, match=r"StepDone of 2\.0 MiB exceeds generator.max_message_mb \(1 MiB\)"):
+            tx.send(StepDone(step=1, stats={"x": "y" * (2 << 20)}))
+        raw.send(StepDone(step=1, stats={"x": "y" * (2 << 20)}))
+        assert rx.recv(timeout_ms=500) is None  # dropped with its connection, never decoded
+        tx.send(StepDone(step=2, stats={}))
+        assert rx.recv(timeout_ms=2000).step == 2
+    finally:
+        for c in (rx, tx, raw):
+            c.close()

@@ -128,7 +128,36 @@ def test_find_checkpoint_prefers_the_newest_complete_one(tmp_path):
     (staging_path(path) / CONTROLLER_FILE).write_text(json.dumps({"step": 4}))
     # Killed after the controller's part, before or during the swap: step 4.
     assert step_of(find_checkpoint(path)) == 4
-    path.rename(path.with_name("checkpoint.old"))
+    path.rename(path.with_name("checkpoint.prev"))  # killed between the swap's two renames
     assert step_of(find_checkpoint(path)) == 4
     commit_checkpoint(staging_path(path), path)
-    assert step_of(find_checkpoint(path)) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert step_of(find_checkpoint(path)) == 4
+    # Two generations are kept: the newest and the one before.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint.prev"]
+    make(staging_path(path), 6)
+    commit_checkpoint(staging_path(path), path)
+    assert [step_of(p) for p in (path, path.with_name("checkpoint.prev"))] == [6, 4]
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before_naming_the_damage(tmp_path, caplog):
+    from stream_rl.learner.checkpoint import CONTROLLER_FILE, commit_checkpoint, find_checkpoint, staging_path
+
+    path = tmp_path / "checkpoint"
+    for step in (2, 4):
+        staged = staging_path(path)
+        (staged / "model").mkdir(parents=True)
+        (staged / "meta.json").write_text("{}")
+        (staged / "model" / "model.safetensors").write_bytes(bytes(range(256)) * 40)
+        (staged / CONTROLLER_FILE).write_text(json.dumps({"step": step}))
+        commit_checkpoint(staged, path)
+    weights = path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: a disk that filled up
+    with caplog.at_level("WARNING"):
+        found = find_checkpoint(path)
+    assert json.loads((found / CONTROLLER_FILE).read_text())["step"] == 2
+    assert "model/model.safetensors is 1000 bytes, 10240 when it was written" in caplog.text
+    # Changed in place, same size: the CRC tells.
+    prev = found / "model" / "model.safetensors"
+    prev.write_bytes(bytes(reversed(prev.read_bytes())))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint: .*\(truncated\?\).*checkpoint.prev: .*CRC-32"):
+        find_checkpoint(path)
