@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 from stream_rl.config import Config
@@ -137,8 +138,11 @@ class EngineReports:
         from stream_rl.transport import AsyncZmqChannel
 
         self._engine = engine
-        self._path = os.path.join(tempfile.gettempdir(), f"stream-rl-reports-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        self.addr = f"ipc://{self._path}"
+        name = f"stream-rl-reports-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Linux: an abstract socket, which has no file to leave behind when
+        # the generator is killed (its stop gives it seconds, not a cleanup).
+        self._path = None if sys.platform.startswith("linux") else os.path.join(tempfile.gettempdir(), name)
+        self.addr = f"ipc://@{name}" if self._path is None else f"ipc://{self._path}"
         self._channel = AsyncZmqChannel(self.addr, send=False, bind=True, hwm=hwm, decoder=Decoder(FromWorker))
 
         async def receive() -> None:
@@ -161,7 +165,8 @@ class EngineReports:
     def close(self) -> None:
         self._task.cancel()
         self._channel.close()
-        try:  # the socket's file: one per engine start would pile up in the temp directory
-            os.unlink(self._path)
-        except OSError:
-            pass
+        if self._path is not None:  # the socket's file: one per engine start would pile up
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass

@@ -10,47 +10,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
-import msgspec
 import psutil
 import zmq
 
 from stream_rl.protocol import StepDone, encode
-from stream_rl.transport import free_ports
-from tests.conftest import ROOT, cfg_with
+from tests.integration.jobs import finish, records, running, start_train, wait_steps
 
 # Small steps: two engines share this box's two cores with the learner.
 SMALL = {"generator__target_groups": 4, "generator__max_tokens": 96, "generator__restart_backoff_s": 0.5,
          "run__checkpoint_every": 0}
 
 
-def _start(engine_cfg, tmp_path, steps: int, **overrides):
-    ports = free_ports(2 + 2 * overrides.get("generator__count", 1))
-    cfg = cfg_with(engine_cfg, **SMALL, **overrides, generator__request_addr=f"tcp://127.0.0.1:{ports[2]}",
-                   generator__stream_addr=f"tcp://127.0.0.1:{ports[3]}",
-                   learner__addr=f"tcp://127.0.0.1:{ports[0]}", learner__reply_addr=f"tcp://127.0.0.1:{ports[1]}")
-    cfg_path = tmp_path / "job.json"
-    cfg_path.write_bytes(msgspec.json.encode(cfg))
-    out = tmp_path / "run"
-    job = subprocess.Popen([sys.executable, "-m", "stream_rl", "train", "--config", str(cfg_path), "--out", str(out),
-                            "--max-steps", str(steps)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return cfg, out, job
-
-
-def _records(out):
-    path = out / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
-
-
-def _wait_steps(job, out, n: int, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while len(_records(out)) < n:
-        assert job.poll() is None, job.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, f"the job made no {n} steps in {timeout_s:.0f} s"
-        time.sleep(0.2)
+def _start(engine_cfg, tmp_path, steps, **overrides):
+    return start_train(engine_cfg, tmp_path, steps, **SMALL, **overrides)
 
 
 def _family(job) -> list[psutil.Process]:
@@ -76,11 +50,15 @@ def _generator_pid(out, index: int) -> int:
     return int(pids[0])
 
 
-def _every_step_once(records, steps: int) -> None:
-    assert [r["step"] for r in records] == list(range(1, steps + 1))
-    ids = [g for r in records for g in r["group_ids"]]
+def _ran_every_step_once(job, out, log: str, steps: int) -> dict:
+    """Its exit was clean and every step trained its groups, none twice; the last record."""
+    assert job.returncode == 0, log[-3000:]
+    recs = records(out)
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    ids = [g for r in recs for g in r["group_ids"]]
     assert len(ids) == len(set(ids)), "a group was trained twice"
-    assert all(r["groups"] == SMALL["generator__target_groups"] for r in records)
+    assert all(r["groups"] == SMALL["generator__target_groups"] for r in recs)
+    return recs[-1] | {"tokens_recovered_total": sum(r["tokens_recovered"] for r in recs)}
 
 
 def test_a_generator_killed_mid_run_is_survived_and_forged_replies_are_skipped(engine_cfg, tmp_path):
@@ -88,8 +66,8 @@ def test_a_generator_killed_mid_run_is_survived_and_forged_replies_are_skipped(e
     # Twice the groups a batch needs in flight: half of them are mid-way when one is taken.
     cfg, out, job = _start(engine_cfg, tmp_path, steps, generator__count=2, mode="stream",
                            generator__overprovision=2.0)
-    try:
-        _wait_steps(job, out, 2)
+    with running(job):
+        wait_steps(job, out, 2)
         family = _family(job)
         time.sleep(0.5)
         os.kill(_generator_pid(out, 1), signal.SIGKILL)
@@ -104,16 +82,10 @@ def test_a_generator_killed_mid_run_is_survived_and_forged_replies_are_skipped(e
         sock.send(encode(StepDone(step=99999, stats={})))
         sock.send(encode(StepDone(step=99999, stats={}, run="another-job")))
         sock.close()
-        log, _ = job.communicate(timeout=600)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 0, log[-3000:]
-    records = _records(out)
-    _every_step_once(records, steps)
-    last = records[-1]
+        log = finish(job, 600)
+    last = _ran_every_step_once(job, out, log, steps)
     assert last["generators_lost"] == 1 and "generator 1 lost: generator 1 process was killed by SIGKILL" in log
-    assert last["rollouts_recovered"] > 0 and sum(r["tokens_recovered"] for r in records) > 0
+    assert last["rollouts_recovered"] > 0 and last["tokens_recovered_total"] > 0
     assert last["stray_learner_replies"] == 1 and last["rejected_messages"] >= 2
     assert (out / "final_model" / "config.json").exists()
     time.sleep(1)
@@ -123,17 +95,11 @@ def test_a_generator_killed_mid_run_is_survived_and_forged_replies_are_skipped(e
 def test_the_only_generator_killed_the_job_waits_for_its_restart(engine_cfg, tmp_path):
     steps = 5
     cfg, out, job = _start(engine_cfg, tmp_path, steps, generator__count=1, mode="sync", pruner__mode="none")
-    try:
-        _wait_steps(job, out, 2)
+    with running(job):
+        wait_steps(job, out, 2)
         os.kill(_generator_pid(out, 0), signal.SIGKILL)
-        log, _ = job.communicate(timeout=600)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 0, log[-3000:]
-    records = _records(out)
-    _every_step_once(records, steps)
-    last = records[-1]
+        log = finish(job, 600)
+    last = _ran_every_step_once(job, out, log, steps)
     assert last["generators_lost"] == 1 and last["generator_restarts"] == 1 and last["generators_live"] == 1
     assert last["no_generator_s"] > 0 and "generator 0 rejoined" in log
     # It serves the learner's weights, not the model path's it started from.
@@ -142,16 +108,13 @@ def test_the_only_generator_killed_the_job_waits_for_its_restart(engine_cfg, tmp
 
 def test_sigterm_mid_run_stops_every_process_within_seconds(engine_cfg, tmp_path):
     cfg, out, job = _start(engine_cfg, tmp_path, 200, generator__count=2, mode="stream")
-    try:
-        _wait_steps(job, out, 2)
+    with running(job):
+        wait_steps(job, out, 2)
         family = _family(job)
         t0 = time.monotonic()
         job.send_signal(signal.SIGTERM)
-        log, _ = job.communicate(timeout=60)
+        log = finish(job, 60)
         took = time.monotonic() - t0
-    finally:
-        if job.poll() is None:
-            job.kill()
     assert job.returncode == 128 + signal.SIGTERM
     assert "stream-rl train: SIGTERM received: stopping" in log
     print(f"SIGTERM: the job ended {took:.1f} s later")

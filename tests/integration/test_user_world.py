@@ -65,7 +65,7 @@ def test_train_with_a_chat_template_on_a_llama(trained):
     assert logprob_gaps_within(records)
     log = (trained["out"] / "generator.log").read_text()
     assert "Failed to load weights" not in log  # the rotary tables' harmless reload warning is dropped
-    # The engine's report socket file went with it.
+    # The engine's report socket left no file behind (an abstract socket on Linux).
     assert set(Path(tempfile.gettempdir()).glob("stream-rl-reports-*")) <= trained["sockets_before"]
 
 
@@ -150,7 +150,7 @@ def test_check_config_refuses_a_shape_the_cpu_engine_cannot_serve(world, tmp_pat
     path.write_text(yaml.safe_dump(raw))
     rc, _, err = _cli(["check-config", "--config", str(path)])
     assert rc == 2 and "head_dim 16" in err and "CPU attention" in err, err
-    with pytest.raises(GeneratorError, match="generator process exited with code 1: .*GeneratorDied: model.path's "
+    with pytest.raises(GeneratorError, match="generator 0 process exited with code 1: .*GeneratorDied: model.path's "
                                              "model has head_dim 16"):
         train(config_from_dict(raw), tmp_path / "run", max_steps=1)
 
