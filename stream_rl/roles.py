@@ -24,12 +24,19 @@ def _exit_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# The stop signal this process received, if any: a role's shutdown that
+# follows it is no failure to report (a generator's cancelled tasks).
+received: int | None = None
+
+
 def exit_on_sigterm(role: str | None = None) -> None:
     """SIGTERM (and, with `role`, Ctrl-C's SIGINT) raises SystemExit, so
     `finally` blocks stop a role's children (Python's default would end the
     process without them). With `role` it says so on stderr at once: a stop
     takes seconds, and silence read as a hang."""
     def handler(signum, frame):
+        global received
+        received = signum
         if role:
             print(f"stream-rl {role}: {signal.Signals(signum).name} received: stopping", file=sys.stderr, flush=True)
         sys.exit(128 + signum)

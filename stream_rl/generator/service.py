@@ -22,6 +22,7 @@ from stream_rl.generator.logprob_ledger import LogprobLedger
 from stream_rl.generator.quality_scorer import SCORE_KEY
 from stream_rl.generator.sampled_logprobs import STREAM_KEY
 from stream_rl.generator.step_trace import ENV as STEP_TRACE_ENV
+from stream_rl import roles
 from stream_rl.placement import pin
 from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, QualityScore, RequestRejected,
                                 RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
@@ -381,6 +382,8 @@ class GeneratorService:
                 elif isinstance(msg, Shutdown):
                     break
         except asyncio.CancelledError:
+            if roles.received is not None:  # stopped by a signal: said so already
+                raise
             raise GeneratorDied("the vLLM engine died; see the traceback above") from None
         finally:
             for t in list(self.tasks.values()) + [self._sync_task]:
