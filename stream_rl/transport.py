@@ -3,13 +3,18 @@
 Channels are one-directional PUSH/PULL pairs. High-water marks bound the
 queues and a full queue blocks the sender (backpressure), it never drops.
 A received message that fails to decode is logged, counted and skipped, so a
-foreign or corrupt sender cannot crash a service.
+foreign or corrupt sender cannot crash a service. With a shared secret
+(`STREAM_RL_SECRET`), every message carries its HMAC and one without a
+valid HMAC is rejected the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
+import os
 import random
 import socket
 import time
@@ -100,6 +105,32 @@ class ThrottledLog:
         self._logged_at, self._left_out = now, 0
 
 
+SECRET_ENV = "STREAM_RL_SECRET"
+TAG_BYTES = 32
+
+
+def secret() -> bytes | None:
+    """The job's shared secret: `STREAM_RL_SECRET` in every role's
+    environment (never in the config, which is written to OUT), or None."""
+    value = os.environ.get(SECRET_ENV)
+    return value.encode() if value else None
+
+
+def seal(data: bytes, key: bytes | None) -> bytes:
+    """`data` with its HMAC-SHA256 in front under `key`; as it is without one."""
+    return hmac.new(key, data, hashlib.sha256).digest() + data if key else data
+
+
+def unseal(data: bytes, key: bytes | None) -> bytes:
+    """The message `seal` wrapped; ProtocolError if its HMAC does not match."""
+    if not key:
+        return data
+    if len(data) < TAG_BYTES or not hmac.compare_digest(
+            data[:TAG_BYTES], hmac.new(key, data[TAG_BYTES:], hashlib.sha256).digest()):
+        raise ProtocolError(f"rejected a message ({len(data)} bytes) that fails authentication ({SECRET_ENV})")
+    return data[TAG_BYTES:]
+
+
 class Cap(NamedTuple):
     """The largest message a channel's receiver takes, and the config key that sets it."""
     max_bytes: int
@@ -117,6 +148,7 @@ class _Decoding:
         self._decoder = decoder or Decoder()
         self.run = run  # stamped on every message sent
         self.cap = cap
+        self._key = secret()  # every message sealed and checked with it
         self.rejected = 0
         self._reject_log = ThrottledLog()
         # Called with a rejected message's bytes and the reason (after the log
@@ -126,7 +158,7 @@ class _Decoding:
     def _encode(self, msg) -> bytes:
         if self.run:
             msg.run = self.run
-        data = encode(msg)
+        data = seal(encode(msg), self._key)
         if self.cap is not None and len(data) > self.cap.max_bytes:
             # The receiver would drop it with the connection: say so here.
             raise ProtocolError(f"a {type(msg).__name__} of {len(data) / 2**20:.1f} MiB exceeds {self.cap.key} "
@@ -142,7 +174,7 @@ class _Decoding:
             self._reject(f"multipart message with {len(frames)} frames")
             return None
         try:
-            return self._decoder.decode(frames[0])
+            return self._decoder.decode(unseal(frames[0], self._key))
         except ProtocolError as err:
             self._reject(str(err))
             if self.on_reject is not None:

@@ -16,8 +16,8 @@ import time
 import msgspec
 
 from stream_rl.config import Config, generator_addrs, split_address
-from stream_rl.generator.engine import (EngineReports, build_engine, engine_shape_problem, token_versions,
-                                        version_starts)
+from stream_rl.generator.engine import (EngineReports, build_engine, delivery_interval, engine_shape_problem,
+                                        pause_in_place, token_versions, version_starts)
 from stream_rl.generator.logprob_ledger import LogprobLedger
 from stream_rl.generator.quality_scorer import SCORE_KEY
 from stream_rl.generator.sampled_logprobs import STREAM_KEY
@@ -29,7 +29,7 @@ from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, Q
                                 WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.transport import AsyncZmqChannel, caps
 from stream_rl.weights_sync.buckets import SCHEME as TORCH_DIST
-from stream_rl.weights_sync.buckets import decode_uri
+from stream_rl.weights_sync.buckets import decode_uri, group_key
 
 log = logging.getLogger(__name__)
 _FINISH_REASONS = ("stop", "length", "abort")
@@ -41,34 +41,6 @@ class GeneratorDied(RuntimeError):
 
 class _AbortedEarly(Exception):
     """The request was aborted before its task started generating."""
-
-
-async def pause_in_place(engine) -> None:
-    """Stop the engine's scheduler with its requests kept in place ("keep").
-
-    `AsyncLLM.pause_generation` sleeps 20 ms after the engine has paused, so
-    that a caller sees the outputs of the last step first (vLLM: "not
-    required for correctness"); tokens here take their version from the
-    engine's step label, not from arrival order. In stream mode, paused
-    once a step, that sleep was 40% of each pause (~20 of ~50 ms here), so
-    the engine client's pause is called directly when there is one."""
-    core = getattr(engine, "engine_core", None)
-    if core is not None and hasattr(core, "pause_scheduler_async"):
-        await core.pause_scheduler_async(mode="keep", clear_cache=False)
-    else:
-        await engine.pause_generation(mode="keep", clear_cache=False)
-
-
-def delivery_interval(chunk_tokens: int) -> dict:
-    """SamplingParams arguments that make vLLM hand a request's tokens to this
-    process every `chunk_tokens` tokens (and at its end or abort, with every
-    token not yet handed over) instead of after every engine step. The chunks
-    leave full either way; each hand-over wakes the request's coroutine, and
-    this cut the front end's CPU by about 30% per token (docs/capacity.md).
-    Empty for a vLLM without per-request `stream_interval`."""
-    from vllm import SamplingParams
-
-    return {"stream_interval": chunk_tokens} if "stream_interval" in SamplingParams.__struct_fields__ else {}
 
 
 class GeneratorService:
@@ -244,7 +216,7 @@ class GeneratorService:
                     raise ValueError(f"generator {self.index} is not a receiver of this transfer ({members})")
                 first_rank = 1 + members.index(self.index) * self.cfg.generator.tensor_parallel_size
                 await self.engine.collective_rpc("stream_rl_stage_weights", args=(msg.uri, first_rank))
-                self._receiving = _group_key(msg.uri)
+                self._receiving = group_key(msg.uri)
                 while True:
                     if self._abandon:
                         raise RuntimeError("abandoned: a transfer over a new group replaced it (a peer was lost)")
@@ -372,7 +344,7 @@ class GeneratorService:
                     # still receiving over another group waits for a peer
                     # that was lost: it is abandoned, not waited out.
                     if self._sync_task is not None:
-                        key = _group_key(msg.uri)
+                        key = group_key(msg.uri)
                         self._abandon = None not in (self._receiving, key) and self._receiving != key
                         await self._sync_task
                     self._sync_task = asyncio.create_task(self._update_weights(msg))
@@ -396,15 +368,6 @@ class GeneratorService:
             self.inbox.close()
             self.outbox.close()
             self._reports.close()
-
-
-def _group_key(uri: str) -> tuple | None:
-    """The torch_dist group a weights URI goes over, None for another (or a bad) URI."""
-    try:
-        g = decode_uri(uri)["group"]
-        return (g["host"], g["port"])
-    except Exception:
-        return None
 
 
 def _bindable(addr: str) -> str:

@@ -202,6 +202,7 @@ class StreamRLWorkerExtension:
             import zmq
 
             from stream_rl.protocol import encode
+            from stream_rl.transport import seal, secret
 
             sock = zmq.Context.instance().socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
@@ -209,7 +210,8 @@ class StreamRLWorkerExtension:
             # lost log-prob would leave its request waiting for it.
             sock.setsockopt(zmq.SNDHWM, 100000)
             sock.connect(addr)
-            self._stream_rl_send = lambda msg: sock.send(encode(msg))
+            key = secret()
+            self._stream_rl_send = lambda msg: sock.send(seal(encode(msg), key))
         return self._stream_rl_send
 
     def _stream_rl_logprobs(self):

