@@ -143,6 +143,8 @@ def connect(cfg: Config, out_dir: str | Path | None = None, max_steps: int | Non
         learner.batches.close(linger_ms=5000)
         learner.close()
         for g in (pool.clients if pool is not None else gens):
+            if g.requests.sock.closed:  # lost for good: nothing to tell it
+                continue
             g.requests.send(Shutdown())
             g.requests.close(linger_ms=5000)
             g.close()
