@@ -94,7 +94,8 @@ def stop_job(learner: LearnerProcess, gens: list[GeneratorProcess], starting: li
     would not answer) is killed first: its engine, left running, is still a
     rank of the weight broadcast the learner may be finishing."""
     lost = [g for g in gens if g.proc.poll() is not None or g.hung or g in starting]
-    stop_roles([(g.proc, lambda: None, 0.0) for g in lost])
+    for g in lost:
+        g.kill()
     stop_roles([learner.stopping()] + [g.stopping(GENERATOR_STOP_S) for g in gens if g not in lost])
     for role in [learner, *gens]:
         role.release()

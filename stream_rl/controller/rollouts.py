@@ -290,7 +290,7 @@ class RolloutController:
             reason = "abort" if msg.request_id in self.out_of_order else msg.finish_reason
             self.out_of_order.discard(msg.request_id)
             r, outcome = self.buffer.end(msg.request_id, reason, self._score)
-            if self.client.recovered and msg.request_id in self.client.recovered:
+            if msg.request_id in self.client.recovered:
                 self.client.recovered.discard(msg.request_id)
                 stats.tokens_recovered += len(r.response_ids) if r is not None else 0
             if outcome != "late":

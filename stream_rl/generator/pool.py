@@ -168,8 +168,7 @@ class GeneratorPool:
         log.warning("generator %d: starting it again (restart %d of %d)", i, slot.restarts, self.members.max_restarts)
         try:
             c = self.restart(i)
-        except Exception as err:
-            self.members.slots[i].state = "starting"
+        except Exception as err:  # counts as a restart, as one that dies while starting
             self.members.lose(i, now, f"its restart failed: {type(err).__name__}: {err}")
             return
         self.clients[i] = c
@@ -200,8 +199,9 @@ class GeneratorPool:
                 del self.owner[msg.request_id]
                 self.running[i] -= 1
         elif isinstance(msg, WeightsUpdateFailed):
-            if msg.version in self.abandoned or msg.version != self.pending:
-                # An abandoned transfer, or one of a controller before this one (resumed job).
+            if msg.version != self.pending:
+                # An abandoned transfer (`_abandon` cleared it), or one of a
+                # controller before this one (resumed job).
                 log.warning("generator %d: weights version %d failed: %s", i, msg.version, msg.error)
                 return None
             raise GeneratorError(f"generator {i} failed to load weights version {msg.version}: {msg.error}")

@@ -29,7 +29,7 @@ from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, Q
                                 WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.transport import AsyncZmqChannel, caps
 from stream_rl.weights_sync.buckets import SCHEME as TORCH_DIST
-from stream_rl.weights_sync.buckets import decode_uri, group_key
+from stream_rl.weights_sync.buckets import decode_uri, group_key, uri_group_key
 
 log = logging.getLogger(__name__)
 _FINISH_REASONS = ("stop", "length", "abort")
@@ -216,7 +216,7 @@ class GeneratorService:
                     raise ValueError(f"generator {self.index} is not a receiver of this transfer ({members})")
                 first_rank = 1 + members.index(self.index) * self.cfg.generator.tensor_parallel_size
                 await self.engine.collective_rpc("stream_rl_stage_weights", args=(msg.uri, first_rank))
-                self._receiving = group_key(msg.uri)
+                self._receiving = group_key(group)
                 while True:
                     if self._abandon:
                         raise RuntimeError("abandoned: a transfer over a new group replaced it (a peer was lost)")
@@ -344,7 +344,7 @@ class GeneratorService:
                     # still receiving over another group waits for a peer
                     # that was lost: it is abandoned, not waited out.
                     if self._sync_task is not None:
-                        key = group_key(msg.uri)
+                        key = uri_group_key(msg.uri)
                         self._abandon = None not in (self._receiving, key) and self._receiving != key
                         await self._sync_task
                     self._sync_task = asyncio.create_task(self._update_weights(msg))

@@ -126,13 +126,12 @@ class StreamRLWorkerExtension:
         """Start receiving the weights `uri` describes into staging buffers,
         in a background thread: generation goes on meanwhile. This worker is
         rank `first_rank` + its own rank of the group (rank 0: the learner)."""
-        from stream_rl.weights_sync.buckets import decode_uri
+        from stream_rl.weights_sync.buckets import decode_uri, group_key
 
         meta = decode_uri(uri)
         prev = getattr(self, "_stream_rl_stage", None)
         if prev is not None and prev["thread"].is_alive():
-            g = meta["group"]
-            if prev["meta"]["group"]["port"] == g["port"] and prev["meta"]["group"]["host"] == g["host"]:
+            if group_key(prev["meta"]["group"]) == group_key(meta["group"]):
                 raise RuntimeError("a weight transfer is still being received")
             # A new group: the old one lost a peer (its sender abandoned it
             # too). The thread is left to its group's timeout, with its buffers.
@@ -143,13 +142,13 @@ class StreamRLWorkerExtension:
         state["thread"].start()
 
     def _stream_rl_receive(self, state: dict) -> None:
-        from stream_rl.weights_sync.buckets import bucket_nbytes, unpack_bucket
+        from stream_rl.weights_sync.buckets import bucket_nbytes, group_key, unpack_bucket
         from stream_rl.weights_sync.group import weight_group
 
         start = time.monotonic()
         try:
             g = state["meta"]["group"]
-            key = (g["host"], g["port"])
+            key = group_key(g)
             if getattr(self, "_stream_rl_group_key", None) != key:
                 self._stream_rl_group = weight_group(g["host"], g["port"], state["rank"], g["world_size"],
                                                      g["backend"], g["timeout_s"])

@@ -67,10 +67,14 @@ def decode_uri(uri: str) -> dict:
     return json.loads(uri[len(SCHEME):])
 
 
-def group_key(uri: str) -> tuple | None:
+def group_key(group: dict) -> tuple:
+    """What tells one group of a URI from another: each is built on a port of its own."""
+    return (group["host"], group["port"])
+
+
+def uri_group_key(uri: str) -> tuple | None:
     """The torch_dist group a weights URI goes over, None for another (or a bad) URI."""
     try:
-        g = decode_uri(uri)["group"]
-        return (g["host"], g["port"])
+        return group_key(decode_uri(uri)["group"])
     except Exception:
         return None
