@@ -1,0 +1,86 @@
+"""`stream-rl simulate`: the real schedulers on the virtual clock, against
+cost models with known answers."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from benchmarks.simulate.costs import CostModel
+from benchmarks.simulate.run import sim_config, simulate
+from benchmarks.simulate.workload import SimTokenizer, Workload, answer_texts
+from stream_rl.config import load_config
+from stream_rl.verifier import make_verifier
+from tests.conftest import ROOT
+
+# A step of 10 ms whatever the batch, a 1 s update, a 0.2 s weight load (all of it paused).
+COST = CostModel(decode_a=0.01, decode_b=0.0, learner_fixed_s=1.0, learner_per_token_s=0.0, stage_s=0.0,
+                 load_s=0.2, pause_s=0.2)
+
+
+def _cfg(mode: str, *extra: str):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      ["pruner.mode=none", "generator.group_size=4", "generator.target_groups=4",
+                       "generator.max_tokens=320", *extra])
+    return sim_config(cfg, mode)
+
+
+def test_a_sync_step_is_its_longest_rollout_then_the_update_then_the_load():
+    length = 50
+    res = simulate(_cfg("sync"), COST, Workload(truncated=[0.0], fixed_length=length), steps=4, keep_records=True)
+    for r in res["records"]:
+        assert r["step_s"] == pytest.approx(length * 0.01 + 1.0 + 0.2, abs=1e-9)
+        assert r["gen_s"] == pytest.approx(length * 0.01, abs=1e-9)
+        assert r["tokens_generated"] == 16 * length  # every rollout, exactly its length
+    assert res["wall_s"] == pytest.approx(4 * 1.7, abs=1e-9)
+    assert res["staleness"]["0"] == 1.0
+
+
+def test_stream_overlaps_the_update_with_generation_and_beats_sync():
+    wl = dict(truncated=[0.0], fixed_length=50)
+    sync = simulate(_cfg("sync"), COST, Workload(**wl), steps=6)
+    stream = simulate(_cfg("stream"), COST, Workload(**wl), steps=6)
+    # Sync: 0.5 + 1.0 + 0.2 a step; stream: the 1 s update bounds it, generation runs meanwhile.
+    assert stream["step_s_mean"] < 0.75 * sync["step_s_mean"]
+    assert stream["engine_bubble_fraction"] < sync["engine_bubble_fraction"]
+    assert stream["learner_busy_fraction"] > 0.8
+
+
+def test_the_virtual_clock_runs_minutes_of_jobs_in_seconds():
+    res = simulate(_cfg("sync"), COST, Workload(truncated=[0.5], length_mean=[200.0]), steps=30)
+    assert res["wall_s"] > 30 * 1.2  # at least the updates and loads
+    assert res["simulator_real_s"] < 10.0
+
+
+@pytest.mark.parametrize("reward", [0.0, 1.0])
+def test_the_real_verifier_scores_what_the_engines_generate(reward):
+    res = simulate(_cfg("sync"), COST, Workload(reward=[reward], truncated=[0.0], length_mean=[30.0]), steps=2)
+    assert res["reward_mean"] == pytest.approx(reward, abs=1e-3)
+
+
+def test_answer_texts_suit_each_verifier():
+    for regex, match in ((None, "exact"), (None, "math"), (r"####\s*(-?\d+)\s*$", "math")):
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.answer_match={match}"])
+        import msgspec
+
+        data = msgspec.structs.replace(cfg.data, answer_regex=regex)
+        v = make_verifier(data)
+        right, wrong, ref = answer_texts(v)
+        tok = SimTokenizer(right, wrong)
+        assert v.score(tok.decode([3, 3, 1]), ref) == 1.0
+        assert v.score(tok.decode([3, 3, 2]), ref) == 0.0
+        assert v.score(tok.decode([3, 3, 3]), ref) == 0.0  # cut off: no answer
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(max_staleness=st.integers(0, 2), seed=st.integers(0, 1000))
+def test_stream_never_trains_tokens_staler_than_the_bound(max_staleness, seed):
+    cfg = _cfg("stream", f"buffer.max_staleness={max_staleness}", "buffer.stale_policy=restart",
+               "generator.overprovision=2.0")
+    # Long-tailed lengths and a fast learner: rollouts outlive several updates.
+    cost = CostModel(decode_a=0.01, learner_fixed_s=0.1, learner_per_token_s=0.0, load_s=0.02, pause_s=0.01)
+    res = simulate(cfg, cost, Workload(truncated=[0.2], length_mean=[60.0], length_cv=1.0, seed=seed), steps=8,
+                   keep_records=True)
+    assert res["version_lag_max"] <= max_staleness
+    assert res["steps"] == 8
