@@ -104,6 +104,13 @@ def fit_from_run(path: str | Path, system: str | None = None, max_tokens: int = 
     updates are slower than sync's), or on every system's steps."""
     result, records, keep = load_run(path)
     a, b, src = fit_engine(result, records, max_tokens)
+    # The machine's speed drifts (other jobs share its cores): `bench e2e`
+    # measures the raw engine next to each system, and the engine fitted on
+    # sync's steps runs at sync's probe over this system's probe.
+    probe = {p["system"]: p["tokens_per_s"] for p in src.get("capacity_probe", [])}
+    if system and system != "sync" and probe.get("sync") and probe.get(system):
+        src["drift_scale"] = probe["sync"] / probe[system]
+        a, b = a * src["drift_scale"], b * src["drift_scale"]
     recs = records[system] if system else [r for rs in records.values() for r in rs]
     f, p = _lstsq([r["tokens_trained"] for r in recs], [r["train_s"] for r in recs])
     mean = lambda k: statistics.fmean(r.get(k, 0.0) for r in recs)  # noqa: E731

@@ -84,3 +84,29 @@ def test_stream_never_trains_tokens_staler_than_the_bound(max_staleness, seed):
                    keep_records=True)
     assert res["version_lag_max"] <= max_staleness
     assert res["steps"] == 8
+
+
+def test_the_fit_recovers_the_costs_a_run_was_made_with(tmp_path):
+    """A simulated sync run written as `bench e2e --keep` would: fitting it
+    gives back its decode and learner costs, and validating against it
+    reproduces its numbers."""
+    import json
+
+    from benchmarks.simulate.costs import fit_from_run
+    from benchmarks.simulate.studies import validate
+
+    truth = CostModel(decode_a=0.004, decode_b=5e-5, learner_fixed_s=0.3, learner_per_token_s=2e-5,
+                      load_s=0.05, pause_s=0.03)
+    cfg = _cfg("sync")
+    res = simulate(cfg, truth, Workload(truncated=[0.3], length_mean=[60.0], seed=3), steps=12, keep_records=True)
+    (tmp_path / "sync").mkdir()
+    (tmp_path / "sync" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res["records"]))
+    fit = fit_from_run(tmp_path, "sync", cfg.generator.max_tokens)
+    assert fit.decode_a == pytest.approx(truth.decode_a, rel=0.02)
+    assert fit.decode_b == pytest.approx(truth.decode_b, rel=0.05)
+    assert fit.learner_fixed_s == pytest.approx(truth.learner_fixed_s, rel=0.02)
+    assert fit.learner_per_token_s == pytest.approx(truth.learner_per_token_s, rel=0.02)
+    out = validate(load_config(ROOT / "configs" / "tiny.yaml",
+                               ["generator.group_size=4", "generator.target_groups=4", "generator.max_tokens=320"]),
+                   str(tmp_path), systems=("sync",))
+    assert out["max_rel_error"] < 0.1
