@@ -106,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validate", default=None, metavar="RUN_DIR_OR_JSON",
                    help="fit the costs to a real `bench e2e --keep DIR --json FILE` run and compare sync and "
                         "stream with it (max_rel_error)")
+    p.add_argument("--contention-from", default=None, metavar="OTHER_RUN",
+                   help="--validate: fit the engine's slowdown while the learner trains (the CPU box's shared "
+                        "core) on another run's stream system, and validate with it")
+    p.add_argument("--drift", action="store_true",
+                   help="--validate: scale the engine fitted on sync by sync's capacity probe over the validated "
+                        "system's (the machine's drift between them)")
     p.add_argument("--reproduce", action="store_true",
                    help="APRIL's rollout-throughput gain and the async-vs-sync speedup, H100-class costs")
     p.add_argument("--project", action="store_true",
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             print("config error: --steps and --engines must be >= 1", file=sys.stderr)
             return 2
         simulate_main(cfg, args.out_json, args.mode, args.engines, args.steps, args.validate, args.reproduce,
-                      args.project, args.costs)
+                      args.project, args.costs, contention_from=args.contention_from, drift=args.drift)
     elif args.cmd == "eval":
         from stream_rl.data import DataError
         from stream_rl.eval.checkpoint import CheckpointError

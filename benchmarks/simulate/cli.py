@@ -10,7 +10,7 @@ from stream_rl.config import Config
 
 from benchmarks.simulate.costs import CostModel, fit_from_run, h100_7b
 from benchmarks.simulate.run import sim_config, simulate
-from benchmarks.simulate.studies import project, reproduce, validate
+from benchmarks.simulate.studies import fit_slowdown, project, reproduce, validate
 from benchmarks.simulate.workload import Workload
 
 
@@ -26,9 +26,11 @@ def _clean(x):
 
 def main(cfg: Config, out_json: str | None, mode: str | None, engines: int | None, steps: int,
          validate_run: str | None = None, reproduce_: bool = False, project_: bool = False,
-         costs: str | None = None, engines_list: list[int] | None = None) -> dict:
+         costs: str | None = None, engines_list: list[int] | None = None,
+         contention_from: str | None = None, drift: bool = False) -> dict:
     if validate_run:
-        result = validate(cfg, validate_run)
+        slowdown = fit_slowdown(cfg, contention_from, drift=drift) if contention_from else 0.0
+        result = validate(cfg, validate_run, slowdown=slowdown, slowdown_source=contention_from, drift=drift)
     elif reproduce_:
         result = reproduce(cfg)
     elif project_:

@@ -24,6 +24,10 @@ class CostModel:
     stage_s: float = 0.0  # the learner's staging of weights for a sync
     load_s: float = 0.05  # a weight load, from the request to serving
     pause_s: float = 0.03  # of which generation stands still
+    # Where the learner shares a core with the engines' front ends and the
+    # controller (the 2-core CPU box, docs/capacity.md), a decode step takes
+    # (1 + this) times as long while an update runs. 0 on GPU hosts.
+    engine_slowdown_while_training: float = 0.0
     sources: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -97,7 +101,8 @@ def fit_engine(result: dict, records: dict[str, list[dict]], max_tokens: int) ->
     return c / r, 0.0, src  # the probe's step time, all of it fixed
 
 
-def fit_from_run(path: str | Path, system: str | None = None, max_tokens: int = 320) -> CostModel:
+def fit_from_run(path: str | Path, system: str | None = None, max_tokens: int = 320,
+                 drift: bool = False) -> CostModel:
     """This machine's costs from a real `bench e2e` run (see `load_run`).
     The learner's per update and per token cost is fitted on `system`'s own
     steps (its placement shares a core with the controller: stream's
@@ -108,7 +113,7 @@ def fit_from_run(path: str | Path, system: str | None = None, max_tokens: int = 
     # measures the raw engine next to each system, and the engine fitted on
     # sync's steps runs at sync's probe over this system's probe.
     probe = {p["system"]: p["tokens_per_s"] for p in src.get("capacity_probe", [])}
-    if system and system != "sync" and probe.get("sync") and probe.get(system):
+    if drift and system and system != "sync" and probe.get("sync") and probe.get(system):
         src["drift_scale"] = probe["sync"] / probe[system]
         a, b = a * src["drift_scale"], b * src["drift_scale"]
     recs = records[system] if system else [r for rs in records.values() for r in rs]

@@ -67,6 +67,7 @@ class SimEngine:
         self.gen = 0
         self.paused = False
         self.busy_s = self.paused_s = 0.0
+        self.seq_s = 0.0  # sequences in the batch integrated over decode time
         self.tokens = 0
 
     @property
@@ -191,9 +192,9 @@ class SimEngine:
             k = kr if k is None else min(k, kr)
             ctx += len(r.msg.prompt_ids) + r.n0 + r.produced
         k = max(k, self.pool.quantum)
-        c, B = self.cost, len(self.running)
-        leap = (t, k, B, c.prefill_per_token * prefill, c.decode_a + c.decode_b * B + c.decode_c * ctx,
-                c.decode_c * B)
+        c, B, f = self.cost, len(self.running), self.pool.slowdown
+        leap = (t, k, B, f * c.prefill_per_token * prefill, f * (c.decode_a + c.decode_b * B + c.decode_c * ctx),
+                f * c.decode_c * B)
         self.leap = leap
         gen = self.gen
         self.loop.at(t + self._time(leap, k), lambda: self._leap_end(gen))
@@ -209,6 +210,7 @@ class SimEngine:
         """j steps of `leap` done: tokens sampled, what fell due sent. Returns when they end."""
         t = leap[0] + self._time(leap, j)
         self.busy_s += t - leap[0]
+        self.seq_s += leap[2] * (t - leap[0])
         out = []
         chunk = self.cfg.chunk_tokens
         done = []
@@ -292,7 +294,7 @@ class SimPool:
         self.pending: int | None = None
         self.last_update: dict[int, WeightsUpdated] = {}
         self.messages = 0
-        self.t_first: float | None = None
+        self.slowdown = 1.0  # step time factor (the learner contending for the engines' host core)
 
     @property
     def version(self) -> int:
@@ -330,6 +332,14 @@ class SimPool:
         self.messages += len(msgs)
         self.outbox.extend(msgs)
 
+    def set_training(self, training: bool) -> None:
+        """An update started or ended: steps after the one in progress run at the new speed."""
+        f = 1.0 + (self.cost.engine_slowdown_while_training if training else 0.0)
+        if f != self.slowdown:
+            self.slowdown = f
+            for c in self.clients:
+                c._interrupt()
+
     # --- weights ------------------------------------------------------------------------
 
     def receivers(self) -> Receivers:
@@ -358,3 +368,7 @@ class SimPool:
         """Engine time not decoding (idle or paused for weights) over the span, mean over engines."""
         span = max(1e-12, t1 - t0)
         return 1.0 - sum(min(c.busy_s, span) for c in self.clients) / (span * len(self.clients))
+
+    def mean_batch(self, t0: float, t1: float) -> float:
+        """Sequences an engine decodes at once, averaged over the span (idle time counts 0)."""
+        return sum(c.seq_s for c in self.clients) / (max(1e-12, t1 - t0) * len(self.clients))

@@ -23,8 +23,8 @@ LAG_BINS = ("0", "1", "2", "3", "4+")
 
 
 class SimLearner:
-    def __init__(self, loop: EventLoop, cfg, cost):
-        self.loop, self.cfg, self.cost = loop, cfg, cost
+    def __init__(self, loop: EventLoop, cfg, cost, pool=None):
+        self.loop, self.cfg, self.cost, self.pool = loop, cfg, cost, pool
         self.outbox: deque = deque()
         self.free_at = 0.0  # when the update in progress (and those queued) end
         self.version = 0  # the weights last staged: what an update trains from
@@ -34,10 +34,15 @@ class SimLearner:
         self.busy_s = 0.0
         self.lag_tokens = {b: 0 for b in LAG_BINS}
 
-    def _after(self, seconds: float, reply) -> None:
+    def _after(self, seconds: float, reply, update: bool = False) -> None:
         start = max(self.loop.now, self.free_at)
         self.free_at = start + seconds
         self.busy_s += seconds
+        if update and self.pool is not None and self.cost.engine_slowdown_while_training:
+            self.loop.at(start, lambda: self.pool.set_training(True))
+            end = self.free_at
+            # Ends unless the next update starts at that very moment.
+            self.loop.at(end, lambda: self.pool.set_training(self.free_at > end))
         self.loop.at(self.free_at, lambda: self.outbox.append(reply))
 
     def send(self, msg) -> None:
@@ -51,7 +56,7 @@ class SimLearner:
                 weights = WeightsStaged(version=msg.sync_version, uri="sim://", receivers=msg.receivers)
                 stats["stage_s"] = c.stage_s
                 seconds += c.stage_s
-            self._after(seconds, StepDone(step=msg.step, stats=stats, weights=weights))
+            self._after(seconds, StepDone(step=msg.step, stats=stats, weights=weights), update=True)
             if msg.sync_version is not None:
                 self.version = msg.sync_version
         elif isinstance(msg, SyncWeights):

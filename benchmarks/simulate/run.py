@@ -47,7 +47,7 @@ def simulate(cfg: Config, cost: CostModel, workload: Workload, steps: int, quant
     loop = EventLoop()
     right, wrong, ref = answer_texts(make_verifier(cfg.data))
     pool = SimPool(loop, cfg, cost, workload, cfg.generator.count, quantum)
-    learner = SimLearner(loop, cfg, cost)
+    learner = SimLearner(loop, cfg, cost, pool)
     checked = CheckedJob(tokenizer=SimTokenizer(right, wrong), dataset=workload.dataset(ref), model_config=None)
     out = Records()
     t_real = time.perf_counter()
@@ -61,7 +61,7 @@ def simulate(cfg: Config, cost: CostModel, workload: Workload, steps: int, quant
                 job.sync_now()
             t0 = job.t0 = loop.clock.wall()
             for c in pool.clients:
-                c.busy_s = c.paused_s = 0.0
+                c.busy_s = c.paused_s = c.seq_s = 0.0
                 c.tokens = 0
             learner.busy_s = 0.0
             learner.lag_tokens = {b: 0 for b in LAG_BINS}
@@ -90,7 +90,10 @@ def summarize(recs: list[dict], pool: SimPool, learner: SimLearner, t0: float, t
         "trained_tokens_per_s": sum(r["tokens_trained"] for r in recs) / wall if wall else 0.0,
         "tokens_generated": tokens,
         "reward_mean": statistics.fmean(r["reward_mean"] for r in recs) if recs else 0.0,
+        # Idle or paused for a weight load, over the run: what stream removes.
         "engine_bubble_fraction": pool.bubble_fraction(t0, t1),
+        # Busy is not full: a sync step's tail decodes a few sequences at a time.
+        "engine_mean_batch": pool.mean_batch(t0, t1),
         "learner_busy_fraction": learner.busy_s / max(1e-12, t1 - t0),
         # Token-weighted: how many versions behind the weights it trained
         # from each trained token was sampled.

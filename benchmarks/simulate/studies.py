@@ -31,7 +31,40 @@ def _rel(sim: float | None, real: float | None) -> float | None:
     return abs(sim - real) / abs(real)
 
 
-def validate(cfg: Config, run: str, systems=("sync", "stream")) -> dict:
+def _system_sim(cfg: Config, keep, records, system: str, slowdown: float = 0.0, drift: bool = False):
+    scfg = sim_config(e2e_system_config(cfg, system))
+    cost = fit_from_run(keep, system, scfg.generator.max_tokens, drift)
+    cost.engine_slowdown_while_training = slowdown
+    workload = Workload.from_records(records[system], scfg.generator.max_tokens, seed=scfg.run.seed)
+    if scfg.pruner.mode != "none" and "sync" in records:
+        # A pruned run's lengths count only the rollouts that finished, and
+        # pruning removes the long wrong ones first: the lengths the engine
+        # really started are the unpruned sync run's, version by version.
+        sync = Workload.from_records(records["sync"], scfg.generator.max_tokens)
+        workload.truncated, workload.length_mean = sync.truncated, sync.length_mean
+        workload.source = "run metrics (lengths: the sync run's)"
+    return cost, workload, simulate(scfg, cost, workload, len(records[system]))
+
+
+def fit_slowdown(cfg: Config, run: str, system: str = "stream", iters: int = 7, drift: bool = False) -> float:
+    """The engine slowdown while training (`CostModel.engine_slowdown_while_training`)
+    at which the simulated `system` of `run` generates the real run's tokens/s
+    (bisection over [0, 2])."""
+    _, records, keep = load_run(run)
+    recs = records[system]
+    real = sum(r["tokens_generated"] for r in recs) / recs[-1]["wall_s"]
+    lo, hi = 0.0, 2.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if _system_sim(cfg, keep, records, system, mid, drift)[2]["gen_tokens_per_s"] > real:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def validate(cfg: Config, run: str, systems=("sync", "stream"), slowdown: float = 0.0,
+             slowdown_source: str | None = None, drift: bool = False) -> dict:
     """Fit the costs to the run, simulate each system's config for the
     run's steps, and compare step time, generated tokens/s and the time to
     reward clock. The sim's time to reward is its wall time at the step
@@ -43,10 +76,7 @@ def validate(cfg: Config, run: str, systems=("sync", "stream")) -> dict:
         if system not in records:
             continue
         recs = records[system]
-        scfg = sim_config(e2e_system_config(cfg, system))
-        cost = fit_from_run(keep, system, scfg.generator.max_tokens)
-        workload = Workload.from_records(recs, scfg.generator.max_tokens, seed=scfg.run.seed)
-        sim = simulate(scfg, cost, workload, len(recs))
+        cost, workload, sim = _system_sim(cfg, keep, records, system, slowdown, drift)
         wall = recs[-1]["wall_s"]
         real = {"step_s_mean": statistics.fmean(r["step_s"] for r in recs),
                 "gen_tokens_per_s": sum(r["tokens_generated"] for r in recs) / wall}
@@ -67,6 +97,8 @@ def validate(cfg: Config, run: str, systems=("sync", "stream")) -> dict:
                               "sim": {k: v for k, v in sim.items() if k != "walls"}}
     errs = [r["rel_error"] for r in rows if r["rel_error"] is not None]
     return {"simulate": "validate", "run": str(keep), "max_rel_error": max(errs) if errs else None,
+            "engine_slowdown_while_training": slowdown, "slowdown_fitted_on": slowdown_source,
+            "drift_scaled_by_capacity_probe": drift,
             "within_15pct": bool(errs) and max(errs) <= 0.15, "table": rows, "systems": per_system}
 
 
@@ -102,8 +134,13 @@ def _learner_on(cost, gpus: int):
     return type(cost)(**{**cost.to_dict(), "learner_per_token_s": cost.learner_per_token_s * 8 / gpus})
 
 
+# Stream's groups in flight over a batch at scale: APRIL's 2.0, the config
+# default (tiny.yaml's 1.0 leaves a 16k-token tail's groups holding the
+# engines' slots: thin batches, half the throughput).
+STREAM_OVERPROVISION = 2.0
+
 # The tails the APRIL gain is measured under: (length CV, fraction running to the budget).
-TAILS = ((0.5, 0.0), (0.5, 0.01), (0.9, 0.0), (0.9, 0.01), (0.9, 0.03))
+TAILS = ((0.3, 0.0), (0.5, 0.0), (0.5, 0.01), (0.9, 0.0), (0.9, 0.01), (0.9, 0.03))
 
 
 def reproduce(cfg: Config, steps: int = 6, quantum: int = 16) -> dict:
@@ -119,19 +156,25 @@ def reproduce(cfg: Config, steps: int = 6, quantum: int = 16) -> dict:
         sync = simulate(_big(cfg, "sync", engines, groups), cost, wl(), steps, quantum)
         april = simulate(_big(cfg, "april", engines, groups, overprovision=2.0), cost, wl(), steps, quantum)
         april_rows.append({"length_cv": cv, "truncated_frac": trunc,
+                           "sync_engine_mean_batch": round(sync["engine_mean_batch"], 1),
+                           "april_engine_mean_batch": round(april["engine_mean_batch"], 1),
                            "sync_rollout_tokens_per_s": round(sync["rollout_tokens_per_s"], 1),
                            "april_rollout_tokens_per_s": round(april["rollout_tokens_per_s"], 1),
                            "gain": round(april["rollout_tokens_per_s"] / sync["rollout_tokens_per_s"] - 1.0, 4)})
     default = next(r for r in april_rows if (r["length_cv"], r["truncated_frac"]) == (0.9, 0.03))
     # The same with the engines already full in sync (256 sequences each,
     # max_num_seqs): over-provisioning adds no concurrency, only cuts the tail.
-    wl = lambda: long_tail_workload(cfg.run.seed)  # noqa: E731
-    full = 256
-    sync = simulate(_big(cfg, "sync", engines, full), cost, wl(), steps, quantum)
-    april = simulate(_big(cfg, "april", engines, full, overprovision=2.0), cost, wl(), steps, quantum)
-    saturated = {"groups": full, "sync_rollout_tokens_per_s": round(sync["rollout_tokens_per_s"], 1),
-                 "april_rollout_tokens_per_s": round(april["rollout_tokens_per_s"], 1),
-                 "gain": round(april["rollout_tokens_per_s"] / sync["rollout_tokens_per_s"] - 1.0, 4)}
+    full, saturated = 256, []
+    for cv, trunc in ((0.3, 0.0), (0.9, 0.03)):
+        wl = lambda: long_tail_workload(cfg.run.seed, length_cv=cv, truncated=[trunc])  # noqa: E731
+        sync = simulate(_big(cfg, "sync", engines, full), cost, wl(), steps, quantum)
+        april = simulate(_big(cfg, "april", engines, full, overprovision=2.0), cost, wl(), steps, quantum)
+        saturated.append({"groups": full, "length_cv": cv, "truncated_frac": trunc,
+                          "sync_rollout_tokens_per_s": round(sync["rollout_tokens_per_s"], 1),
+                          "april_rollout_tokens_per_s": round(april["rollout_tokens_per_s"], 1),
+                          "sync_engine_mean_batch": round(sync["engine_mean_batch"], 1),
+                          "april_engine_mean_batch": round(april["engine_mean_batch"], 1),
+                          "gain": round(april["rollout_tokens_per_s"] / sync["rollout_tokens_per_s"] - 1.0, 4)})
     setting = f"{engines} engines, {groups} groups x 8 a step, overprovision 2.0, max_tokens 16384"
     # Async vs sync on 128 GPUs (verl fully-async: Qwen2.5-7B; AReaL: 16
     # nodes): sync colocated (all 128 GPUs generate, then all train) against
@@ -140,8 +183,8 @@ def reproduce(cfg: Config, steps: int = 6, quantum: int = 16) -> dict:
     wl = long_tail_workload(cfg.run.seed)
     groups = 256
     sync_col = simulate(_big(cfg, "sync", 128, groups), _learner_on(cost, 128), wl, steps, quantum)
-    stream = simulate(_big(cfg, "stream", 64, groups), _learner_on(cost, 64), long_tail_workload(cfg.run.seed),
-                      steps, quantum)
+    stream = simulate(_big(cfg, "stream", 64, groups, overprovision=STREAM_OVERPROVISION), _learner_on(cost, 64),
+                      long_tail_workload(cfg.run.seed), steps, quantum)
     speedup = sync_col["wall_s"] / stream["wall_s"]
     # Sync on the same split as stream (64 engines, 64-GPU learner): what streaming alone buys.
     sync_split = simulate(_big(cfg, "sync", 64, groups), _learner_on(cost, 64), long_tail_workload(cfg.run.seed),
@@ -158,11 +201,14 @@ def reproduce(cfg: Config, steps: int = 6, quantum: int = 16) -> dict:
                           "sync_step_s": round(sync_col["step_s_mean"], 2),
                           "stream_step_s": round(stream["step_s_mean"], 2),
                           "stream_engine_bubble": round(stream["engine_bubble_fraction"], 4),
+                          "stream_engine_mean_batch": round(stream["engine_mean_batch"], 1),
+                          "sync_engine_mean_batch": round(sync_col["engine_mean_batch"], 1),
                           "sync_engine_bubble": round(sync_col["engine_bubble_fraction"], 4),
                           "stream_learner_busy": round(stream["learner_busy_fraction"], 4),
                           "stream_staleness": {k: round(v, 4) for k, v in stream["staleness"].items()},
                           "setting": "sync: 128 colocated GPUs (128 engines, learner on 128); stream: 64 engines "
-                                     f"+ 64-GPU learner; {groups} groups x 8 a step, max_tokens 16384"},
+                                     f"+ 64-GPU learner, overprovision {STREAM_OVERPROVISION}; {groups} groups x 8 "
+                                     "a step, max_tokens 16384"},
     }
 
 
@@ -171,16 +217,20 @@ def project(cfg: Config, engines_list=(8, 64, 256), steps: int = 4, quantum: int
     cost = h100_7b()
     rows = []
     for n in engines_list:
-        wl = long_tail_workload(cfg.run.seed)
         learner = _learner_on(cost, n)  # as many learner GPUs as engines
         groups = groups_per_engine * n
         out = {"engines": n, "groups_per_step": groups}
         res = {}
         for name, mode, pruner in (("sync", "sync", "none"), ("stream", "stream", "none"),
                                    ("sync_arrol", "sync", "arrol"), ("stream_arrol", "stream", "arrol")):
-            res[name] = simulate(_big(cfg, mode, n, groups, pruner=pruner), learner, wl, steps, quantum)
+            op = STREAM_OVERPROVISION if mode == "stream" else 1.0
+            res[name] = simulate(_big(cfg, mode, n, groups, pruner=pruner, overprovision=op), learner,
+                                 long_tail_workload(cfg.run.seed), steps, quantum)
         for name, r in res.items():
-            out[name] = {"step_s": round(r["step_s_mean"], 2), "engine_bubble_fraction": round(r["engine_bubble_fraction"], 4),
+            out[name] = {"step_s": round(r["step_s_mean"], 2),
+                         "engine_bubble_fraction": round(r["engine_bubble_fraction"], 4),
+                         "engine_mean_batch": round(r["engine_mean_batch"], 1),
+                         "version_lag_max": r["version_lag_max"],
                          "staleness": {k: round(v, 4) for k, v in r["staleness"].items()},
                          "controller_tokens_per_s": round(r["controller_tokens_per_s"], 0),
                          "controller_messages_per_s": round(r["controller_messages_per_s"], 0),

@@ -110,3 +110,29 @@ def test_the_fit_recovers_the_costs_a_run_was_made_with(tmp_path):
                                ["generator.group_size=4", "generator.target_groups=4", "generator.max_tokens=320"]),
                    str(tmp_path), systems=("sync",))
     assert out["max_rel_error"] < 0.1
+
+
+def test_the_command_prints_each_mode_as_json(capsys, tmp_path):
+    import json
+
+    from stream_rl.cli import main
+
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--config", str(ROOT / "configs" / "tiny.yaml"), "--mode", "sync,april,stream",
+                 "--steps", "2", "--set", "pruner.mode=none", "--json", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert set(printed["modes"]) == {"sync", "april", "stream"}
+    assert all(m["steps"] == 2 for m in printed["modes"].values())
+
+
+def test_contention_slows_only_generation_that_overlaps_an_update():
+    wl = dict(truncated=[0.0], fixed_length=50)
+    slow = CostModel(**{**COST.to_dict(), "engine_slowdown_while_training": 1.0})
+    # Sync never generates during an update: unchanged, to the microsecond.
+    assert simulate(_cfg("sync"), slow, Workload(**wl), steps=3)["wall_s"] == \
+        pytest.approx(simulate(_cfg("sync"), COST, Workload(**wl), steps=3)["wall_s"], abs=1e-6)
+    # Stream generates while it trains: fewer tokens a second.
+    fast = simulate(_cfg("stream"), COST, Workload(**wl), steps=6)
+    slowed = simulate(_cfg("stream"), slow, Workload(**wl), steps=6)
+    assert slowed["rollout_tokens_per_s"] < 0.8 * fast["rollout_tokens_per_s"]
