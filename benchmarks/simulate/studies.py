@@ -193,6 +193,10 @@ def reproduce(cfg: Config, steps: int = 6, quantum: int = 16) -> dict:
         "simulate": "reproduce", "cost_model": cost.name, "steps": steps,
         "april": {"rollout_throughput_gain": default["gain"], "anchor": 0.225, "anchor_max": 0.44,
                   "within_25pct": abs(default["gain"] - 0.225) <= 0.25 * 0.225,
+                  # Every setting tried whose gain is within +-25% of the anchor.
+                  "settings_within_25pct": [
+                      {k: r[k] for k in ("groups", "length_cv", "truncated_frac", "gain") if k in r}
+                      for r in april_rows + saturated if abs(r["gain"] - 0.225) <= 0.25 * 0.225],
                   "by_tail": april_rows, "engines_full": saturated, "setting": setting},
         "async_vs_sync": {"speedup": round(speedup, 3), "anchors": {"areal_16_nodes": 2.77,
                                                                     "verl_fully_async_128_gpus": [2.35, 2.67]},
