@@ -94,6 +94,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None,
                    help="pruning-bound: sampled rollouts per held-out prompt (default: generator.group_size)")
 
+    p = sub.add_parser("simulate", help="the real schedulers on a virtual clock, engines and learner replaced by "
+                                        "cost models (JSON; docs/simulator.md)")
+    _add_config_args(p)
+    p.add_argument("--mode", default=None, help="comma-separated modes to simulate (default: the config's)")
+    p.add_argument("--engines", type=int, default=None, help="simulated engines (default: generator.count)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--costs", default=None,
+                   help="cost model: 'h100' (the H100-class preset) or a bench e2e --keep DIR to fit "
+                        "(default: a small CPU-like model)")
+    p.add_argument("--validate", default=None, metavar="RUN_DIR_OR_JSON",
+                   help="fit the costs to a real `bench e2e --keep DIR --json FILE` run and compare sync and "
+                        "stream with it (max_rel_error)")
+    p.add_argument("--contention-from", default=None, metavar="OTHER_RUN",
+                   help="--validate: fit the engine's slowdown while the learner trains (the CPU box's shared "
+                        "core) on another run's stream system, and validate with it")
+    p.add_argument("--drift", action="store_true",
+                   help="--validate: scale the engine fitted on sync by sync's capacity probe over the validated "
+                        "system's (the machine's drift between them)")
+    p.add_argument("--reproduce", action="store_true",
+                   help="APRIL's rollout-throughput gain and the async-vs-sync speedup, H100-class costs")
+    p.add_argument("--project", action="store_true",
+                   help="stream vs sync (with and without ARRoL) on 8, 64 and 256 engines, H100-class costs")
+    p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
+
     p = sub.add_parser("eval", help="k samples per question: pass@1, pass@k, majority, quality-head and "
                                     "DeepConf votes (JSON)")
     p.add_argument("--checkpoint", required=True,
@@ -239,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         except BenchSetupError as err:
             print(f"config error: {err}", file=sys.stderr)
             return 2
+    elif args.cmd == "simulate":
+        from benchmarks.simulate.cli import main as simulate_main
+
+        if args.steps < 1 or (args.engines is not None and args.engines < 1):
+            print("config error: --steps and --engines must be >= 1", file=sys.stderr)
+            return 2
+        simulate_main(cfg, args.out_json, args.mode, args.engines, args.steps, args.validate, args.reproduce,
+                      args.project, args.costs, contention_from=args.contention_from, drift=args.drift)
     elif args.cmd == "eval":
         from stream_rl.data import DataError
         from stream_rl.eval.checkpoint import CheckpointError

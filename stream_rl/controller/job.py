@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
+from stream_rl.clock import REAL, Clock
 from stream_rl.config import Config
 from stream_rl.controller.rollouts import RolloutController, RolloutStats
 from stream_rl.data import DppoPromptSampler, PromptSampler
@@ -29,7 +29,8 @@ class Job:
     """The controller's side of a run: rollouts, batches, syncs, metrics."""
 
     def __init__(self, cfg: Config, out: Path, pool: GeneratorPool, learner: LearnerClient, steps: int,
-                 checked: CheckedJob):
+                 checked: CheckedJob, clock: Clock = REAL):
+        self.clock = clock  # every time read by the job and its schedule (the simulator's is virtual)
         self.cfg, self.out, self.pool, self.learner, self.steps = cfg, out, pool, learner, steps
         tokenizer, dataset = checked.tokenizer, checked.dataset
         log.info("loaded %d prompts from %s (%d set aside as too long)", len(dataset.rows), dataset.source,
@@ -39,7 +40,7 @@ class Job:
             sampler = DppoPromptSampler(sampler, cfg.data.dppo_prompt_rate, cfg.run.seed)
         self.sampler = sampler
         self.controller = RolloutController(cfg, pool, sampler, tokenizer, make_verifier(cfg.data),
-                                            make_pruner(cfg))
+                                            make_pruner(cfg), clock=clock)
         self.staged = 0  # highest version the learner was asked to stage
         self.trained_on: dict[int, int] = {}  # step -> the version its update started from
         self.records: list[dict] = []
@@ -48,7 +49,7 @@ class Job:
         self.learner_busy = False  # a batch is out (stream): a sync now would queue behind its update
         self.controller.on_idle = self.rejoin
         self.wall_offset = 0.0  # wall time of the steps before a resume
-        self.t0 = time.time()
+        self.t0 = self.clock.wall()
 
     def restore(self, path: Path) -> int:
         """Continue from the job checkpoint at `path`: the pruner, the buffer,
@@ -143,7 +144,7 @@ class Job:
             "tokens_recovered": gstats.tokens_recovered,
             "chunks_out_of_order": gstats.chunks_out_of_order,
             **timing,
-            "wall_s": time.time() - self.t0,
+            "wall_s": self.clock.wall() - self.t0,
             **done.stats,
         }
         rec["trained_tokens_per_s"] = rec["tokens_trained"] / rec["step_s"] if rec.get("step_s") else 0.0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +28,7 @@ import msgspec
 
 from stream_rl.buffer.recycling import RecyclingBuffer
 from stream_rl.buffer.rollouts import BufferError
+from stream_rl.clock import REAL, Clock
 from stream_rl.config import Config
 from stream_rl.data import PromptSampler
 from stream_rl.generator.client import GeneratorClient, GeneratorError
@@ -79,8 +79,10 @@ def request_seed(run_seed: int, request_id: str) -> int:
 
 class RolloutController:
     def __init__(self, cfg: Config, client: GeneratorClient, sampler: PromptSampler, tokenizer,
-                 verifier: MathVerifier, pruner: Pruner, buffer: RecyclingBuffer | None = None):
+                 verifier: MathVerifier, pruner: Pruner, buffer: RecyclingBuffer | None = None,
+                 clock: Clock = REAL):
         self.cfg = cfg
+        self.clock = clock  # every time read here (the simulator's is virtual)
         self.client = client
         self.sampler = sampler
         self.tokenizer = tokenizer
@@ -89,7 +91,7 @@ class RolloutController:
         b = cfg.buffer
         self.buffer = buffer or RecyclingBuffer(cfg.generator.group_size, b.max_groups, b.max_staleness,
                                                 b.stale_policy, b.continuation_order)
-        self._last = time.perf_counter()  # when requests in flight were last counted
+        self._last = self.clock.now()  # when requests in flight were last counted
         # Rejections since a request last finished: past REJECTIONS_IN_A_ROW
         # the job cannot make progress and fails instead of drawing prompt
         # after prompt for a generator that refuses them all.
@@ -102,7 +104,7 @@ class RolloutController:
         # rollouts continue from the tokens before it.
         self.out_of_order: set[str] = set()
         self._order_log = ThrottledLog(log)
-        self._step = (time.perf_counter(), msgspec.structs.replace(self.buffer.stats))
+        self._step = (self.clock.now(), msgspec.structs.replace(self.buffer.stats))
 
     # --- requests out ---------------------------------------------------------
 
@@ -151,7 +153,7 @@ class RolloutController:
 
     def begin_step(self) -> RolloutStats:
         """A new step's numbers, counted from now."""
-        self._step = (time.perf_counter(), msgspec.structs.replace(self.buffer.stats))
+        self._step = (self.clock.now(), msgspec.structs.replace(self.buffer.stats))
         return RolloutStats()
 
     def pump(self, stats: RolloutStats, timeout_ms: int, max_messages: int = 64) -> int:
@@ -159,7 +161,7 @@ class RolloutController:
         what arrived, up to `max_messages`; counts requests in flight over
         the wait. Returns how many were handled."""
         msg = self.client.recv(timeout_ms=timeout_ms)
-        now = time.perf_counter()
+        now = self.clock.now()
         stats.busy_request_s += len(self.buffer.running) * (now - self._last)
         self._last = now
         if msg is None:
@@ -177,7 +179,7 @@ class RolloutController:
         """The first `n` complete groups, ending the step `stats` counts."""
         groups = self.buffer.take_ready(n)
         t0, before = self._step
-        stats.seconds = time.perf_counter() - t0
+        stats.seconds = self.clock.now() - t0
         stats.buffer = buffer_delta(before, self.buffer.stats)
         stats.pruner = self.pruner.end_step(groups)
         return groups
@@ -194,9 +196,9 @@ class RolloutController:
         else:
             for _ in range(max(0, target_groups - self.buffer.num_ready - self.buffer.num_open_groups)):
                 self._new_group()
-        deadline = time.monotonic() + timeout_s
+        deadline = self.clock.now() + timeout_s
         while self.buffer.num_ready < target_groups:
-            if time.monotonic() > deadline:
+            if self.clock.now() > deadline:
                 raise GeneratorError(f"rollout step did not finish within {timeout_s:.0f} s "
                                      f"({len(self.buffer.running)} requests running)")
             # After each message: continue partials (rollouts kept at their
@@ -243,9 +245,9 @@ class RolloutController:
     def drain(self, timeout_s: float = 60.0) -> None:
         """Wait until every aborted request has reported its last tokens, so
         the buffer holds them all (before saving it or stopping)."""
-        stats, deadline = RolloutStats(), time.monotonic() + timeout_s
+        stats, deadline = RolloutStats(), self.clock.now() + timeout_s
         while self.buffer.running:
-            if time.monotonic() > deadline:
+            if self.clock.now() > deadline:
                 raise GeneratorError(f"aborted requests did not report within {timeout_s:.0f} s "
                                      f"({len(self.buffer.running)} requests running)")
             self.pump(stats, 1000, max_messages=1)

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 from stream_rl.controller.job import Job
 from stream_rl.generator.pool import GeneratorPool
@@ -65,18 +64,18 @@ def run_sync(job: Job, metrics: MetricsLogger) -> None:
     target = cfg.generator.target_groups
     overprovision = cfg.generator.overprovision if cfg.mode == "april" else None
     for step in range(job.first_step, job.steps + 1):
-        ts = time.perf_counter()
+        ts = job.clock.now()
         groups, gstats = c.collect(target, overprovision)
-        tt = time.perf_counter()
+        tt = job.clock.now()
         job.batch(step, groups)
         done = job.learner.wait_for(StepDone, cfg.learner.step_timeout_s, f"step {step}",
                                     match=lambda m, step=step: m.step == step, key="learner.step_timeout_s")
-        tw = time.perf_counter()
+        tw = job.clock.now()
         job.score_prompts(groups, done)
         if done.weights is not None:  # abandoned if a receiver was lost: the next sync covers it
             job.pool.update_weights(done.weights.version, done.weights.uri, done.weights.receivers)
             job.learner.send(WeightsLoaded(version=done.weights.version))
-        now = time.perf_counter()
+        now = job.clock.now()
         metrics.log(job.record(step, groups, gstats, done, train_wait_s=tw - tt, sync_s=now - tw, step_s=now - ts))
         job.maybe_checkpoint(step)
 
@@ -90,7 +89,7 @@ def run_stream(job: Job, metrics: MetricsLogger) -> None:
     step_sent = step_done = job.first_step - 1
     relay = UpdateRelay(job.pool, job.learner)
     stats = c.begin_step()
-    t_done = time.perf_counter()
+    t_done = job.clock.now()
     while step_done < job.steps:
         job.learner_busy = bool(sent)
         # New prompts keep open_limit groups in flight, less what waits
@@ -108,7 +107,7 @@ def run_stream(job: Job, metrics: MetricsLogger) -> None:
             job.score_prompts(groups, reply)
             if reply.weights is not None:
                 relay.add(reply.weights)
-            done_t = time.perf_counter()
+            done_t = job.clock.now()
             # A step is the time between two updates (generation overlaps them).
             metrics.log(job.record(reply.step, groups, gstats, reply, train_wait_s=done_t - t_sent,
                                    sync_s=0.0, step_s=done_t - t_done))
@@ -117,7 +116,7 @@ def run_stream(job: Job, metrics: MetricsLogger) -> None:
         elif reply is not None:
             job.learner.skip(reply, f"step {step_done + 1}")
         elif sent:
-            waited = time.perf_counter() - min(t for _, _, t in sent.values())
+            waited = job.clock.now() - min(t for _, _, t in sent.values())
             if waited > cfg.learner.step_timeout_s:
                 raise job.learner.hangs(f"step {min(sent)}", waited, "learner.step_timeout_s")
         if not sent and c.num_ready >= target and step_sent < job.steps:
@@ -126,7 +125,7 @@ def run_stream(job: Job, metrics: MetricsLogger) -> None:
         if not sent and c.num_ready >= target and step_sent < job.steps:
             step_sent += 1
             groups = c.take_batch(target, stats)
-            sent[step_sent] = (groups, stats, time.perf_counter())
+            sent[step_sent] = (groups, stats, job.clock.now())
             job.batch(step_sent, groups)
             stats = c.begin_step()
     # The last weights reach the generators before the job ends.
