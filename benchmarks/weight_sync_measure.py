@@ -118,7 +118,7 @@ class StreamReader(threading.Thread):
         total = 0
         try:
             while not self._halt.is_set():
-                msg = self.gen.stream.recv(100)
+                msg = self.gen.recv(100)
                 t = time.perf_counter()
                 if isinstance(msg, TokenChunk):
                     total += len(msg.token_ids)

@@ -3,8 +3,9 @@
 Four directions:
 - controller -> generator: `RolloutRequest`, `AbortRequests`, `UpdateWeights`,
   `Hello`, `Shutdown`;
-- generator -> controller: `GeneratorReady`, `TokenChunk`, `RolloutFinished`,
-  `RequestRejected`, `WeightsUpdated`, `WeightsUpdateFailed`;
+- generator -> controller: `GeneratorReady`, `TokenChunk`, `RolloutFinished`
+  (alone, or several of them in order as one `TokenBatch`), `RequestRejected`,
+  `WeightsUpdated`, `WeightsUpdateFailed`;
 - controller -> learner: `TrainBatch`, `SyncWeights`, `WeightsLoaded`,
   `SaveCheckpoint`, `Shutdown`;
 - learner -> controller: `LearnerReady`, `StepDone`, `WeightsStaged`,
@@ -108,6 +109,21 @@ class RolloutFinished(_Msg):
     request_id: str
     finish_reason: Literal["stop", "length", "abort"]
     num_tokens: int  # response tokens streamed by this request
+
+
+class TokenBatch(_Msg):
+    """Chunks and finishes a generator produced together (one engine
+    step's outputs, or all that waited while its socket was busy), in the
+    order they were produced: one message instead of one each, so a
+    controller fed by many engines reads, polls and decodes per step, not
+    per request (`generator/outbox.py`). Nested messages carry no run id of
+    their own: the batch's is theirs."""
+    messages: list[Union[TokenChunk, RolloutFinished]]
+
+
+def unbatched(msg) -> list:
+    """A message as the messages it carries: a TokenBatch's, in order; any other alone."""
+    return msg.messages if isinstance(msg, TokenBatch) else [msg]
 
 
 class RequestRejected(_Msg):
@@ -299,7 +315,7 @@ class LearnerFailed(_Msg):
 
 
 ToGenerator = Union[RolloutRequest, AbortRequests, UpdateWeights, Shutdown, Hello]
-FromGenerator = Union[GeneratorReady, TokenChunk, RolloutFinished, RequestRejected, WeightsUpdated,
+FromGenerator = Union[GeneratorReady, TokenChunk, RolloutFinished, TokenBatch, RequestRejected, WeightsUpdated,
                       WeightsUpdateFailed]
 ToLearner = Union[TrainBatch, SyncWeights, WeightsLoaded, SaveCheckpoint, Shutdown]
 FromLearner = Union[LearnerReady, WeightsStaged, StepDone, CheckpointSaved, LearnerFailed]
@@ -340,7 +356,15 @@ class Decoder:
 
 def _check(msg) -> None:
     """Invariants msgspec's types cannot state."""
-    if isinstance(msg, TokenChunk):
+    if isinstance(msg, TokenBatch):
+        if not msg.messages:
+            raise ProtocolError("rejected an empty TokenBatch")
+        for inner in msg.messages:
+            if inner.run not in ("", msg.run):
+                raise ProtocolError(f"rejected TokenBatch: it carries a {type(inner).__name__} of another job "
+                                    f"(run {inner.run!r})")
+            _check(inner)
+    elif isinstance(msg, TokenChunk):
         n = len(msg.token_ids)
         if len(msg.versions) != n or (msg.logprobs and len(msg.logprobs) != n):
             raise ProtocolError(

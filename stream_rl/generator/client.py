@@ -10,7 +10,8 @@ import msgspec
 
 from stream_rl.config import Config, generator_addrs
 from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, GeneratorReady, RequestRejected,
-                                RolloutRequest, Shutdown, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
+                                RolloutRequest, Shutdown, TokenBatch, UpdateWeights, WeightsUpdated,
+                                WeightsUpdateFailed, unbatched)
 from stream_rl.placement import Placement, format_cores
 from stream_rl.roles import died, start_role, stop_role, stop_roles
 from stream_rl.transport import ZmqChannel, caps, ms_until
@@ -46,9 +47,27 @@ class GeneratorClient:
             self.requests.send(AbortRequests(request_ids=list(request_ids)))
 
     def recv(self, timeout_ms: int | None = None):
+        """The next message (a TokenBatch's one by one), or None on timeout."""
         if self._backlog:
             return self._backlog.popleft()
-        return self.stream.recv(timeout_ms)
+        return self._read_stream(timeout_ms)
+
+    def take(self) -> list:
+        """Without waiting: what was set aside, then the stream's next
+        message if one is there (a TokenBatch's messages, in order)."""
+        msgs = list(self._backlog)
+        self._backlog.clear()
+        msg = self.stream.recv(0)
+        if msg is not None:
+            msgs += unbatched(msg)
+        return msgs
+
+    def _read_stream(self, timeout_ms: int | None):
+        msg = self.stream.recv(timeout_ms)
+        if isinstance(msg, TokenBatch):
+            self._backlog.extend(msg.messages[1:])
+            return msg.messages[0]
+        return msg
 
     def _wait_for(self, kinds: tuple, timeout_s: float, what: str):
         deadline = time.monotonic() + timeout_s
@@ -62,7 +81,7 @@ class GeneratorClient:
                 continue
             if isinstance(msg, kinds):
                 return msg
-            self._backlog.append(msg)
+            self._backlog.extend(unbatched(msg))
 
     def exit_cause(self) -> str | None:
         """Why the generator is known to be gone, or None (alive, or run

@@ -220,30 +220,28 @@ class GeneratorPool:
             return None
         return msg
 
-    def _pull(self, timeout_ms: int | None):
-        """One wait on the sockets (health looked at first, when due): the
-        next message that goes on, or None."""
+    def _pull(self, timeout_ms: int | None) -> None:
+        """One wait on the sockets (health looked at first, when due); what
+        goes on is queued in `_held`. One message is read from every stream
+        that has one, so with many generators a poll serves a round of them,
+        not one message, and no stream starves."""
         now = time.monotonic()
         if now - self._checked > HEALTH_EVERY_S:
             self._health(now)
             if self._held:
-                return None
+                return
         n = len(self.clients)
-        for k in range(n):  # replies set aside while waiting for a specific one
-            i = (self._next + k) % n
-            if self.clients[i]._backlog:
-                msg = self._read(i, self.clients[i]._backlog.popleft())
-                if msg is not None:
-                    return msg
-        ready = dict(self._poller.poll(timeout_ms))
+        waiting = any(c._backlog for c in self.clients)  # replies set aside while waiting for a specific one
+        ready = dict(self._poller.poll(0 if waiting else timeout_ms))
         for k in range(n):
             i = (self._next + k) % n
-            if self.clients[i].stream.sock in ready:
-                self._next = (i + 1) % n
-                msg = self._read(i, self.clients[i].stream.recv(0))
-                if msg is not None:
-                    return msg
-        return None
+            c = self.clients[i]
+            if c._backlog or c.stream.sock in ready:
+                for msg in c.take():
+                    msg = self._read(i, msg)
+                    if msg is not None:
+                        self._held.append(msg)
+        self._next = (self._next + 1) % n
 
     def recv(self, timeout_ms: int | None = None):
         """The next message of any generator, or None on timeout."""
@@ -253,9 +251,7 @@ class GeneratorPool:
                 return self._held.popleft()
             wait = int(HEALTH_EVERY_S * 1000) if deadline is None else min(ms_until(deadline),
                                                                               int(HEALTH_EVERY_S * 1000))
-            msg = self._pull(wait)
-            if msg is not None:
-                return msg
+            self._pull(wait)
             if not self._held and deadline is not None and time.monotonic() >= deadline:
                 return None
 
@@ -301,7 +297,5 @@ class GeneratorPool:
         while self.pending == version:
             if time.monotonic() > deadline:
                 raise GeneratorError(f"timed out after {timeout_s:.0f} s waiting for weights version {version}")
-            msg = self._pull(min(ms_until(deadline), int(HEALTH_EVERY_S * 1000)))
-            if msg is not None:
-                self._held.append(msg)
+            self._pull(min(ms_until(deadline), int(HEALTH_EVERY_S * 1000)))
         return version not in self.abandoned

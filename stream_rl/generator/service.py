@@ -2,7 +2,8 @@
 
 It receives `RolloutRequest`/`AbortRequests`/`UpdateWeights`/`Shutdown` and
 streams `TokenChunk`s (token ids, sampled-token log-probs, policy version per
-token) and finish notices back. Bad requests are answered with
+token) and finish notices back, one engine step's together as a `TokenBatch`
+(`generator/outbox.py`). Bad requests are answered with
 `RequestRejected` and never disturb other requests.
 """
 
@@ -19,6 +20,7 @@ from stream_rl.config import Config, generator_addrs, split_address
 from stream_rl.generator.engine import (EngineReports, build_engine, delivery_interval, engine_shape_problem,
                                         pause_in_place, token_versions, version_starts)
 from stream_rl.generator.logprob_ledger import LogprobLedger
+from stream_rl.generator.outbox import Outbox
 from stream_rl.generator.quality_scorer import SCORE_KEY
 from stream_rl.generator.sampled_logprobs import STREAM_KEY
 from stream_rl.generator.step_trace import ENV as STEP_TRACE_ENV
@@ -296,8 +298,9 @@ class GeneratorService:
         self.inbox = AsyncZmqChannel(_bindable(request_addr), send=False, bind=True, hwm=g.hwm, cap=cap,
                                      decoder=Decoder(ToGenerator, self.cfg.run.id))
         self.inbox.on_reject = self._reject_undecodable
-        self.outbox = AsyncZmqChannel(_bindable(stream_addr), send=True, bind=True, hwm=g.hwm, run=self.cfg.run.id,
-                                      cap=cap)
+        # One engine step's chunks and finishes leave as one message (generator/outbox.py).
+        self.outbox = Outbox(AsyncZmqChannel(_bindable(stream_addr), send=True, bind=True, hwm=g.hwm,
+                                             run=self.cfg.run.id, cap=cap))
         if self.engine_cpus:  # the engine's scheduler process inherits this process's cores
             pin(self.engine_cpus)
         self.engine = build_engine(self.cfg, self.index, self.engine_cpus)

@@ -24,6 +24,7 @@ from stream_rl.protocol import (
     RolloutFinished,
     RolloutRequest,
     Shutdown,
+    TokenBatch,
     TokenChunk,
     ToGenerator,
     UpdateWeights,
@@ -49,6 +50,9 @@ ALL_MESSAGES = [
     RequestRejected(request_id="r3", error="prompt too long"),
     WeightsUpdated(version=3, load_s=0.25),
     WeightsUpdateFailed(version=4, error="file missing"),
+    TokenBatch(messages=[TokenChunk(request_id="r0", offset=0, token_ids=[7], logprobs=[-0.5], versions=[0]),
+                         RolloutFinished(request_id="r0", finish_reason="stop", num_tokens=1),
+                         TokenChunk(request_id="r1", offset=4, token_ids=[1, 2], logprobs=[], versions=[2, 2])]),
 ]
 
 
@@ -419,3 +423,29 @@ def test_a_channel_waits_out_a_timeout_under_one_millisecond():
         assert time.monotonic() - t0 >= 0.001
     finally:
         inbox.close()
+
+
+# --- TokenBatch: one engine step's chunks and finishes ------------------------------
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(token_chunks(), min_size=1, max_size=8))
+def test_token_batch_round_trips_in_order(chunks):
+    batch = TokenBatch(messages=chunks, run="job")
+    out = Decoder(FromGenerator, "job").decode(encode(batch))
+    assert out.messages == chunks
+
+
+def test_token_batch_is_checked_message_by_message():
+    bad = dict(type="TokenBatch", messages=[chunk_fields(), chunk_fields(versions=[0])])
+    assert "2 token_ids but 2 logprobs and 1 versions" in rejected(raw(**bad))
+    assert "empty TokenBatch" in rejected(raw(type="TokenBatch", messages=[]))
+    # Only chunks and finishes travel in a batch.
+    ready = dict(type="GeneratorReady", generator_id="g", version=0, max_model_len=8)
+    rejected(raw(type="TokenBatch", messages=[ready]))
+
+
+def test_a_batched_message_of_another_job_is_rejected():
+    batch = dict(type="TokenBatch", run="job", messages=[chunk_fields(run="other")])
+    assert "another job" in rejected(raw(**batch), Decoder(FromGenerator, "job"))
+    batch["messages"] = [chunk_fields(run="job"), chunk_fields()]
+    assert len(Decoder(FromGenerator, "job").decode(raw(**batch)).messages) == 2

@@ -222,3 +222,26 @@ def test_a_transfer_that_loses_a_receiver_is_abandoned_and_the_survivors_failure
     assert not pool.begin_update(2, "torch-dist://v2", stale) and pool.pending is None
     assert pool.begin_update(3, "torch-dist://v3", pool.receivers())
     assert gens[0].take(1)[0].version == 3
+
+
+def test_a_batch_is_handed_out_in_order_and_its_finishes_free_their_slots(two):
+    from stream_rl.protocol import TokenBatch
+    gens, pool = two
+    for i in range(4):
+        pool.submit(req(f"r{i}"))
+    got = [[m.request_id for m in g.take(2)] for g in gens]
+    a, b = got[0]
+    gens[0].outbox.send(TokenBatch(messages=[
+        TokenChunk(request_id=a, offset=0, token_ids=[5], logprobs=[-0.1], versions=[0]),
+        RolloutFinished(request_id=a, finish_reason="stop", num_tokens=1),
+        RolloutFinished(request_id=b, finish_reason="abort", num_tokens=0)]))
+    gens[1].outbox.send(TokenChunk(request_id=got[1][0], offset=0, token_ids=[6], logprobs=[-0.1], versions=[0]))
+    deadline = time.monotonic() + 3
+    seen = []
+    while len(seen) < 4 and time.monotonic() < deadline:
+        msg = pool.recv(200)
+        if msg is not None:
+            seen.append(msg)
+    mine = [(type(m).__name__, m.request_id) for m in seen if m.request_id in (a, b)]
+    assert mine == [("TokenChunk", a), ("RolloutFinished", a), ("RolloutFinished", b)]
+    assert len(seen) == 4 and pool.running == [0, 2]
