@@ -54,8 +54,8 @@ class Options:
     start_rate: float = 50_000.0  # tokens/s, the first trial of the first connection count
     max_rate: float = 4_000_000.0
     bisections: int = 2
-    warmup_s: float = 1.5
-    window_s: float = 2.5
+    warmup_s: float = 1.0
+    window_s: float = 2.0
     drain_s: float = 5.0
     concurrency: int | None = None  # requests per connection; None: generator.max_num_seqs
     load_procs: int = 1  # load-generator processes (they share the connections)
@@ -248,6 +248,20 @@ class Bench:
         self.want_running = math.ceil(1.1 * connections * conc)
         self.stats = self.c.begin_step()
         self.batches = 0
+        self.prime()
+
+    def prime(self, timeout_s: float = 120.0) -> None:
+        """Before any load: every connection holds its requests (the first
+        fill submits thousands at 64 connections, which no trial should time)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            held = sum(r["running"] + r["waiting"] for r in self.ask(("report",)))
+            if held >= 0.9 * self.want_running:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the load generators hold {held} requests after {timeout_s:.0f} s "
+                                   f"({self.want_running} wanted)")
+            self.run_for(0.05)
 
     # --- the loop: run_stream's, without a learner ---
 

@@ -3,6 +3,7 @@ generator's wire behaviour against real sockets, in this process."""
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 
@@ -11,7 +12,7 @@ import pytest
 from benchmarks.controller import Ramp, p99, sustained
 from benchmarks.load_generator import LoadGenerator, LoadSpec, response_length, rollout_of
 from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, GeneratorReady, Hello, RolloutFinished,
-                                RolloutRequest, TokenChunk)
+                                RolloutRequest, TokenChunk, unbatched)
 from stream_rl.transport import ZmqChannel, free_ports
 
 
@@ -53,56 +54,67 @@ def test_a_trial_holds_only_with_the_rate_taken_nothing_lost_and_the_delay_bound
     assert p99([]) is None and p99(list(range(1, 101))) == 99 and p99([3.0]) == 3.0
 
 
-@pytest.fixture
-def wire():
+def _scenario(wire: str) -> tuple[list, LoadGenerator]:
+    """Against a load generator in an event loop, from plain sockets: a
+    Hello; a request scored at 32; a continuation of 40 tokens aborted midway."""
     req, stream = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
     spec = LoadSpec(run="r1", addrs=[(req, stream)], first_index=0, hwm=1000, max_message_bytes=1 << 26,
                     max_model_len=512, vocab_size=100, chunk_tokens=16, max_tokens=320, concurrency=4,
-                    feature_floats=64)
-    gen = LoadGenerator(spec)
+                    feature_floats=64, wire=wire)
     out = ZmqChannel(req, send=True, bind=False, run="r1")
     inp = ZmqChannel(stream, send=False, bind=False, decoder=Decoder(FromGenerator, "r1"))
-    yield gen, out, inp
-    out.close()
-    inp.close()
-    gen.close()
+    got: list = []
+
+    async def pump(gen, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            await gen.advance(time.monotonic())
+            await asyncio.sleep(0.001)
+            while (m := inp.recv(0)) is not None:
+                got.extend(unbatched(m))
+
+    async def main():
+        gen = LoadGenerator(spec)
+        readers = [asyncio.create_task(gen._read(c)) for c in gen.conns]
+        try:
+            out.send(Hello())
+            await pump(gen, 0.3)
+            await gen.set_rate(4 * 400.0)  # 400 tokens/s per request
+            out.send(RolloutRequest(request_id="g0-0.1", group_id="g0", prompt_ids=[1, 2], max_tokens=33,
+                                    score_at=32))
+            out.send(RolloutRequest(request_id="g0-1.2", group_id="g0", prompt_ids=[1, 2],
+                                    response_ids=list(range(40)), response_logprobs=[-1.0] * 40, max_tokens=280))
+            await pump(gen, 0.2)
+            out.send(AbortRequests(request_ids=["g0-1.2", "unknown.1"]))
+            await pump(gen, 0.2)
+            return gen
+        finally:
+            for t in readers:
+                t.cancel()
+            gen.close()
+
+    try:
+        gen = asyncio.run(main())
+    finally:
+        out.close()
+        inp.close()
+    return got, gen
 
 
-def _pump(gen, inp, seconds: float) -> list:
-    got, end = [], time.monotonic() + seconds
-    while time.monotonic() < end:
-        for c in gen.conns:
-            while (m := c.requests.recv(0)) is not None:
-                gen.on_message(c, m)
-        gen.advance(time.monotonic())
-        while (m := inp.recv(0)) is not None:
-            got.append(m)
-        time.sleep(0.001)
-    return got
-
-
+@pytest.mark.parametrize("wire", ["chunk", "batch"])
 def test_the_load_generator_streams_in_order_scores_at_the_decision_point_and_aborts(wire):
-    gen, out, inp = wire
-    out.send(Hello())
-    got = _pump(gen, inp, 0.3)
+    got, gen = _scenario(wire)
     assert isinstance(got[0], GeneratorReady) and got[0].max_model_len == 512
-    gen.set_rate(4 * 400.0)  # 400 tokens/s per request
     # Scored: it stops at score_at + 1 tokens with "length", the score on its last chunk.
-    out.send(RolloutRequest(request_id="g0-0.1", group_id="g0", prompt_ids=[1, 2], max_tokens=33, score_at=32))
-    # A continuation of 40 tokens: its offsets start past them; aborted midway.
-    rid = "g0-1.2"
-    out.send(RolloutRequest(request_id=rid, group_id="g0", prompt_ids=[1, 2], response_ids=list(range(40)),
-                            response_logprobs=[-1.0] * 40, max_tokens=280))
-    got = _pump(gen, inp, 0.2)
-    out.send(AbortRequests(request_ids=[rid, "unknown.1"]))
-    got += _pump(gen, inp, 0.2)
     scored = [m for m in got if getattr(m, "request_id", None) == "g0-0.1"]
     chunks = [m for m in scored if isinstance(m, TokenChunk)]
     assert [c.offset for c in chunks] == [0, 16, 32] and len(chunks[-1].token_ids) == 1
     assert chunks[-1].score is not None and chunks[-1].score.at_tokens == 32
     assert len(chunks[-1].score.features) == 4 * 64 and all(c.score is None for c in chunks[:-1])
-    assert scored[-1] == RolloutFinished(request_id="g0-0.1", finish_reason="length", num_tokens=33, run="r1")
-    cont = [m for m in got if getattr(m, "request_id", None) == rid]
+    fin = scored[-1]
+    assert isinstance(fin, RolloutFinished) and (fin.finish_reason, fin.num_tokens) == ("length", 33)
+    # The continuation's offsets start past its 40 tokens; aborted, it says how many it streamed.
+    cont = [m for m in got if getattr(m, "request_id", None) == "g0-1.2"]
     cchunks = [m for m in cont if isinstance(m, TokenChunk)]
     assert cchunks[0].offset == 40
     assert all(b.offset == a.offset + len(a.token_ids) for a, b in zip(cchunks, cchunks[1:]))
