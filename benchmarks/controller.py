@@ -19,6 +19,7 @@ its handling (in the buffer, reviewed by the pruner) was at most 100 ms.
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing as mp
 import secrets
@@ -54,17 +55,21 @@ class Options:
     start_rate: float = 50_000.0  # tokens/s, the first trial of the first connection count
     max_rate: float = 4_000_000.0
     bisections: int = 2
-    warmup_s: float = 1.0
+    warmup_s: float = 2.5
     window_s: float = 2.0
     drain_s: float = 5.0
-    concurrency: int | None = None  # requests per connection; None: generator.max_num_seqs
+    # Tokens/s of one running request: a connection offered R tokens/s runs
+    # R / request_rate requests (a GPU engine decodes each at tens of tokens/s;
+    # rollouts then live seconds, and a few seconds of warm-up reach the steady
+    # mix of chunks, scores, finishes and new groups at any rate).
+    request_rate: float = 60.0
     load_procs: int = 1  # load-generator processes (they share the connections)
     feature_floats: int = 4096
     median_tokens: float = 120.0
     sigma: float = 0.8
 
 
-def options(connections: str, wire: str, load_procs: int = 1, concurrency: int | None = None,
+def options(connections: str, wire: str, load_procs: int = 1, request_rate: float = 60.0,
             quick: bool = False) -> Options:
     """Options from the command line's text."""
     try:
@@ -72,11 +77,11 @@ def options(connections: str, wire: str, load_procs: int = 1, concurrency: int |
     except ValueError:
         raise BenchSetupError(f"--connections must be comma-separated integers (got {connections!r})") from None
     wires = tuple(w.strip() for w in wire.split(",") if w.strip())
-    if load_procs < 1 or (concurrency is not None and concurrency < 1):
-        raise BenchSetupError("--load-procs and --concurrency must be >= 1")
-    o = Options(connections=counts, wires=wires, load_procs=load_procs, concurrency=concurrency)
+    if load_procs < 1 or not request_rate > 0:
+        raise BenchSetupError("--load-procs must be >= 1 and --request-rate > 0")
+    o = Options(connections=counts, wires=wires, load_procs=load_procs, request_rate=request_rate)
     if quick:
-        o.warmup_s, o.window_s, o.bisections, o.drain_s = 0.5, 1.0, 1, 3.0
+        o.warmup_s, o.window_s, o.bisections, o.drain_s = 1.0, 1.0, 1, 3.0
     return o
 
 
@@ -132,22 +137,18 @@ def p99(values: list[float]) -> float | None:
 
 # --- config -------------------------------------------------------------------------
 
-def bench_config(cfg: Config, connections: int, concurrency: int) -> Config:
+def bench_config(cfg: Config, connections: int, max_groups: int) -> Config:
     """`cfg` for one connection count: its generators on consecutive free
-    loopback ports, `concurrency` slots each, room in the buffer for the
-    groups that keep them busy (`Bench.step`), ARRoL reviewing every score
-    from the start."""
-    g = cfg.generator
-    base = free_ports(2 * connections, consecutive=True)[0]
-    learner = free_ports(2)
-    in_flight = math.ceil(connections * concurrency / g.group_size)
-    target = max(1, min(g.target_groups, in_flight))
+    loopback ports, room in the buffer for `max_groups` open groups (the bench
+    opens what keeps every connection busy, `Bench.step`), ARRoL reviewing
+    every score from the start."""
+    base = free_ports(2 * connections + 2, consecutive=True)[0]
+    learner = (base + 2 * connections, base + 2 * connections + 1)
     raw = config_to_dict(cfg)
     raw["generator"].update(count=connections, hosts=[], request_addr=f"tcp://127.0.0.1:{base}",
-                            stream_addr=f"tcp://127.0.0.1:{base + 1}", max_num_seqs=concurrency,
-                            target_groups=target, overprovision=in_flight / target)
+                            stream_addr=f"tcp://127.0.0.1:{base + 1}", overprovision=1.0)
     raw["learner"].update(addr=f"tcp://127.0.0.1:{learner[0]}", reply_addr=f"tcp://127.0.0.1:{learner[1]}")
-    raw["buffer"]["max_groups"] = max(cfg.buffer.max_groups, 16 * in_flight)
+    raw["buffer"]["max_groups"] = max(cfg.buffer.max_groups, max_groups)
     if cfg.pruner.mode == "arrol":
         raw["pruner"].update(cold_start_steps=0, min_head_auc=0.0)
     raw["run"].update(id=secrets.token_hex(4), progress=False)
@@ -155,6 +156,33 @@ def bench_config(cfg: Config, connections: int, concurrency: int) -> Config:
 
 
 # --- the controller under test ---------------------------------------------------------
+
+class GcClock:
+    """Seconds this process spent in the cyclic garbage collector, by generation."""
+
+    def __init__(self):
+        self.seconds = [0.0, 0.0, 0.0]
+        self.counts = [0, 0, 0]
+        self.longest = 0.0
+        self._t = 0.0
+        gc.callbacks.append(self._on)
+
+    def _on(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            dt = time.perf_counter() - self._t
+            g = info["generation"]
+            self.seconds[g] += dt
+            self.counts[g] += 1
+            self.longest = max(self.longest, dt)
+
+    def snapshot(self) -> tuple:
+        return list(self.seconds), list(self.counts)
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._on)
+
 
 class TimedController(RolloutController):
     """The real controller, timing each chunk when its handling ends and
@@ -201,8 +229,9 @@ class Bench:
 
     def __init__(self, cfg: Config, checked, connections: int, wire: str, opts: Options):
         self.opts, self.connections, self.wire = opts, connections, wire
-        conc = opts.concurrency or cfg.generator.max_num_seqs
-        self.cfg = cfg = bench_config(cfg, connections, conc)
+        # Every request the highest rate could run, 1.5 times over, in groups.
+        most = math.ceil(1.5 * self.slots(opts.max_rate) * connections / cfg.generator.group_size)
+        self.cfg = cfg = bench_config(cfg, connections, most)
         g = cfg.generator
         from stream_rl.config import generator_addrs
 
@@ -218,7 +247,7 @@ class Bench:
             spec = LoadSpec(run=cfg.run.id, addrs=[addrs[i] for i in idx], first_index=idx[0], hwm=g.hwm,
                             max_message_bytes=cap.max_bytes, max_model_len=cfg.model.max_model_len,
                             vocab_size=vocab, chunk_tokens=g.chunk_tokens, max_tokens=g.max_tokens,
-                            concurrency=conc, median_tokens=opts.median_tokens, sigma=opts.sigma,
+                            concurrency=1, median_tokens=opts.median_tokens, sigma=opts.sigma,
                             feature_floats=opts.feature_floats, seed=k, wire=wire)
             parent, child = ctx.Pipe()
             p = ctx.Process(target=run_load, args=(spec, child), daemon=True, name=f"load-generator-{k}")
@@ -242,17 +271,21 @@ class Bench:
         self.c = TimedController(cfg, self.pool, sampler, checked.tokenizer, make_verifier(cfg.data),
                                  make_pruner(cfg))
         self.target = g.target_groups
-        # Requests kept in flight: every slot of every connection, and a
-        # tenth more waiting in their queues (requests between generator
-        # and controller would otherwise leave slots idle).
-        self.want_running = math.ceil(1.1 * connections * conc)
+        self.want_running = 0  # requests kept in flight (`trial` sets it)
         self.stats = self.c.begin_step()
         self.batches = 0
-        self.prime()
+        self.gc = GcClock()
+        # The pruner's first end_step imports scipy.stats (~0.7 s on the CPU
+        # box): a one-time stall of a job's first step, not a rate; done here.
+        import scipy.stats  # noqa: F401
+
+    def slots(self, rate: float) -> int:
+        """Requests each connection runs at a total offered `rate`."""
+        return max(1, math.ceil(rate / self.connections / self.opts.request_rate))
 
     def prime(self, timeout_s: float = 120.0) -> None:
-        """Before any load: every connection holds its requests (the first
-        fill submits thousands at 64 connections, which no trial should time)."""
+        """Every connection holds its requests before the warm-up (a first
+        fill at 64 connections submits thousands, which no trial should time)."""
         deadline = time.monotonic() + timeout_s
         while True:
             held = sum(r["running"] + r["waiting"] for r in self.ask(("report",)))
@@ -304,14 +337,22 @@ class Bench:
 
     def trial(self, rate: float) -> Trial:
         o, c = self.opts, self.c
-        self.ask(("rate", rate / self.connections), reply=False)
+        slots = self.slots(rate)
+        # Every slot of every connection busy, and a tenth more waiting in
+        # their queues (requests between generator and controller would
+        # otherwise leave slots idle).
+        self.want_running = math.ceil(1.1 * self.connections * slots)
+        self.ask(("rate", rate / self.connections, slots), reply=False)
+        self.prime()
         self.run_for(o.warmup_s)
         c.handled.clear()
         c.recording = True
         start = self.ask(("record", True), ("report",))
         t0, cpu0, in0 = time.monotonic(), time.process_time(), c.tokens_in
+        gc0, self.gc.longest = self.gc.snapshot(), 0.0
         self.run_for(o.window_s)
         t1, cpu1, in1 = time.monotonic(), time.process_time(), c.tokens_in
+        gc1, gc_longest = self.gc.snapshot(), self.gc.longest
         end = self.ask(("record", False), ("report",), ("rate", 0.0))[: len(self.pipes)]
         # Drain: everything sent reaches the buffer, or is lost.
         deadline = time.monotonic() + o.drain_s
@@ -343,11 +384,15 @@ class Bench:
                      {"median_delay_s": statistics.median(delays) if delays else None,
                       "chunks_unmatched": missing, "controller_cpu_frac": (cpu1 - cpu0) / span,
                       "load_cpu_frac": load_cpu / span, "batches": self.batches,
-                      "requests_running": sum(e["running"] for e in end),
+                      "slots_per_connection": slots, "requests_running": sum(e["running"] for e in end),
                       "requests_waiting": sum(e["waiting"] for e in end),
-                      "late_messages": c.buffer.stats.late_messages, "chunks_out_of_order": len(c.out_of_order)})
+                      "late_messages": c.buffer.stats.late_messages, "chunks_out_of_order": len(c.out_of_order),
+                      # The controller's cyclic GC over the window: seconds per generation, runs, longest pause.
+                      "gc_s": [round(b - a, 4) for a, b in zip(gc0[0], gc1[0])],
+                      "gc_runs": [b - a for a, b in zip(gc0[1], gc1[1])], "gc_longest_s": round(gc_longest, 4)})
 
     def close(self) -> None:
+        self.gc.close()
         for pipe in self.pipes:
             try:
                 pipe.send(("stop",))
@@ -384,7 +429,7 @@ def ramp(cfg: Config, checked, connections: int, wire: str, opts: Options, start
             "p99_delay_s": best.p99_s if best else None,
             "cpu_s_per_1k_tokens": best.cpu_s_per_1k if best else None,
             "load_cpu_s_per_1k_tokens": best.load_cpu_s_per_1k if best else None,
-            "concurrency_per_connection": b.cfg.generator.max_num_seqs,
+            "request_tokens_per_s": opts.request_rate,
             "trials": [t.asdict() for t in trials]}
 
 

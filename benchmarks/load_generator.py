@@ -15,7 +15,9 @@ The engine is simulated at chunk granularity: a connection runs at most
 `concurrency` requests (the rest wait, as in vLLM's queue) and takes
 `rate / concurrency` engine steps a second, every running request advancing
 one token per step; so a connection given at least `concurrency` requests
-offers `rate` tokens a second. At each step the chunks it completes leave
+offers `rate` tokens a second. The parent sets both together (the bench keeps
+a request's speed, rate / concurrency, fixed and runs more requests for more
+tokens, as a busier engine does). At each step the chunks it completes leave
 together, as vLLM hands a step's outputs out together; connections step at
 phases of their own. A rollout's whole response length is drawn from its
 rollout id (`response_length`): the same rollout ends at the same length
@@ -62,7 +64,7 @@ class LoadSpec(msgspec.Struct, kw_only=True):
     vocab_size: int
     chunk_tokens: int
     max_tokens: int  # the rollout budget (generator.max_tokens): lengths are capped here
-    concurrency: int  # requests running at once per connection (max_num_seqs)
+    concurrency: int  # requests running at once per connection, until the parent sets another
     median_tokens: float = 120.0  # lognormal response length: median
     sigma: float = 0.8  # ... and its log-space spread
     feature_floats: int = 4096  # QualityScore.features: one float32 hidden state (a 4096-wide model)
@@ -134,6 +136,7 @@ class LoadGenerator:
                 out=Outbox(stream) if spec.wire == "batch" else stream,
                 step=self.rng.random()))  # engines do not step in lockstep
         self.rate = 0.0  # offered tokens/s per connection
+        self.concurrency = spec.concurrency
         self._seq = itertools.count()
         self.recording = False
         self.log: list[tuple[str, int, int, float]] = []  # (request id, offset, tokens, send time) per chunk
@@ -166,7 +169,7 @@ class LoadGenerator:
                 stop, reason = end, "length"
             score_pos = msg.score_at if msg.score_at is not None and offset0 <= msg.score_at < stop else None
             r = _Req(msg.request_id, offset0, stop, reason, score_pos, emitted=offset0)
-            if len(c.running) < s.concurrency:
+            if len(c.running) < self.concurrency:
                 self._admit(c, r)
             else:
                 c.waiting.append(r)
@@ -226,17 +229,21 @@ class LoadGenerator:
         await c.out.send(TokenChunk(request_id=r.rid, offset=offset, token_ids=self._ids[k:k + n],
                                     logprobs=self._lps[k:k + n], versions=self._versions[n], score=score))
 
-    async def _finish(self, c: _Conn, r: _Req, reason: str) -> None:
-        c.sent_messages += 1
-        while c.waiting and len(c.running) < self.spec.concurrency:
+    def _fill(self, c: _Conn) -> None:
+        """Waiting requests take the free slots."""
+        while c.waiting and len(c.running) < self.concurrency:
             w = c.waiting.popleft()
             if c.queued.pop(w.rid, None) is not None:
                 self._admit(c, w)
+
+    async def _finish(self, c: _Conn, r: _Req, reason: str) -> None:
+        c.sent_messages += 1
+        self._fill(c)
         await c.out.send(RolloutFinished(request_id=r.rid, finish_reason=reason, num_tokens=r.emitted - r.offset0))
 
     async def advance(self, now: float) -> None:
         """Step every connection's engine to `now`; each step's chunks leave together."""
-        steps = (now - self._last) * self.rate / self.spec.concurrency
+        steps = (now - self._last) * self.rate / self.concurrency
         self._last = now
         for c in self.conns:
             c.step += steps
@@ -257,16 +264,22 @@ class LoadGenerator:
         """Seconds to the next step of any connection with work due (capped)."""
         if self.rate <= 0:
             return 0.02
-        per_step = self.spec.concurrency / self.rate
+        per_step = self.concurrency / self.rate
         busy = [c for c in self.conns if c.heap]
         if not busy:
             return 0.02
         frac = min(math.floor(c.step) + 1 - c.step for c in busy)
         return min(0.02, max(0.0002, frac * per_step))
 
-    async def set_rate(self, tokens_per_s: float) -> None:
+    async def set_rate(self, tokens_per_s: float, concurrency: int | None = None) -> None:
+        """Offer `tokens_per_s` per connection from now, over `concurrency`
+        slots (unchanged if None; running requests beyond it finish first)."""
         await self.advance(time.monotonic())
         self.rate = tokens_per_s
+        if concurrency is not None:
+            self.concurrency = max(1, concurrency)
+            for c in self.conns:
+                self._fill(c)
 
     def report(self) -> dict:
         log, self.log = self.log, []
@@ -285,7 +298,7 @@ class LoadGenerator:
 
     async def serve(self, control) -> None:
         """Serve until told to stop over `control` (a multiprocessing Connection):
-        ("rate", tokens/s per connection), ("record", bool), ("report",), ("stop",)."""
+        ("rate", tokens/s per connection[, slots]), ("record", bool), ("report",), ("stop",)."""
         readers = [asyncio.create_task(self._read(c)) for c in self.conns]
         control.send(("ready", len(self.conns)))
         try:
@@ -295,7 +308,7 @@ class LoadGenerator:
                 while control.poll():
                     cmd = control.recv()
                     if cmd[0] == "rate":
-                        await self.set_rate(cmd[1])
+                        await self.set_rate(*cmd[1:])
                     elif cmd[0] == "record":
                         self.recording = cmd[1]
                     elif cmd[0] == "report":

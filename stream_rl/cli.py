@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="controller: generator connection counts to ramp, in order")
     p.add_argument("--wire", default="chunk", help="controller: wire formats to measure, interleaved (chunk,batch)")
     p.add_argument("--load-procs", type=int, default=1, help="controller: load-generator processes")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="controller: requests each connection runs at once (default: generator.max_num_seqs)")
+    p.add_argument("--request-rate", type=float, default=60.0,
+                   help="controller: tokens/s of one running request; a connection runs offered rate / this many")
     p.add_argument("--quick", action="store_true", help="controller: short trials and one bisection (tests)")
 
     p = sub.add_parser("eval", help="k samples per question: pass@1, pass@k, majority, quality-head and "
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.controller import options
 
                 bench_controller(cfg, args.out_json, options(args.connections, args.wire, args.load_procs,
-                                                             args.concurrency, args.quick))
+                                                             args.request_rate, args.quick))
             elif args.what == "weight-sync":
                 from benchmarks.weight_sync import main as bench_weight_sync
 

@@ -16,7 +16,7 @@ def test_two_connections_lose_nothing_and_report_every_key(tiny_world, tmp_path)
     out = tmp_path / "controller.json"
     args = ["bench", "controller", "--config", str(ROOT / "configs" / "tiny.yaml"),
             "--set", f"model.path={d / 'model'}", "--set", f"data.path={d / 'data' / 'train.jsonl'}",
-            "--connections", "2", "--concurrency", "32", "--wire", "chunk,batch", "--quick", "--json", str(out)]
+            "--connections", "2", "--wire", "chunk,batch", "--quick", "--json", str(out)]
     assert main(args) == 0
     res = json.loads(out.read_text())
     assert "max_tokens_per_s_at_64" in res and res["max_tokens_per_s_at_64"] is None  # 64 not measured
