@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq.asyncio
 
-from stream_rl.generator.outbox import Outbox
 from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, QualityScore, RequestRejected,
                                 RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator)
 from stream_rl.transport import AsyncZmqChannel, Cap
@@ -124,6 +123,8 @@ class LoadGenerator:
         self.spec = spec
         self.ctx = zmq.asyncio.Context()
         cap = Cap(spec.max_message_bytes, "generator.max_message_mb")
+        if spec.wire == "batch":
+            from stream_rl.generator.outbox import Outbox  # here: the chunk wire runs on trees without it
         self.rng = random.Random(spec.seed)
         self.conns = []
         for k, (req_addr, stream_addr) in enumerate(spec.addrs):
