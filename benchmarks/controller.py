@@ -32,13 +32,13 @@ import msgspec
 from benchmarks.common import BenchSetupError, emit, free_ports
 from benchmarks.load_generator import LoadSpec
 from benchmarks.load_generator import run as run_load
-from stream_rl.config import Config, config_from_dict, config_to_dict
+from stream_rl.config import Config, config_from_dict, config_to_dict, generator_addrs
 from stream_rl.controller.launch import make_pool
 from stream_rl.controller.rollouts import RolloutController
 from stream_rl.data import PromptSampler
 from stream_rl.generator.client import GeneratorClient
 from stream_rl.preflight import check_job
-from stream_rl.protocol import Hello, TokenChunk
+from stream_rl.protocol import Hello
 from stream_rl.pruner import make_pruner
 from stream_rl.transport import caps
 from stream_rl.verifier import make_verifier
@@ -233,11 +233,8 @@ class Bench:
         most = math.ceil(1.5 * self.slots(opts.max_rate) * connections / cfg.generator.group_size)
         self.cfg = cfg = bench_config(cfg, connections, most)
         g = cfg.generator
-        from stream_rl.config import generator_addrs
-
         addrs = [generator_addrs(g, i) for i in range(connections)]
         procs = max(1, min(opts.load_procs, connections))
-        share = [addrs[k::procs] for k in range(procs)]  # interleaved: each process a mix
         ctx = mp.get_context("spawn")
         self.procs, self.pipes = [], []
         cap, _ = caps(cfg)
@@ -254,7 +251,6 @@ class Bench:
             p.start()
             self.procs.append(p)
             self.pipes.append(parent)
-        del share
         for pipe in self.pipes:
             if not pipe.poll(60):
                 raise RuntimeError("a load generator did not start within 60 s")
