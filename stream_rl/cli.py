@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument("what", choices=["generation", "pruning", "learner", "weight-sync", "e2e", "correction",
-                                     "pruning-bound", "profile"])
+                                     "pruning-bound", "profile", "controller"])
     _add_config_args(p)
     p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
     p.add_argument("--steps", type=int, default=None,
@@ -93,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="pruning-bound: comma-separated model directories (default: model.path)")
     p.add_argument("--samples", type=int, default=None,
                    help="pruning-bound: sampled rollouts per held-out prompt (default: generator.group_size)")
+
+    p.add_argument("--connections", default="1,8,32,64",
+                   help="controller: generator connection counts to ramp, in order")
+    p.add_argument("--wire", default="batch",
+                   help="controller: wire formats to measure, interleaved: batch (a TokenBatch per engine step, as the "
+                        "generator sends), chunk (one message per chunk, as before)")
+    p.add_argument("--load-procs", type=int, default=1, help="controller: load-generator processes")
+    p.add_argument("--request-rate", type=float, default=60.0,
+                   help="controller: tokens/s of one running request; a connection runs offered rate / this many")
+    p.add_argument("--quick", action="store_true", help="controller: short trials and one bisection (tests)")
 
     p = sub.add_parser("simulate", help="the real schedulers on a virtual clock, engines and learner replaced by "
                                         "cost models (JSON; docs/simulator.md)")
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "bench":
         steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40, "learner": 3,
                                                               "weight-sync": 5, "e2e": 40,
-                                                              "correction": 2000, "pruning-bound": 1, "profile": 40}[args.what]
+                                                              "correction": 2000, "pruning-bound": 1, "profile": 40,
+                                                              "controller": 1}[args.what]
         if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2
@@ -251,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
                     raise BenchSetupError(f"--samples must be >= 1 (got {args.samples})")
                 models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
                 bench_pruning_bound(cfg, args.out_json, models, args.samples)
+            elif args.what == "controller":
+                from benchmarks.controller import main as bench_controller
+                from benchmarks.controller import options
+
+                bench_controller(cfg, args.out_json, options(args.connections, args.wire, args.load_procs,
+                                                             args.request_rate, args.quick))
             elif args.what == "weight-sync":
                 from benchmarks.weight_sync import main as bench_weight_sync
 
