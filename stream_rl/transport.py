@@ -210,12 +210,27 @@ class ZmqChannel(_Decoding, Channel):
     def recv(self, timeout_ms: int | None = None) -> Message | None:
         # A rejected message is skipped; the wait goes on for a valid one
         # within the same deadline.
+        if timeout_ms == 0:
+            return self.recv_nowait()
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
             if deadline is not None:
                 if not self._sock.poll(ms_until(deadline)):
                     return None
             msg = self._decode(self._sock.recv_multipart(copy=True))
+            if msg is not None:
+                return msg
+
+    def recv_nowait(self) -> Message | None:
+        """The next valid message already queued, else None. No poll first:
+        a controller reading many streams found that poll before every read
+        to be a tenth of its CPU (`bench controller`)."""
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return None
+            msg = self._decode(frames)
             if msg is not None:
                 return msg
 
