@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from types import SimpleNamespace
 
-from stream_rl.learner.client import LearnerError
+from stream_rl.learner.client import LearnerError, ReplyWaiter
 from stream_rl.protocol import (CheckpointSaved, SaveCheckpoint, StepDone, SyncWeights, TrainBatch, WeightsLoaded,
                                 WeightsStaged)
 
@@ -22,7 +22,7 @@ from benchmarks.simulate.events import EventLoop
 LAG_BINS = ("0", "1", "2", "3", "4+")
 
 
-class SimLearner:
+class SimLearner(ReplyWaiter):
     def __init__(self, loop: EventLoop, cfg, cost, pool=None):
         self.loop, self.cfg, self.cost, self.pool = loop, cfg, cost, pool
         self.outbox: deque = deque()
@@ -93,16 +93,8 @@ class SimLearner:
             self.loop.run_until(lambda: bool(self.outbox), None if timeout_ms is None else timeout_ms / 1000)
         return self.outbox.popleft() if self.outbox else None
 
-    def wait_for(self, kind, timeout_s: float, what: str, match=None, key: str | None = None):
-        deadline = self.loop.now + timeout_s
-        while self.loop.now < deadline:
-            msg = self.recv(1000)
-            if msg is None:
-                continue
-            if isinstance(msg, kind) and (match is None or match(msg)):
-                return msg
-            self.skip(msg, what)
-        raise self.hangs(what, timeout_s, key)
+    def now(self) -> float:
+        return self.loop.now
 
     def hangs(self, what: str, waited_s: float, key: str | None = None) -> LearnerError:
         self.hung = True

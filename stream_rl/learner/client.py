@@ -22,7 +22,28 @@ class LearnerError(RuntimeError):
     pass
 
 
-class LearnerClient:
+class ReplyWaiter:
+    """Waiting for one kind of reply, on the clock the learner runs on
+    (the real one here; the simulator's virtual one, `benchmarks/simulate/`)."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wait_for(self, kind, timeout_s: float, what: str, match=None, key: str | None = None):
+        """The next reply of type `kind` (and for which `match(reply)`);
+        any other reply on the way is skipped."""
+        deadline = self.now() + timeout_s
+        while self.now() < deadline:
+            msg = self.recv(1000)
+            if msg is None:
+                continue
+            if isinstance(msg, kind) and (match is None or match(msg)):
+                return msg
+            self.skip(msg, what)
+        raise self.hangs(what, timeout_s, key)
+
+
+class LearnerClient(ReplyWaiter):
     def __init__(self, cfg: Config):
         lc = cfg.learner
         cap, batch_cap = caps(cfg)
@@ -45,19 +66,6 @@ class LearnerClient:
         elif isinstance(msg, LearnerFailed):
             raise LearnerError(f"the learner failed: {msg.error}")
         return msg
-
-    def wait_for(self, kind, timeout_s: float, what: str, match=None, key: str | None = None):
-        """The next reply of type `kind` (and for which `match(reply)`);
-        any other reply on the way is skipped."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            msg = self.recv(1000)
-            if msg is None:
-                continue
-            if isinstance(msg, kind) and (match is None or match(msg)):
-                return msg
-            self.skip(msg, what)
-        raise self.hangs(what, timeout_s, key)
 
     def hangs(self, what: str, waited_s: float, key: str | None = None) -> LearnerError:
         """The error for a learner that has not answered `what` in
