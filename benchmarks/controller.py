@@ -33,7 +33,7 @@ from benchmarks.common import BenchSetupError, emit, free_ports
 from benchmarks.load_generator import LoadSpec
 from benchmarks.load_generator import run as run_load
 from stream_rl.config import Config, config_from_dict, config_to_dict, generator_addrs
-from stream_rl.controller.launch import make_pool
+from stream_rl.controller.launch import make_pool, settle_heap
 from stream_rl.controller.rollouts import RolloutController
 from stream_rl.data import PromptSampler
 from stream_rl.generator.client import GeneratorClient
@@ -274,6 +274,7 @@ class Bench:
         # The pruner's first end_step imports scipy.stats (~0.7 s on the CPU
         # box): a one-time stall of a job's first step, not a rate; done here.
         import scipy.stats  # noqa: F401
+        settle_heap()  # as the job's controller does before its first step
 
     def slots(self, rate: float) -> int:
         """Requests each connection runs at a total offered `rate`."""
