@@ -121,6 +121,11 @@ class TokenBatch(_Msg):
     messages: list[Union[TokenChunk, RolloutFinished]]
 
 
+def batched(messages: list):
+    """Chunks and finishes to send as one message: alone, or a TokenBatch of them in order."""
+    return messages[0] if len(messages) == 1 else TokenBatch(messages=messages)
+
+
 def unbatched(msg) -> list:
     """A message as the messages it carries: a TokenBatch's, in order; any other alone."""
     return msg.messages if isinstance(msg, TokenBatch) else [msg]

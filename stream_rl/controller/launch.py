@@ -184,7 +184,7 @@ def run_controller(cfg: Config, out: Path, pool: GeneratorPool, learner: Learner
              time.time() - t_start, len(pool.clients), ready.ranks)
     metrics = MetricsLogger(out, steps, cfg.run.progress)
     settle_heap()
-    job.t0 = time.time() - job.wall_offset
+    job.t0 = job.clock.wall() - job.wall_offset
     try:
         (run_stream if cfg.mode == "stream" else run_sync)(job, metrics)
         # Partials left in the buffer are kept, with their last tokens, for a

@@ -10,8 +10,8 @@ import msgspec
 
 from stream_rl.config import Config, generator_addrs
 from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, GeneratorReady, RequestRejected,
-                                RolloutRequest, Shutdown, TokenBatch, UpdateWeights, WeightsUpdated,
-                                WeightsUpdateFailed, unbatched)
+                                RolloutRequest, Shutdown, UpdateWeights, WeightsUpdated, WeightsUpdateFailed,
+                                unbatched)
 from stream_rl.placement import Placement, format_cores
 from stream_rl.roles import died, start_role, stop_role, stop_roles
 from stream_rl.transport import ZmqChannel, caps, ms_until
@@ -64,10 +64,11 @@ class GeneratorClient:
 
     def _read_stream(self, timeout_ms: int | None):
         msg = self.stream.recv(timeout_ms)
-        if isinstance(msg, TokenBatch):
-            self._backlog.extend(msg.messages[1:])
-            return msg.messages[0]
-        return msg
+        if msg is None:
+            return None
+        first, *rest = unbatched(msg)
+        self._backlog.extend(rest)
+        return first
 
     def _wait_for(self, kinds: tuple, timeout_s: float, what: str):
         deadline = time.monotonic() + timeout_s

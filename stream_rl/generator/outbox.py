@@ -21,16 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from stream_rl.protocol import ProtocolError, RequestRejected, RolloutFinished, TokenBatch, TokenChunk
+from stream_rl.protocol import ProtocolError, RequestRejected, RolloutFinished, TokenChunk, batched
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 512  # messages in one TokenBatch at most (~a few MiB with scores, under max_message_mb)
-
-
-def batched(messages: list):
-    """The messages to send as one: alone, or a TokenBatch of them in order."""
-    return messages[0] if len(messages) == 1 else TokenBatch(messages=messages)
 
 
 class Outbox:
