@@ -12,7 +12,7 @@ RUN_DIR ?= runs/tiny
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(FLAVOR),test,trl]"
+	$(PY) -m pip install -q -e ".[$(FLAVOR),test,trl,ray,wandb]"
 ifeq ($(FLAVOR),cpu)
 	# PyPI's torchvision/torchaudio/torchcodec break against the CPU torch
 	# ("operator torchvision::nms does not exist"); text models need none.
