@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+import msgspec
 import logging
 import sys
 
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="run directory (default: run.out_dir)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    p.add_argument("--launcher", choices=["local", "ray"], default=None,
+                   help="where the roles start: this host, or actors on a running Ray cluster (default: the "
+                        "config's `launch`; docs/cluster.md)")
 
     p = sub.add_parser("generator", help="run a generator service (vLLM engine behind ZMQ)")
     _add_config_args(p)
@@ -314,10 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         from stream_rl.generator.client import GeneratorError
         from stream_rl.learner.client import LearnerError
 
+        from stream_rl.cluster.ray_job import RayError, train_on_ray
+
+        if args.cmd == "train" and args.launcher:
+            cfg = msgspec.structs.replace(cfg, launch=args.launcher)
+        run = connect if args.cmd == "controller" else train_on_ray if cfg.launch == "ray" else train
         try:
-            summary = (train if args.cmd == "train" else connect)(cfg, args.out, args.max_steps,
-                                                                     resume=args.resume)
-        except (ConfigError, DataError, FileNotFoundError) as err:  # found before anything ran
+            summary = run(cfg, args.out, args.max_steps, resume=args.resume)
+        except (ConfigError, DataError, FileNotFoundError, RayError) as err:  # found before anything ran
             print(f"error: {err}", file=sys.stderr)
             return 2
         except (GeneratorError, LearnerError) as err:  # a role failed while the job ran

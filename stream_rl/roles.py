@@ -46,9 +46,11 @@ def exit_on_sigterm(role: str | None = None) -> None:
         signal.signal(signal.SIGINT, handler)
 
 
-def start_role(args: list[str], log_path: Path, cpus: list[int] | None = None) -> tuple[subprocess.Popen, object]:
+def start_role(args: list[str], log_path: Path, cpus: list[int] | None = None, cwd: str | None = None,
+               env: dict[str, str] | None = None) -> tuple[subprocess.Popen, object]:
     """`python <args>` in a session of its own, output to `log_path`, on
-    `cpus` (with its children) when given; returns the process and the open log."""
+    `cpus` (with its children) when given, with `env` added to this
+    process's environment; returns the process and the open log."""
     log = open(log_path, "ab")
 
     def setup() -> None:
@@ -57,7 +59,7 @@ def start_role(args: list[str], log_path: Path, cpus: list[int] | None = None) -
             os.sched_setaffinity(0, cpus)
 
     proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=setup, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            preexec_fn=setup, cwd=cwd, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
     return proc, log
 
 

@@ -10,8 +10,8 @@ from stream_rl.config.checks import generator_addrs, split_address
 from stream_rl.config.load import EVAL_INHERITS, config_from_dict, config_to_dict, load_config
 from stream_rl.config.sections import (BufferConfig, Config, ConfigError, DataConfig, EvalConfig, GeneratorConfig,
                                        LearnerConfig, ModelConfig, NonNegFloat, NonNegInt, PosFloat, PosInt,
-                                       PrunerConfig, Prob, RunConfig, WeightsSyncConfig)
+                                       PrunerConfig, Prob, RayConfig, RunConfig, WeightsSyncConfig)
 
 __all__ = ["BufferConfig", "Config", "ConfigError", "DataConfig", "EVAL_INHERITS", "EvalConfig", "GeneratorConfig",
            "LearnerConfig", "ModelConfig", "NonNegFloat", "NonNegInt", "PosFloat", "PosInt", "PrunerConfig", "Prob",
-           "RunConfig", "WeightsSyncConfig", "config_from_dict", "config_to_dict", "generator_addrs", "load_config", "split_address"]
+           "RayConfig", "RunConfig", "WeightsSyncConfig", "config_from_dict", "config_to_dict", "generator_addrs", "load_config", "split_address"]

@@ -92,6 +92,9 @@ def check(cfg: Config) -> None:
     if g.hosts and len(g.hosts) != g.count:
         raise ConfigError(f"generator.hosts has {len(g.hosts)} entries for generator.count={g.count}")
     addrs = [a for i in range(g.count) for a in generator_addrs(g, i)] + [cfg.learner.addr, cfg.learner.reply_addr]
+    if cfg.learner.ranks % cfg.ray.learner_nodes:
+        raise ConfigError(f"learner.ranks ({cfg.learner.ranks}) must split evenly over ray.learner_nodes "
+                          f"({cfg.ray.learner_nodes})")
     dup = sorted({a for a in addrs if addrs.count(a) > 1})
     if dup:
         raise ConfigError(f"addresses must differ (generator.request_addr/stream_addr with generator.count="

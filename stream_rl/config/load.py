@@ -67,8 +67,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
-    if not (len(parts) == 2 and all(parts) or parts == ["mode"]):
-        raise ConfigError(f"override key '{key}' must be section.key (e.g. learner.lr) or mode")
+    if not (len(parts) == 2 and all(parts) or parts in (["mode"], ["launch"])):
+        raise ConfigError(f"override key '{key}' must be section.key (e.g. learner.lr), mode or launch")
     # YAML gives overrides the same scalar typing as the file (1e-6, true, null).
     return parts, yaml.safe_load(raw) if raw.strip() else ""
 
@@ -81,8 +81,8 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
     raw = {k: (dict(v) if isinstance(v, dict) else {} if v is None else v) for k, v in raw.items()}
     for item in overrides:
         parts, value = _parse_override(item)
-        if parts == ["mode"]:  # the one top-level key
-            raw["mode"] = value
+        if len(parts) == 1:  # a top-level key
+            raw[parts[0]] = value
             continue
         section, key = parts
         if section not in Config.__struct_fields__:

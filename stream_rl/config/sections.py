@@ -330,6 +330,35 @@ class EvalConfig(_Section):
     deepconf_trace: Literal["lowest", "bottom10"] = "lowest"
 
 
+class RayConfig(_Section):
+    """`launch: ray` (docs/cluster.md): the roles as actors on a Ray cluster
+    that `ray start` made; every address is found through Ray."""
+    # ray.init's address: "auto" (the cluster `ray start` made on this host)
+    # or the head's HOST:PORT.
+    address: str = "auto"
+    # Custom resources each generator, and each learner node, asks of its
+    # Ray node: `ray start --resources '{"infer": 8}'` on the engines' nodes
+    # with {"infer": 1} here keeps the engines there.
+    generator_resources: dict[str, PosFloat] = {}
+    learner_resources: dict[str, PosFloat] = {}
+    # CPUs Ray reserves per generator and per learner rank: a scheduling
+    # count, nothing is pinned.
+    generator_cpus: PosFloat = 1.0
+    learner_cpus: PosFloat = 1.0
+    # GPUs per engine. "auto": generator.tensor_parallel_size when the
+    # cluster has GPUs, none (CPU engines) when it has not.
+    generator_gpus: NonNegInt | Literal["auto"] = "auto"
+    # Nodes the learner's ranks span (learner.ranks split evenly; torchrun
+    # runs each node's share). Ranks of one node share its fast links.
+    learner_nodes: PosInt = 1
+    # PACK fills a node with engines before the next; SPREAD puts them on
+    # as many nodes as it can (Ray's placement-group strategies).
+    generator_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # How long the cluster may take to find room for every role before the
+    # job stops, naming what it asked for and what the cluster has.
+    placement_timeout_s: PosFloat = 300.0
+
+
 class Config(_Section):
     # The schedule. "sync": the synchronous GRPO baseline (a step generates
     # target_groups groups to completion, trains, syncs, then generates
@@ -339,6 +368,9 @@ class Config(_Section):
     # "stream": generation, pruning and learning run at once; weights reach
     # the engines in flight (docs/architecture.md).
     mode: Literal["sync", "april", "stream"] = "stream"
+    # Where `stream-rl train` starts the roles: "local" (this host's
+    # processes) or "ray" (actors on a Ray cluster, section `ray`).
+    launch: Literal["local", "ray"] = "local"
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     data: DataConfig = msgspec.field(default_factory=DataConfig)
     generator: GeneratorConfig = msgspec.field(default_factory=GeneratorConfig)
@@ -348,6 +380,7 @@ class Config(_Section):
     weights_sync: WeightsSyncConfig = msgspec.field(default_factory=WeightsSyncConfig)
     run: RunConfig = msgspec.field(default_factory=RunConfig)
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
+    ray: RayConfig = msgspec.field(default_factory=RayConfig)
 
     # --- what the pruning correction resolves to (docs/pruning-correction.md) ---
 

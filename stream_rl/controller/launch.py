@@ -140,16 +140,22 @@ def connect(cfg: Config, out_dir: str | Path | None = None, max_steps: int | Non
         return run_controller(cfg, out, pool, learner, ready, max_steps, t_start,
                               fresh_generators=all(g.version == 0 for g in gens), resume_from=ckpt, checked=checked)
     finally:
-        # Queued messages get a moment to leave before the sockets close.
-        learner.send(Shutdown())
-        learner.batches.close(linger_ms=5000)
-        learner.close()
-        for g in (pool.clients if pool is not None else gens):
-            if g.requests.sock.closed:  # lost for good: nothing to tell it
-                continue
-            g.requests.send(Shutdown())
-            g.requests.close(linger_ms=5000)
-            g.close()
+        tell_roles_to_exit(learner, pool.clients if pool is not None else gens)
+
+
+def tell_roles_to_exit(learner: LearnerClient, gens: list[GeneratorClient]) -> None:
+    """Shutdown to roles this process did not start (the learner saves its
+    final model first); queued messages get a moment to leave before the
+    sockets close."""
+    learner.send(Shutdown())
+    learner.batches.close(linger_ms=5000)
+    learner.close()
+    for g in gens:
+        if g.requests.sock.closed:  # lost for good: nothing to tell it
+            continue
+        g.requests.send(Shutdown())
+        g.requests.close(linger_ms=5000)
+        g.close()
 
 
 def settle_heap() -> None:
@@ -157,9 +163,17 @@ def settle_heap() -> None:
     dataset, the tokenizer) out of the garbage collector's full passes:
     with thousands of requests in flight a full collection stopped the
     controller, and every stream with it, for 0.3 s, nearly all of it
-    walking those (`bench controller`: docs/scaling.md)."""
+    walking those (`bench controller`: docs/scaling.md). `unsettle_heap`
+    when the job ends."""
     gc.collect()
     gc.freeze()
+
+
+def unsettle_heap() -> None:
+    """Frozen objects are never freed, and native libraries that count
+    their objects at exit (triton's nanobind) then print pages of "leaked"
+    warnings: hand them back to the collector."""
+    gc.unfreeze()
 
 
 def run_controller(cfg: Config, out: Path, pool: GeneratorPool, learner: LearnerClient, ready: LearnerReady,
@@ -194,6 +208,7 @@ def run_controller(cfg: Config, out: Path, pool: GeneratorPool, learner: Learner
         job.checkpoint(job.records[-1]["step"] if job.records else job.first_step - 1)
     finally:
         metrics.close()
+        unsettle_heap()
     records = job.records
     summary = summarize(records)
     summary["mode"] = cfg.mode
