@@ -1,4 +1,5 @@
-"""Per-step metrics: JSONL on disk, TensorBoard scalars, progress on screen."""
+"""Per-step metrics: JSONL on disk, TensorBoard scalars, Weights & Biases
+(`run.wandb_project`, metrics_wandb), progress on screen."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+from stream_rl.config import Config
+from stream_rl.metrics_wandb import WandbRun
+
 _SHOWN = (("reward_policy_mean", "reward {:.3f}"), ("prune/keep_rate", "keep {:.2f}"),
           ("gen_tokens_per_s", "{:.0f} tok/s"), ("version_lag_max", "lag {}"), ("policy_version", "v{}"),
           ("step_s", "{:.1f}s/step"))
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, total_steps: int, show_progress: bool = True):
+    def __init__(self, out_dir: Path, total_steps: int, show_progress: bool = True, cfg: Config | None = None,
+                 resumed: bool = False):
+        # First: a W&B run that cannot start stops the job before anything is opened.
+        self._wandb = WandbRun(cfg, out_dir, resumed) if cfg is not None and cfg.run.wandb_project else None
         self.path = out_dir / "metrics.jsonl"
         self._f = self.path.open("a")
         self.total = total_steps
@@ -41,6 +48,8 @@ class MetricsLogger:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(k, v, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(record)
         line = "  ".join(fmt.format(record[k]) for k, fmt in _SHOWN if k in record)
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], description=line)
@@ -52,6 +61,8 @@ class MetricsLogger:
             self._progress.stop()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
         self._f.close()
 
 

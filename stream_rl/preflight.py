@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from stream_rl.config import Config, ConfigError
 from stream_rl.data import PromptDataset
+from stream_rl.metrics_wandb import import_wandb
 
 
 @dataclass
@@ -59,7 +60,10 @@ def check_model(cfg: Config):
 
 
 def check_job(cfg: Config) -> CheckedJob:
-    """The model, tokenizer and training data, loaded and checked."""
+    """The model, tokenizer and training data, loaded and checked; and
+    wandb installed if the config logs to it."""
+    if cfg.run.wandb_project:
+        import_wandb()
     mc, tok = check_model(cfg)
     return CheckedJob(tok, PromptDataset.load(cfg.data, tok), mc)
 

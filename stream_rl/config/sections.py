@@ -308,6 +308,14 @@ class RunConfig(_Section):
     # after every this many steps, to evaluate the run's curve afterwards
     # (`bench e2e` does); 0: none.
     snapshot_every: NonNegInt = 0
+    # Weights & Biases, a third metrics sink beside OUT/metrics.jsonl and
+    # TensorBoard (the `wandb` extra): the project to log to; null: off.
+    wandb_project: str | None = None
+    wandb_entity: str | None = None  # the team or user; null: the login's default
+    # offline: no network; each start writes a run directory under OUT/wandb
+    # for `wandb sync` to upload later (a cluster without internet access).
+    wandb_mode: Literal["online", "offline"] = "online"
+    wandb_name: str | None = None  # the run's display name; null: OUT's directory name
 
 
 class EvalConfig(_Section):

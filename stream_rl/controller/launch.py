@@ -196,7 +196,7 @@ def run_controller(cfg: Config, out: Path, pool: GeneratorPool, learner: Learner
         job.sync_now()
     log.info("%s job ready after %.1f s (%d generator(s), %d learner rank(s))", cfg.mode,
              time.time() - t_start, len(pool.clients), ready.ranks)
-    metrics = MetricsLogger(out, steps, cfg.run.progress)
+    metrics = MetricsLogger(out, steps, cfg.run.progress, cfg, resumed=resume_from is not None)
     settle_heap()
     job.t0 = job.clock.wall() - job.wall_offset
     try:
