@@ -24,7 +24,7 @@ import msgspec
 
 import stream_rl
 from stream_rl.cluster.plan import Addresses, bundles, generator_command, learner_command, resolved
-from stream_rl.config import Config
+from stream_rl.config import Config, generator_addrs
 from stream_rl.config.checks import check
 from stream_rl.controller.launch import GENERATOR_STOP_S, make_pool, run_controller, tell_roles_to_exit
 from stream_rl.generator.client import GeneratorClient, GeneratorError
@@ -37,11 +37,16 @@ from stream_rl.transport import free_ports
 log = logging.getLogger(__name__)
 
 LEARNER_STOP_S = 60.0  # it saves its final model first
+PORTS_FREED_S = 30.0
 
 
 class RayError(RuntimeError):
     """The cluster cannot run the job as configured (no room, no shared
     run directory, no free ports)."""
+
+
+def where(node: dict) -> str:
+    return f"{node['ip']} ({node['hostname']}, Ray node {node['node_id'][:12]})"
 
 
 def _cause(ref, what: str) -> str | None:
@@ -60,15 +65,15 @@ def _cause(ref, what: str) -> str | None:
 class RayGenerator(GeneratorClient):
     """A generator whose process a RoleHost actor holds."""
 
-    def __init__(self, cfg: Config, index: int, host, pid: int):
+    def __init__(self, cfg: Config, index: int, host, pid: int, node: dict):
         super().__init__(cfg, index)
-        self.host = host
+        self.host, self.node = host, node
         self._watch = host.watch.remote(pid)
         self._cause: str | None = None
 
     def exit_cause(self) -> str | None:
         if self._cause is None:
-            self._cause = _cause(self._watch, f"generator {self.index}")
+            self._cause = _cause(self._watch, f"generator {self.index} on node {where(self.node)}")
         return self._cause
 
     def kill(self) -> None:
@@ -87,12 +92,13 @@ class RayLearner(LearnerClient):
         super().__init__(cfg)
         self._watches: list = []
 
-    def watch(self, hosts_and_pids: list) -> None:
-        self._watches = [(h.watch.remote(pid), k) for k, (h, pid) in enumerate(hosts_and_pids)]
+    def watch(self, hosts_pids_nodes: list) -> None:
+        self._watches = [(h.watch.remote(pid), f"learner node {k} on node {where(node)}")
+                         for k, (h, pid, node) in enumerate(hosts_pids_nodes)]
 
     def check_alive(self) -> None:
-        for ref, k in self._watches:
-            cause = _cause(ref, f"learner node {k}")
+        for ref, what in self._watches:
+            cause = _cause(ref, what)
             if cause:
                 raise LearnerError(cause)
 
@@ -194,6 +200,21 @@ class RayJob:
             env["STREAM_RL_SECRET"] = os.environ["STREAM_RL_SECRET"]
         return os.getcwd(), env
 
+    def generator_host(self, i: int) -> tuple[object, dict]:
+        """Generator i's actor and node; a new actor in its bundle if the
+        old one died (Ray places a lost node's bundles again)."""
+        import ray
+
+        try:
+            ray.get(self.gens[i].node.remote(), timeout=60)
+        except ray.exceptions.RayError as err:
+            log.warning("generator %d: its actor is gone (%s); placing a new one", i, type(err).__name__)
+            ray.kill(self.gens[i])
+            self.gens[i] = self._actor(self.gen_pg, i, self.plan.generators[i], f"generator {i}")
+            self.gen_nodes[i] = ray.get(self.gens[i].node.remote(), timeout=self.cfg.ray.placement_timeout_s)
+            (self.out / "placement.json").write_text(json.dumps(self.placement(), indent=2))
+        return self.gens[i], self.gen_nodes[i]
+
     def placement(self) -> list[dict]:
         rows = [{"role": "generator", "index": i, **n, "bundle": self.plan.generators[i]}
                 for i, n in enumerate(self.gen_nodes)]
@@ -251,12 +272,28 @@ def train_on_ray(cfg: Config, out_dir: str | Path | None = None, max_steps: int 
         pids = ray.get([h.start.remote(learner_command(cfg_path, out, len(job.learners), k, job.plan.ranks_per_node,
                                                        master, ckpt), str(out / "logs" / f"learner-node{k}.log"),
                                        cwd, env) for k, h in enumerate(job.learners)])
-        learner.watch(list(zip(job.learners, pids)))
+        learner.watch(list(zip(job.learners, pids, job.learner_nodes)))
 
         def start(i: int) -> GeneratorClient:
-            pid = ray.get(job.gens[i].start.remote(generator_command(cfg_path, i),
-                                                   str(out / "logs" / f"generator-{i}.log"), cwd, env))
-            client = RayGenerator(rcfg, i, job.gens[i], pid)
+            """Generator i's process, first or again after a loss (on another
+            node if its own was lost: its address changes with it)."""
+            host, node = job.generator_host(i)
+            gcfg, path = rcfg, cfg_path
+            if node["ip"] != rcfg.generator.hosts[i]:
+                hosts = [node["ip"] if j == i else h for j, h in enumerate(rcfg.generator.hosts)]
+                gcfg = msgspec.structs.replace(rcfg, generator=msgspec.structs.replace(rcfg.generator, hosts=hosts))
+                path = out / f"ray_job_config-generator{i}.json"
+                path.write_bytes(msgspec.json.encode(gcfg))
+            # A process its dead actor left is still closing its sockets.
+            ports = [int(a.rsplit(":", 1)[1]) for a in generator_addrs(gcfg.generator, i)]
+            deadline = time.monotonic() + PORTS_FREED_S
+            while ray.get(host.taken.remote(ports)):
+                if time.monotonic() > deadline:
+                    raise RayError(f"generator {i}'s ports {ports} stayed taken on node {where(node)}")
+                time.sleep(0.5)
+            pid = ray.get(host.start.remote(generator_command(path, i), str(out / "logs" / f"generator-{i}.log"),
+                                            cwd, env))
+            client = RayGenerator(gcfg, i, host, pid, node)
             client.requests.send(Hello())
             return client
 

@@ -41,10 +41,13 @@ class RoleHost:
         raise RuntimeError(f"no {n} free ports found on {socket.gethostname()}")
 
     def taken(self, ports: list[int]) -> list[int]:
-        """Those of `ports` something on this node already holds."""
+        """Those of `ports` something on this node listens on. A port whose
+        last holder just died is free: its closed connections (TIME_WAIT)
+        do not stop a listener that sets SO_REUSEADDR, as ZMQ's do."""
         out = []
         for p in ports:
             with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind(("", p))
                 except OSError:

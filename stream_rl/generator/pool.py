@@ -169,7 +169,12 @@ class GeneratorPool:
         try:
             c = self.restart(i)
         except Exception as err:  # counts as a restart, as one that dies while starting
-            self.members.lose(i, now, f"its restart failed: {type(err).__name__}: {err}")
+            cause = f"its restart failed: {type(err).__name__}: {err}"
+            log.error("generator %d: %s", i, cause)
+            self.members.lose(i, now, cause)
+            if self.members.exhausted:  # else the job would wait for a generator forever
+                raise GeneratorError(f"generator {i} could not be started again and no generator is left "
+                                     f"(generator.max_restarts: {self.members.max_restarts}): {cause}") from err
             return
         self.clients[i] = c
         self._poller.register(c.stream.sock, zmq.POLLIN)

@@ -122,23 +122,41 @@ def test_roles_placed_on_their_nodes(cluster, tiny_world, tmp_path):
                       "startup_s": round(summary["startup_s"], 1), "wall_train_s": round(summary["wall_s"], 1)}))
 
 
-def test_a_killed_generator_is_reported_and_restarted(cluster, tiny_world, tmp_path):
-    run = tmp_path / "run"
-    proc = _train(cluster, tiny_world, run, 6, "--set", "generator.max_restarts=1",
-                  "--set", "generator.restart_backoff_s=0.5")
-    deadline = time.monotonic() + 600
-    while len(_metrics(run)) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
-        time.sleep(0.5)
+def _generator_pid(run: Path) -> int:
     pids = subprocess.run(["pgrep", "-f", f"stream_rl generator --config {run / 'ray_job_config.json'}"],
                           capture_output=True, text=True).stdout.split()
     assert len(pids) == 1, pids
-    os.kill(int(pids[0]), signal.SIGKILL)
+    return int(pids[0])
+
+
+def _wait_steps(proc: subprocess.Popen, run: Path, n: int) -> None:
+    deadline = time.monotonic() + 600
+    while len(_metrics(run)) < n:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.5)
+
+
+def test_a_lost_generator_is_reported_with_its_node_and_started_again(cluster, tiny_world, tmp_path):
+    """Its process killed, then its actor (as when its node goes): each loss
+    is reported with the node and the cause, and the generator comes back
+    through a new process, then a new actor in its bundle."""
+    run = tmp_path / "run"
+    proc = _train(cluster, tiny_world, run, 8, "--set", "generator.max_restarts=2",
+                  "--set", "generator.restart_backoff_s=0.5")
+    _wait_steps(proc, run, 2)
+    os.kill(_generator_pid(run), signal.SIGKILL)
+    _wait_steps(proc, run, 4)
+    actor = int(subprocess.run(["ps", "-o", "ppid=", "-p", str(_generator_pid(run))], capture_output=True,
+                               text=True).stdout)
+    assert "RoleHost" in Path(f"/proc/{actor}/cmdline").read_text()
+    os.kill(actor, signal.SIGKILL)
     out = _finish(proc)
     lost = [line for line in out.splitlines() if "generator 0 lost:" in line]
-    assert lost and "on node" in lost[0] and "Ray node" in lost[0] and "SIGKILL" in lost[0], out[-4000:]
+    assert len(lost) == 2, out[-4000:]
+    assert all("on node" in line and "Ray node" in line for line in lost)
+    assert "killed by SIGKILL" in lost[0] and "its Ray actor died" in lost[1]
     summary = _summary(out)
-    assert summary["steps"] == 6
-    # Started again by its actor: a second engine in its log, and it serves the last weights.
-    assert (run / "logs" / "generator-0.log").read_text().count("StreamRLWorkerExtension") == 2
+    assert summary["steps"] == 8
+    # Three engines in its log (first, after its process, after its actor) and it serves the last weights.
+    assert (run / "logs" / "generator-0.log").read_text().count("StreamRLWorkerExtension") == 3
     assert summary["generator_versions"] == [summary["policy_version"] + 1]

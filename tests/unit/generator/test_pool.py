@@ -206,6 +206,30 @@ def test_a_lost_generator_restarts_rejoins_with_the_weights_and_takes_the_waitin
             c.close()
 
 
+def test_restarts_that_all_fail_end_the_job_instead_of_waiting_forever(tmp_path):
+    port = free_ports(1)[0]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"generator.request_addr=tcp://127.0.0.1:{port}", f"generator.stream_addr=tcp://127.0.0.1:{port + 1}"])
+    tries = []
+
+    def restart(i):
+        tries.append(i)
+        raise RuntimeError("its node has no room")
+
+    dying = Dies(cfg, 0)
+    pool = GeneratorPool([dying], restart=restart, max_restarts=2, backoff_s=0.05)
+    try:
+        dying.dead = True
+        with pytest.raises(GeneratorError, match="could not be started again.*no room"):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                pool.recv(200)
+        assert tries == [0, 0]
+    finally:
+        for c in pool.clients:
+            c.close()
+
+
 def test_a_transfer_that_loses_a_receiver_is_abandoned_and_the_survivors_failure_is_no_error(two):
     gens, pool = two
     assert pool.begin_update(1, "torch-dist://v1", pool.receivers())
