@@ -25,7 +25,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config value; repeatable")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and its options (tests parse rendered launch commands with it)."""
     parser = argparse.ArgumentParser(prog="stream-rl", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -152,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p)
     p.add_argument("--config-only", action="store_true",
                    help="only the config file: do not load the model's config, tokenizer or data")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
