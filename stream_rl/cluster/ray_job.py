@@ -113,7 +113,11 @@ class RayJob:
         self.cfg, self.out = cfg, out
         self.timings: dict[str, float] = {}
         t = time.monotonic()
-        ray.init(address=cfg.ray.address, log_to_driver=False, logging_level=logging.WARNING)
+        try:
+            ray.init(address=cfg.ray.address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, TimeoutError) as err:  # Ray's ways of saying "nobody there"
+            raise RayError(f"no Ray cluster at ray.address={cfg.ray.address!r} ({err}): start one with "
+                           "`ray start --head`, or set ray.address to its head's HOST:PORT") from None
         self.timings["ray_init_s"] = time.monotonic() - t
         self.plan = bundles(cfg, ray.cluster_resources().get("GPU", 0.0))
         t = time.monotonic()
