@@ -180,6 +180,8 @@ def check_learner_step(cfg, seed: int) -> dict:
     from stream_rl.learner.trainer import Learner
 
     torch.manual_seed(seed)
+    if cfg.learner.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()  # the step's peak, not the earlier checks'
     lrn = Learner(cfg)
     attn = lrn.model.config._attn_implementation
     seqs = random_seqs(32, lrn.model.config.vocab_size, 600, seed + 1)

@@ -82,15 +82,16 @@ def segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = N
 # Every layer of a forward gets the same position_ids (and mask) tensors:
 # their segments are derived at the first layer and kept for the rest. The
 # slot holds the tensors themselves, so an id cannot be reused while cached.
-_cache: list = [None, None, -1, None]  # position_ids, attention_mask, position_ids._version, Segments
+_cache: list = [None, None, -1, 0, None]  # position_ids, attention_mask, its _version, rows, Segments
 
 
-def cached_segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Segments:
-    pos, mask, version, seg = _cache
-    if pos is position_ids and mask is attention_mask and version == position_ids._version:
+def cached_segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: int) -> Segments:
+    pos, mask, version, n, seg = _cache
+    if pos is position_ids and mask is attention_mask and version == position_ids._version and n == rows:
         return seg
-    seg = segments(position_ids, attention_mask)
-    _cache[:] = [position_ids, attention_mask, position_ids._version, seg]
+    # Models pass [1, width] position ids for rows that are not packed.
+    seg = segments(position_ids.expand(rows, -1) if position_ids.shape[0] != rows else position_ids, attention_mask)
+    _cache[:] = [position_ids, attention_mask, position_ids._version, rows, seg]
     return seg
 
 
@@ -199,9 +200,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if position_ids is None:
         raise VarlenAttentionError(f"{type(module).__name__} does not pass position_ids to its attention "
                                    "function, which varlen attention cuts sequences by")
-    if position_ids.shape[0] != rows:
-        position_ids = position_ids.expand(rows, -1)  # models pass [1, width] for unpacked rows
-    seg = cached_segments(position_ids, attention_mask)
+    seg = cached_segments(position_ids, attention_mask, rows)
     window = _window(sliding_window, seg.max_len)
     flat = lambda t: t.transpose(1, 2).reshape(rows * width, t.shape[1], dim)  # noqa: E731
     run = KERNELS[kernel or kernel_for(query)]

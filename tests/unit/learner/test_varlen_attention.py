@@ -231,3 +231,22 @@ def test_no_row_sized_mask():
     width2 = 4096 * 4096
     assert largest_allocation(dense, lay) >= width2
     assert largest_allocation(varlen, lay) < width2
+
+
+def test_segments_derived_once_per_forward(monkeypatch):
+    """Every layer gets the same position_ids: one derivation (one host
+    sync) per forward, for packed rows and for [1, width] positions."""
+    calls = []
+    real = va.segments
+    monkeypatch.setattr(va, "segments", lambda *a: calls.append(1) or real(*a))
+    from stream_rl.learner.packing import head_gives_logits
+
+    model = with_attention(random_llama(), va.register())  # 2 layers
+    seqs = random_seqs(4, 5, 300)
+    head_gives_logits(model)  # its own two forwards, once per model
+    calls.clear()
+    with torch.no_grad():
+        response_logprobs(model, pack_layout(seqs, 64, 0))
+        assert len(calls) == 1
+        response_logprobs(model, pad_layout(seqs, 0))  # HF makes [1, width] position ids
+        assert len(calls) == 2
