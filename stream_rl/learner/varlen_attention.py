@@ -32,7 +32,9 @@ without dropout, and the others are not implemented here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,28 @@ class Segments:
     cu_seqlens: torch.Tensor  # int32 [n + 1], on the tokens' device
     bounds: list[tuple[int, int]]  # (start, end) of each sequence, host-side
     max_len: int
+
+    @cached_property
+    def length_buckets(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The sequences in batches of similar length (within a factor of
+        about sqrt 2), for batched SDPA: per batch, `gather` [n, width] the
+        token index of each place (past a sequence's end its last token
+        again: causal attention never lets a real token see those places),
+        `take` the places holding real tokens (flat) and `put` those tokens'
+        indices."""
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for s, e in self.bounds:
+            groups.setdefault(math.ceil(2 * math.log2(e - s)), []).append((s, e))
+        dev = self.cu_seqlens.device
+        out = []
+        for key in sorted(groups):
+            starts = torch.tensor([s for s, _ in groups[key]], device=dev)
+            lens = torch.tensor([e - s for s, e in groups[key]], device=dev)
+            j = torch.arange(int(lens.max()), device=dev)
+            real = (j[None, :] < lens[:, None]).flatten()
+            gather = starts[:, None] + torch.minimum(j[None, :], lens[:, None] - 1)
+            out.append((gather, real.nonzero().flatten(), gather.flatten()[real]))
+        return out
 
 
 def segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Segments:
@@ -158,19 +182,25 @@ def _flash_attn(q, k, v, seg: Segments, scale, window):
 
 
 def _sdpa_per_sequence(q, k, v, seg: Segments, scale, window):
+    """SDPA on each sequence alone, causal, no mask: sequences of similar
+    length go through one call as a batch (`Segments.length_buckets`),
+    since one call per sequence cost more than HF's dense mask on rows of
+    many short sequences (measured on CPU, docs/gpus.md)."""
     gqa = k.shape[1] != q.shape[1]
-    outs = []
-    for s, e in seg.bounds:
-        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [heads, n, head_dim]
-        n = e - s
-        if window is not None and n > window:
-            i = torch.arange(n, device=q.device)
-            band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)  # this sequence's n x n only
+    pieces, puts = [], []
+    for gather, take, put in seg.length_buckets:
+        n, width = gather.shape
+        qs, ks, vs = (t[gather].transpose(1, 2) for t in (q, k, v))  # [n, heads, width, head_dim]
+        if window is not None and width > window:
+            i = torch.arange(width, device=q.device)
+            band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)  # the bucket's width, not the row's
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=scale, enable_gqa=gqa)
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-        outs.append(o.transpose(0, 1))
-    return torch.cat(outs, 0)
+        pieces.append(o.transpose(1, 2).reshape(n * width, *o.shape[1:2], o.shape[-1])[take])
+        puts.append(put)
+    # Every token is in exactly one sequence: the pieces cover the output.
+    return q.new_zeros(q.shape).index_copy(0, torch.cat(puts), torch.cat(pieces))
 
 
 KERNELS = {"torch_varlen": _torch_varlen, "flash_attn": _flash_attn, "sdpa_per_sequence": _sdpa_per_sequence}

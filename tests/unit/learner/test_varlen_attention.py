@@ -250,3 +250,21 @@ def test_segments_derived_once_per_forward(monkeypatch):
         assert len(calls) == 1
         response_logprobs(model, pad_layout(seqs, 0))  # HF makes [1, width] position ids
         assert len(calls) == 2
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_torch_varlen_call_matches_this_torch(window):
+    """The CUDA kernel's call, as far as a CPU host can run it: on meta
+    tensors torch runs the op's registered fake kernels, so the call's
+    arguments (names, types, GQA head counts) and its autograd wiring are
+    checked against this torch's `varlen_attn`; its numbers need a GPU
+    (scripts/gpu_check.sh)."""
+    pytest.importorskip("torch.nn.attention.varlen")
+    seg = va.segments(torch.cat([torch.arange(n) for n in (3, 5, 8)])[None])
+    seg = va.Segments(seg.cu_seqlens.to("meta"), seg.bounds, seg.max_len)
+    q = torch.empty(16, 4, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.empty(16, 2, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    out = va.KERNELS["torch_varlen"](q, kv, kv, seg, 0.125, window)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    dq, dkv = torch.autograd.grad(out.float().sum(), (q, kv))
+    assert dq.shape == q.shape and dkv.shape == kv.shape
