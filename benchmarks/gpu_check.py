@@ -133,7 +133,7 @@ def check_varlen_kernel(device: str, dtype) -> dict:
     for name in dict.fromkeys([kernel, "sdpa_per_sequence"]):
         o, _ = va.varlen_attention_forward(mod, q, k, v, None, scaling=dim ** -0.5, position_ids=pos, kernel=name)
         grads = torch.autograd.grad((o.float() ** 2).sum(), (q, k, v))
-        outs[name] = (o.float(), [t.float() for t in grads])
+        outs[name] = (o.detach().float(), [t.float() for t in grads])
     ref_o, ref_g = outs["sdpa_per_sequence"]
     o, gr = outs[kernel]
     res["out_max_abs_diff"] = float((o - ref_o).abs().max())
@@ -185,7 +185,8 @@ def check_learner_step(cfg, seed: int) -> dict:
     lrn = Learner(cfg)
     attn = lrn.model.config._attn_implementation
     seqs = random_seqs(32, lrn.model.config.vocab_size, 600, seed + 1)
-    samples = [Sample(p, r, 1.0 if i % 2 else -1.0, None, [0] * len(r), group_id=f"g{i // 4}", sample_id=str(i),
+    rng = random.Random(seed)  # advantages that do not cancel: a loss that is not 0 by symmetry
+    samples = [Sample(p, r, rng.uniform(-1.0, 1.0), None, [0] * len(r), group_id=f"g{i // 4}", sample_id=str(i),
                       group_size=4) for i, (p, r) in enumerate(seqs)]
     before = [p.detach().clone() for p in lrn.model.parameters()]
     stats, times = [], []
@@ -202,7 +203,7 @@ def check_learner_step(cfg, seed: int) -> dict:
            "tokens": sum(len(p) + len(r) for p, r in seqs)}
     if cfg.learner.device.startswith("cuda"):
         res["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-    res["ok"] = (attn == "stream_rl_varlen" and moved > 0
+    res["ok"] = (attn == "stream_rl_varlen" and moved > 0 and stats[0]["loss"] != 0.0
                  and all(math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in stats))
     return res
 
