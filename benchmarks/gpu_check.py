@@ -137,7 +137,8 @@ def check_varlen_kernel(device: str, dtype) -> dict:
     ref_o, ref_g = outs["sdpa_per_sequence"]
     o, gr = outs[kernel]
     res["out_max_abs_diff"] = float((o - ref_o).abs().max())
-    res["grad_max_rel_diff"] = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-6)) for a, b in zip(gr, ref_g))
+    res["grad_max_rel_diff"] = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+                                   for a, b in zip(gr, ref_g))
     tol = 0.0 if kernel == "sdpa_per_sequence" else 2e-2
     res["ok"] = res["out_max_abs_diff"] <= max(tol, 1e-6) and res["grad_max_rel_diff"] <= max(tol, 1e-6)
     if device.startswith("cuda") and kernel == "sdpa_per_sequence":
@@ -278,7 +279,6 @@ def check_weight_buckets(model_dir: Path, device: str, dtype, bucket_mb: int) ->
     mismatched = [name for b, buf in zip(buckets, bufs) for name, got in unpack_bucket(buf, b)
                   if not torch.equal(got.view(-1).view(torch.uint8), weights[name].view(-1).view(torch.uint8))]
     nbytes = sum(bucket_nbytes(b) for b in buckets)
-    del pg, store
     return {"ok": not errors and not mismatched, "backend": backend, "buckets": len(buckets), "bytes": nbytes,
             "tensors": len(weights), "mismatched": mismatched[:5], "pack_s": round(pack_s, 4),
             "broadcast_s": round(bcast_s, 4), "error": repr(errors[0]) if errors else None}
