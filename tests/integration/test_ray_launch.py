@@ -40,7 +40,7 @@ def cluster(tmp_path_factory):
     temp = Path(f"/tmp/srl-ray-{os.getpid()}")  # unix socket paths must stay short
     # Ray's workers take ports from 10002-19999 by default, which overlaps the
     # band stream_rl picks the head's and the roles' ports from (free_port).
-    common = ["--num-cpus", "1", "--object-store-memory", str(100 * 2 ** 20), "--disable-usage-stats",
+    common = ["--num-cpus", "2", "--object-store-memory", str(100 * 2 ** 20), "--disable-usage-stats",
               "--min-worker-port", "10002", "--max-worker-port", "16383"]
     try:
         _ray("start", "--head", "--port", str(port), "--temp-dir", str(temp), "--include-dashboard=false",
@@ -120,6 +120,22 @@ def test_roles_placed_on_their_nodes(cluster, tiny_world, tmp_path):
     launch = summary["launch"]
     print(json.dumps({"wall_s": round(wall, 1), **{k: round(v, 2) for k, v in launch.items() if k != "launcher"},
                       "startup_s": round(summary["startup_s"], 1), "wall_train_s": round(summary["wall_s"], 1)}))
+
+
+def test_a_learner_over_two_nodes_trains_as_one_torch_distributed_job(cluster, tiny_world, tmp_path):
+    """learner.ranks 2 over ray.learner_nodes 2: torchrun in each node's
+    actor, a static rendezvous at the first; the ranks train data-parallel."""
+    out = _finish(_train(cluster, tiny_world, tmp_path / "run", 3, "--set", "learner.ranks=2",
+                         "--set", "ray.learner_nodes=2", "--set", "ray.learner_resources={}"))
+    summary = _summary(out)
+    learners = [p for p in summary["placement"] if p["role"] == "learner"]
+    assert [p["node_rank"] for p in learners] == [0, 1]
+    assert len({p["node_id"] for p in learners}) == 2  # STRICT_SPREAD: one machine each
+    assert "2 learner rank(s)" in out
+    assert summary["steps"] == 3 and summary["policy_version"] == 3
+    for k in (0, 1):
+        log = (tmp_path / "run" / "logs" / f"learner-node{k}.log").read_text()
+        assert "Loading weights" in log, log[-2000:]
 
 
 def _generator_pid(run: Path) -> int:
