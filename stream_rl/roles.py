@@ -13,15 +13,18 @@ from pathlib import Path
 from typing import Callable
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent(parent: int) -> None:
     """In the child: SIGTERM when the parent dies (Linux), so a SIGKILLed
-    `stream-rl train` does not leave its engines running on the ports a
-    `--resume` needs."""
+    `stream-rl train` (or Ray actor) does not leave its engines running on
+    the ports a `--resume` or a restart needs. A parent that died between
+    the fork and this call sent nothing: the child ends at once."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 # The stop signal this process received, if any: a role's shutdown that
@@ -52,9 +55,10 @@ def start_role(args: list[str], log_path: Path, cpus: list[int] | None = None, c
     `cpus` (with its children) when given, with `env` added to this
     process's environment; returns the process and the open log."""
     log = open(log_path, "ab")
+    parent = os.getpid()
 
     def setup() -> None:
-        _exit_with_parent()
+        _exit_with_parent(parent)
         if cpus:
             os.sched_setaffinity(0, cpus)
 

@@ -157,11 +157,16 @@ def test_a_lost_generator_is_reported_with_its_node_and_started_again(cluster, t
     is reported with the node and the cause, and the generator comes back
     through a new process, then a new actor in its bundle."""
     run = tmp_path / "run"
-    proc = _train(cluster, tiny_world, run, 8, "--set", "generator.max_restarts=2",
+    proc = _train(cluster, tiny_world, run, 12, "--set", "generator.max_restarts=2",
                   "--set", "generator.restart_backoff_s=0.5")
     _wait_steps(proc, run, 2)
     os.kill(_generator_pid(run), signal.SIGKILL)
-    _wait_steps(proc, run, 4)
+    # Its actor next, once the generator is back and serving (steps go on
+    # meanwhile from what the lost one left).
+    deadline = time.monotonic() + 300
+    while not any(r.get("generator_restarts") == 1 and r.get("generators_live") == 1 for r in _metrics(run)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.5)
     actor = int(subprocess.run(["ps", "-o", "ppid=", "-p", str(_generator_pid(run))], capture_output=True,
                                text=True).stdout)
     assert "RoleHost" in Path(f"/proc/{actor}/cmdline").read_text()
@@ -172,7 +177,7 @@ def test_a_lost_generator_is_reported_with_its_node_and_started_again(cluster, t
     assert all("on node" in line and "Ray node" in line for line in lost)
     assert "killed by SIGKILL" in lost[0] and "its Ray actor died" in lost[1]
     summary = _summary(out)
-    assert summary["steps"] == 8
+    assert summary["steps"] == 12
     # Three engines in its log (first, after its process, after its actor) and it serves the last weights.
     assert (run / "logs" / "generator-0.log").read_text().count("StreamRLWorkerExtension") == 3
     assert summary["generator_versions"] == [summary["policy_version"] + 1]
