@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from stream_rl.config import Config, ConfigError, split_address
+from stream_rl.config import Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,3 @@ def learner_command(cfg_path: Path, out: Path, nodes: int, node_rank: int, ranks
     return ["-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(node_rank),
             "--nproc_per_node", str(ranks_per_node), "--master_addr", master[0], "--master_port", str(master[1]),
             *cmd]
-
-
-def host_of(addr: str) -> str:
-    return split_address(addr)[1]

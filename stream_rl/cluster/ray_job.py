@@ -24,14 +24,14 @@ import msgspec
 
 import stream_rl
 from stream_rl.cluster.plan import Addresses, bundles, generator_command, learner_command, resolved
-from stream_rl.config import Config, generator_addrs
+from stream_rl.config import Config, generator_addrs, split_address
 from stream_rl.config.checks import check
 from stream_rl.controller.launch import GENERATOR_STOP_S, make_pool, run_controller, tell_roles_to_exit
 from stream_rl.generator.client import GeneratorClient, GeneratorError
 from stream_rl.learner.checkpoint import find_checkpoint
 from stream_rl.learner.client import LearnerClient, LearnerError
 from stream_rl.preflight import check_job
-from stream_rl.protocol import Hello, LearnerReady
+from stream_rl.protocol import Hello
 from stream_rl.transport import free_ports
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ def train_on_ray(cfg: Config, out_dir: str | Path | None = None, max_steps: int 
                 path = out / f"ray_job_config-generator{i}.json"
                 path.write_bytes(msgspec.json.encode(gcfg))
             # A process its dead actor left is still closing its sockets.
-            ports = [int(a.rsplit(":", 1)[1]) for a in generator_addrs(gcfg.generator, i)]
+            ports = [int(split_address(a)[2]) for a in generator_addrs(gcfg.generator, i)]
             deadline = time.monotonic() + PORTS_FREED_S
             while ray.get(host.taken.remote(ports)):
                 if time.monotonic() > deadline:
@@ -304,8 +304,7 @@ def train_on_ray(cfg: Config, out_dir: str | Path | None = None, max_steps: int 
         gens = [start(i) for i in range(cfg.generator.count)]
         for g in gens:
             g.wait_ready(cfg.generator.startup_timeout_s)
-        ready = learner.wait_for(LearnerReady, cfg.learner.startup_timeout_s, "the learner to start",
-                                 key="learner.startup_timeout_s")
+        ready = learner.wait_ready(cfg.learner.startup_timeout_s)
         job.timings["roles_ready_s"] = time.monotonic() - t
         pool = make_pool(rcfg, gens, start)
         summary = run_controller(rcfg, out, pool, learner, ready, max_steps, t_start, fresh_generators=True,

@@ -134,8 +134,7 @@ def connect(cfg: Config, out_dir: str | Path | None = None, max_steps: int | Non
             # the version it serves; a starting one says so when ready.
             g.requests.send(Hello())
             g.wait_ready(cfg.generator.startup_timeout_s)
-        ready = learner.wait_for(LearnerReady, cfg.learner.startup_timeout_s, "the learner to start",
-                                 key="learner.startup_timeout_s")
+        ready = learner.wait_ready(cfg.learner.startup_timeout_s)
         pool = make_pool(cfg, gens, lambda i: reconnect(cfg, i))
         return run_controller(cfg, out, pool, learner, ready, max_steps, t_start,
                               fresh_generators=all(g.version == 0 for g in gens), resume_from=ckpt, checked=checked)

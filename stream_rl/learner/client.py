@@ -67,6 +67,9 @@ class LearnerClient(ReplyWaiter):
             raise LearnerError(f"the learner failed: {msg.error}")
         return msg
 
+    def wait_ready(self, timeout_s: float) -> LearnerReady:
+        return self.wait_for(LearnerReady, timeout_s, "the learner to start", key="learner.startup_timeout_s")
+
     def hangs(self, what: str, waited_s: float, key: str | None = None) -> LearnerError:
         """The error for a learner that has not answered `what` in
         `waited_s` (a stopped process, a stuck collective); `key` is the
@@ -108,9 +111,6 @@ class LearnerProcess(LearnerClient):
             cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(n),
                    "--master_port", str(free_ports(1)[0])] + cmd
         self.proc, self._log = start_role(cmd, out_dir / "learner.log", cpus)
-
-    def wait_ready(self, timeout_s: float) -> LearnerReady:
-        return self.wait_for(LearnerReady, timeout_s, "the learner to start", key="learner.startup_timeout_s")
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
