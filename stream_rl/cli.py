@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["local", "ray"], default=None,
                    help="where the roles start: this host, or actors on a running Ray cluster (default: the "
                         "config's `launch`; docs/cluster.md)")
+    p.add_argument("--external-learner", action="store_true",
+                   help="start no learner: serve the one at learner.addr (a `RolloutSource` of your own "
+                        "loop; docs/own-learner.md)")
 
     p = sub.add_parser("generator", help="run a generator service (vLLM engine behind ZMQ)")
     _add_config_args(p)
@@ -329,8 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "train" and args.launcher:
             cfg = msgspec.structs.replace(cfg, launch=args.launcher)
         run = connect if args.cmd == "controller" else train_on_ray if cfg.launch == "ray" else train
+        external = {"external_learner": True} if getattr(args, "external_learner", False) else {}
+        if external and run is not train:
+            print("error: --external-learner starts the roles on this host (launch: local)", file=sys.stderr)
+            return 2
         try:
-            summary = run(cfg, args.out, args.max_steps, resume=args.resume)
+            summary = run(cfg, args.out, args.max_steps, resume=args.resume, **external)
         except (ConfigError, DataError, FileNotFoundError, RayError) as err:  # found before anything ran
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -258,10 +258,13 @@ class TrainBatch(_Msg):
     advantages and trains the quality head on them too)."""
     step: int
     groups: list[Group]
-    # Stage the updated weights for the generators as this version (None:
-    # no sync after this step, weights_sync.every_steps).
+    # The version the updated weights take when staged (None: no sync after
+    # this step), whether the controller asks for them now
+    # (weights_sync.every_steps; a learner may stage them anyway), and who
+    # they go to (None: every configured generator).
     sync_version: int | None = None
-    receivers: Receivers | None = None  # None: every configured generator
+    sync_due: bool = True
+    receivers: Receivers | None = None
 
 
 class SyncWeights(_Msg):

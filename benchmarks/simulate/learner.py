@@ -2,7 +2,7 @@
 
 One update at a time, in the order sent: a `TrainBatch` of T trained tokens
 takes `learner_fixed_s + learner_per_token_s * T` seconds, plus `stage_s`
-when it stages weights (`sync_version`), and answers `StepDone` with the
+when it stages weights (`sync_due`), and answers `StepDone` with the
 stats `Job.record` reads (tokens_trained, samples_trained, the per-token
 version lag histogram as the real learner's `version_lag/k`); `SyncWeights`
 answers `WeightsStaged` after `stage_s`; `WeightsLoaded` frees a staged
@@ -52,12 +52,13 @@ class SimLearner(ReplyWaiter):
             seconds = c.learner_fixed_s + c.learner_per_token_s * stats["tokens_trained"]
             stats["train_s"] = seconds
             weights = None
-            if msg.sync_version is not None:
+            due = msg.sync_due and msg.sync_version is not None
+            if due:
                 weights = WeightsStaged(version=msg.sync_version, uri="sim://", receivers=msg.receivers)
                 stats["stage_s"] = c.stage_s
                 seconds += c.stage_s
             self._after(seconds, StepDone(step=msg.step, stats=stats, weights=weights), update=True)
-            if msg.sync_version is not None:
+            if due:
                 self.version = msg.sync_version
         elif isinstance(msg, SyncWeights):
             self.version = msg.version

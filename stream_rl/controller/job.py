@@ -41,7 +41,7 @@ class Job:
         self.sampler = sampler
         self.controller = RolloutController(cfg, pool, sampler, tokenizer, make_verifier(cfg.data),
                                             make_pruner(cfg), clock=clock)
-        self.staged = 0  # highest version the learner was asked to stage
+        self.staged = 0  # highest version the learner staged
         self.trained_on: dict[int, int] = {}  # step -> the version its update started from
         self.records: list[dict] = []
         self.first_step = 1
@@ -72,8 +72,13 @@ class Job:
     # --- weights ---
 
     def next_version(self) -> int:
-        self.staged = max(self.staged, max(c.version for c in self.pool.clients)) + 1
-        return self.staged
+        """The version weights staged now take: newer than any asked for or served."""
+        return max(self.staged, max(c.version for c in self.pool.clients)) + 1
+
+    def staged_as(self, staged: WeightsStaged) -> None:
+        """The learner staged weights (under the version it was given, or a
+        later one of its own: `RolloutSource.update_weights`)."""
+        self.staged = max(self.staged, staged.version)
 
     def sync_due(self, step: int) -> bool:
         return step % self.cfg.weights_sync.every_steps == 0 or step == self.steps
@@ -83,6 +88,7 @@ class Job:
         generator serving or rejoining (at start; a rejoin with none serving)."""
         self.learner.send(SyncWeights(version=self.next_version(), receivers=self.pool.receivers()))
         staged = self.learner.wait_for(WeightsStaged, self.cfg.learner.startup_timeout_s, "staged weights")
+        self.staged_as(staged)
         self.pool.update_weights(staged.version, staged.uri, staged.receivers)
         self.learner.send(WeightsLoaded(version=staged.version))
 
@@ -155,8 +161,8 @@ class Job:
         self.trained_on[step] = self.staged
         # A generator waiting to rejoin gets the weights with this update.
         sync = self.sync_due(step) or bool(self.pool.joining)
-        self.learner.send(TrainBatch(step=step, groups=groups, sync_version=self.next_version() if sync else None,
-                                     receivers=self.pool.receivers() if sync else None))
+        self.learner.send(TrainBatch(step=step, groups=groups, sync_version=self.next_version(), sync_due=sync,
+                                     receivers=self.pool.receivers()))
 
     def score_prompts(self, groups: list[Group], done: StepDone) -> None:
         """DPPO's prompt history: each trained group's mean |A|, as the

@@ -37,12 +37,15 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None = None,
-          generator: GeneratorClient | list[GeneratorClient] | None = None, resume: bool = False) -> dict:
+          generator: GeneratorClient | list[GeneratorClient] | None = None, resume: bool = False,
+          external_learner: bool = False) -> dict:
     """Every role on this host: the learner and `generator.count` generator
     processes, and the controller here. `generator` reuses running
     generator(s) instead (tests share one engine); they may serve other
     weights than cfg.model.path's, so the learner's are synced first.
-    `resume` continues from the newest complete checkpoint in OUT."""
+    `resume` continues from the newest complete checkpoint in OUT.
+    `external_learner`: start no learner, serve the one at learner.addr
+    (a `RolloutSource`, which started this job)."""
     t_start = time.time()
     checked = check_job(cfg)  # before anything starts: errors in seconds, not after the engines load
     owned = generator is None
@@ -56,7 +59,8 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
     own_cores = allowed_cores()
     if placement is not None:
         log.info("cores: engine(s) %s; front end(s), controller and learner %s", placement.engines, placement.rest)
-    learner = LearnerProcess(cfg, out, resume=ckpt, cpus=placement and placement.rest)  # starts while the engines load
+    learner = (LearnerClient(cfg) if external_learner  # starts while the engines load
+               else LearnerProcess(cfg, out, resume=ckpt, cpus=placement and placement.rest))
     gens: list[GeneratorClient] = []
     pool = None
     try:
@@ -79,8 +83,10 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
         if owned:  # the pool's, restarted ones included
             starting = [pool.clients[i] for i in pool.members.in_state("starting")] if pool is not None else []
             stop_job(learner, pool.clients if pool is not None else gens, starting)
-        else:
+        elif isinstance(learner, LearnerProcess):
             learner.stop()
+        else:
+            tell_roles_to_exit(learner, [])
         if placement is not None:
             pin(own_cores)
 
@@ -89,16 +95,20 @@ def train(cfg: Config, out_dir: str | Path | None = None, max_steps: int | None 
 GENERATOR_STOP_S = 3.0
 
 
-def stop_job(learner: LearnerProcess, gens: list[GeneratorProcess], starting: list[GeneratorProcess]) -> None:
+def stop_job(learner: LearnerClient, gens: list[GeneratorProcess], starting: list[GeneratorProcess]) -> None:
     """Every role of this host, side by side: the learner saves its final
-    model meanwhile. A generator that died, hangs or is still starting (it
-    would not answer) is killed first: its engine, left running, is still a
-    rank of the weight broadcast the learner may be finishing."""
+    model meanwhile (one this job did not start is told to stop). A
+    generator that died, hangs or is still starting (it would not answer)
+    is killed first: its engine, left running, is still a rank of the
+    weight broadcast the learner may be finishing."""
     lost = [g for g in gens if g.proc.poll() is not None or g.hung or g in starting]
     for g in lost:
         g.kill()
-    stop_roles([learner.stopping()] + [g.stopping(GENERATOR_STOP_S) for g in gens if g not in lost])
-    for role in [learner, *gens]:
+    own = [learner] if isinstance(learner, LearnerProcess) else []
+    if not own:
+        tell_roles_to_exit(learner, [])
+    stop_roles([r.stopping() for r in own] + [g.stopping(GENERATOR_STOP_S) for g in gens if g not in lost])
+    for role in own + gens:
         role.release()
 
 

@@ -73,6 +73,7 @@ def run_sync(job: Job, metrics: MetricsLogger) -> None:
         tw = job.clock.now()
         job.score_prompts(groups, done)
         if done.weights is not None:  # abandoned if a receiver was lost: the next sync covers it
+            job.staged_as(done.weights)
             job.pool.update_weights(done.weights.version, done.weights.uri, done.weights.receivers)
             job.learner.send(WeightsLoaded(version=done.weights.version))
         now = job.clock.now()
@@ -106,6 +107,7 @@ def run_stream(job: Job, metrics: MetricsLogger) -> None:
             step_done = reply.step
             job.score_prompts(groups, reply)
             if reply.weights is not None:
+                job.staged_as(reply.weights)
                 relay.add(reply.weights)
             done_t = job.clock.now()
             # A step is the time between two updates (generation overlaps them).

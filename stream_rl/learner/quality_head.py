@@ -56,6 +56,11 @@ class QualityHeadTrainer:
             self._added += 1
         return len(feats)
 
+    def learn(self, groups: list[Group]) -> dict:
+        """One round on a batch: its labels queued, then `train`."""
+        added = self.add(groups)
+        return {**self.train(), "head_new_labels": added}
+
     def train(self) -> dict:
         """`head_updates` Adam steps on minibatches from the replay window."""
         feats, labels = self.replay()

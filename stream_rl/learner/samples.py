@@ -29,6 +29,7 @@ class Sample:
     sample_id: str = ""
     # Members of its group before pruning (the N of DPPO's N'/N).
     group_size: int = 1
+    reward: float = 0.0
 
 
 @dataclass
@@ -99,5 +100,5 @@ def samples_from_groups(groups: list[Group], eps: float, drop_zero_variance: boo
                 continue
             out.samples.append(Sample(r.prompt_ids, r.response_ids, a, r.logprobs, r.versions,
                                       inclusion=r.keep_prob * r.prompt_inclusion, group_id=g.group_id,
-                                      sample_id=r.rollout_id, group_size=size))
+                                      sample_id=r.rollout_id, group_size=size, reward=r.reward))
     return out

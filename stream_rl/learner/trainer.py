@@ -114,10 +114,7 @@ class Learner:
 
     def train_head(self, groups: list[Group]) -> dict:
         """One round of quality-head training on the groups' final rewards."""
-        if self.head_trainer is None:
-            return {}
-        added = self.head_trainer.add(groups)
-        return {**self.head_trainer.train(), "head_new_labels": added}
+        return self.head_trainer.learn(groups) if self.head_trainer is not None else {}
 
     # --- passes --------------------------------------------------------------------
 

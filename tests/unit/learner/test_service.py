@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stream_rl.learner.samples import Sample
-from stream_rl.learner.service import group_abs_advantage
+from stream_rl.learner.source import group_abs_advantage
 from stream_rl.protocol import Group
 
 

@@ -1,0 +1,48 @@
+"""`examples/own_learner.py` as a user runs it: a plain torch loop that
+trains the tiny model through `RolloutSource`, which starts the generator
+and the controller (`stream-rl train --external-learner`) against the real
+engine; its weights reach the engine every step."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.engine
+
+STEPS = 3
+
+
+def test_the_example_trains_through_the_source_and_its_weights_reach_the_engine(tiny_world, tmp_path):
+    d = tiny_world["dir"]
+    sets = [f"model.path={d / 'model'}", f"data.path={d / 'data' / 'train.jsonl'}", "run.progress=false",
+            *[f"{k}=tcp://127.0.0.1:{free_port()}" for k in ("generator.request_addr", "generator.stream_addr",
+                                                               "learner.addr", "learner.reply_addr")]]
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "examples" / "own_learner.py"), "--steps", str(STEPS), "--out", str(out)]
+    proc = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = re.findall(r"^step (\d+): reward ([\d.]+) loss ([-+\d.e]+) serves v(\d+)$", proc.stdout, re.M)
+    assert [int(s) for s, *_ in lines] == list(range(1, STEPS + 1))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    # The loop's own metrics and the source's, in the job's record.
+    assert [r["loss"] for r in records] == pytest.approx([float(loss) for _, _, loss, _ in lines], abs=1e-4)
+    assert all(r["source_s"] > 0 and r["tokens_trained"] > 0 and "head_loss" in r for r in records)
+    # Every update's weights were staged and served: the engine ends on the last.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["generator_versions"] == [int(lines[-1][3])]
+    versions = [int(v) for *_, v in lines]
+    assert versions == list(range(versions[0], versions[0] + STEPS))
+    assert (out / "controller.log").exists()
+    # Nothing of the job outlives it.
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]
