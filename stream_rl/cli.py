@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument("what", choices=["generation", "pruning", "learner", "weight-sync", "e2e", "correction",
-                                     "pruning-bound", "profile", "controller"])
+                                     "pruning-bound", "profile", "controller", "own-learner"])
     _add_config_args(p)
     p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
     p.add_argument("--steps", type=int, default=None,
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=2, help="generation: untimed steps per mode first")
     p.add_argument("--modes", default="random,arrol", help="pruning: pruner modes to train, in order")
     p.add_argument("--systems", default="sync,stream,stream_nopruning,trl", help="e2e: systems to train, in order")
-    p.add_argument("--keep", default=None, help="e2e: keep each system's run directory under this one")
+    p.add_argument("--keep", default=None, help="e2e, own-learner: keep each run's directory under this one")
+    p.add_argument("--pairs", type=int, default=1, help="own-learner: interleaved pairs of runs")
     p.add_argument("--eval-every", type=int, default=10,
                    help="e2e: snapshot every N steps and score each on the held-out prompts; time to reward "
                         "is measured on that curve (0: on the training reward)")
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40, "learner": 3,
                                                               "weight-sync": 5, "e2e": 40,
                                                               "correction": 2000, "pruning-bound": 1, "profile": 40,
-                                                              "controller": 1}[args.what]
+                                                              "controller": 1, "own-learner": 40}[args.what]
         if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2
@@ -281,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 bench_controller(cfg, args.out_json, options(args.connections, args.wire, args.load_procs,
                                                              args.request_rate, args.quick))
+            elif args.what == "own-learner":
+                from benchmarks.own_learner import main as bench_own_learner
+
+                bench_own_learner(cfg, args.out_json, steps, args.pairs, args.keep)
             elif args.what == "weight-sync":
                 from benchmarks.weight_sync import main as bench_weight_sync
 

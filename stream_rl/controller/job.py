@@ -151,9 +151,11 @@ class Job:
             "chunks_out_of_order": gstats.chunks_out_of_order,
             **timing,
             "wall_s": self.clock.wall() - self.t0,
-            **done.stats,
         }
-        rec["trained_tokens_per_s"] = rec["tokens_trained"] / rec["step_s"] if rec.get("step_s") else 0.0
+        # The update's metrics (a learner of one's own names its own): none
+        # replaces the job's.
+        rec.update({k: v for k, v in done.stats.items() if k not in rec})
+        rec["trained_tokens_per_s"] = rec.get("tokens_trained", 0) / rec["step_s"] if rec.get("step_s") else 0.0
         self.records.append(rec)
         return rec
 

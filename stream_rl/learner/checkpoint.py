@@ -88,8 +88,7 @@ def save_checkpoint(path, learner, *, step: int, version: int, pruner=None, extr
                 "step": step, "version": version, "extra": extra or {}}, tmp / "trainer.pt")
     ht = learner.head_trainer
     if ht is not None:
-        torch.save({"head": ht.head.state_dict(), "opt": ht.opt.state_dict(), "x": ht._x, "y": ht._y,
-                    "added": ht._added, "gen": ht._gen.get_state()}, tmp / HEAD_FILE)
+        torch.save(ht.state_dict(), tmp / HEAD_FILE)
     if pruner is not None:
         _write_json(tmp / "pruner.json", pruner.state_dict())
     mc = learner.model.config
@@ -101,6 +100,14 @@ def save_checkpoint(path, learner, *, step: int, version: int, pruner=None, extr
     # The job's checkpoint keeps two generations (`Job.checkpoint`); this
     # part, written into its staging directory, replaces what is there.
     return commit_checkpoint(tmp, path, keep_previous=False)
+
+
+def save_own_learner_part(path, cfg, *, step: int, version: int, has_head: bool) -> None:
+    """The learner's part of a job checkpoint when the learner is one of
+    your own (`RolloutSource`): its `meta.json` (the quality head, if any,
+    beside it); your learner's state is wherever `on_checkpoint` put it."""
+    _write_json(Path(path) / "meta.json", {"format": FORMAT, "learner": "own", "step": step, "version": version,
+                                           "config_hash": config_hash(cfg), "has_head": has_head})
 
 
 # --- the whole job's checkpoint: the learner's part, then the controller's ----------
@@ -282,6 +289,9 @@ def load_checkpoint(path, learner, pruner=None) -> dict:
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path} has format {meta.get('format')}; this code reads {FORMAT}")
+    if meta.get("learner") == "own":
+        raise ValueError(f"checkpoint {path} was written with a learner of your own (RolloutSource): it holds no "
+                         "policy; resume it with RolloutSource(..., resume=True)")
     ht = learner.head_trainer
     if meta["has_head"] != (ht is not None):
         raise ValueError(f"checkpoint {path} {'has' if meta['has_head'] else 'has no'} quality head; the learner "
@@ -295,11 +305,7 @@ def load_checkpoint(path, learner, pruner=None) -> dict:
     tr = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     h = torch.load(path / HEAD_FILE, map_location="cpu", weights_only=True) if ht is not None else None
     if h is not None:
-        got = {k: tuple(v.shape) for k, v in h["head"].items()} | {"replay": tuple(h["x"].shape)}
-        want = {k: tuple(v.shape) for k, v in ht.head.state_dict().items()} | {"replay": tuple(ht._x.shape)}
-        if got != want:
-            raise ValueError(f"checkpoint {path}: quality head shapes {got}, this learner's {want} "
-                             "(pruner.head_hidden, pruner.head_replay, the model's hidden size)")
+        ht.check_state(h, path)
     pstate = json.loads((path / "pruner.json").read_text()) if pruner is not None else None
     if pstate is not None and pstate.get("kind") != type(pruner).__name__:
         raise ValueError(f"checkpoint {path} holds a {pstate.get('kind')}'s state; the pruner is a "
@@ -314,12 +320,7 @@ def load_checkpoint(path, learner, pruner=None) -> dict:
     if "cuda" in tr["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(tr["rng"]["cuda"])
     if h is not None:
-        ht.head.load_state_dict(h["head"])
-        ht.opt.load_state_dict(h["opt"])
-        ht._x.copy_(h["x"])
-        ht._y.copy_(h["y"])
-        ht._added = int(h["added"])
-        ht._gen.set_state(h["gen"])
+        ht.load_state_dict(h)
     if pstate is not None:
         pruner.load_state_dict(pstate)
     return {"step": tr["step"], "version": tr["version"], "extra": tr["extra"],

@@ -79,3 +79,26 @@ class QualityHeadTrainer:
         with torch.no_grad():
             acc = float(((self.head(feats) >= 0) == (labels >= 0.5)).float().mean())
         return {"head_loss": loss_sum / self.cfg.head_updates, "head_train_acc": acc, "head_replay": len(labels)}
+
+    # --- checkpoints ---
+
+    def state_dict(self) -> dict:
+        """Everything the head's training needs to go on: weights, optimizer, replay, sampler."""
+        return {"head": self.head.state_dict(), "opt": self.opt.state_dict(), "x": self._x, "y": self._y,
+                "added": self._added, "gen": self._gen.get_state()}
+
+    def check_state(self, state: dict, where) -> None:
+        """ValueError if `state` (from `where`) is another head's shape."""
+        got = {k: tuple(v.shape) for k, v in state["head"].items()} | {"replay": tuple(state["x"].shape)}
+        want = {k: tuple(v.shape) for k, v in self.head.state_dict().items()} | {"replay": tuple(self._x.shape)}
+        if got != want:
+            raise ValueError(f"checkpoint {where}: quality head shapes {got}, this learner's {want} "
+                             "(pruner.head_hidden, pruner.head_replay, the model's hidden size)")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+        self._x.copy_(state["x"])
+        self._y.copy_(state["y"])
+        self._added = int(state["added"])
+        self._gen.set_state(state["gen"])

@@ -16,6 +16,7 @@ launcher). docs/own-learner.md is the guide.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -27,6 +28,7 @@ import msgspec
 import torch
 
 from stream_rl.config import Config, load_config
+from stream_rl.learner.checkpoint import CONTROLLER_FILE, HEAD_FILE, find_checkpoint, save_own_learner_part
 from stream_rl.learner.correction import loss_normalisers, pruning_weights
 from stream_rl.learner.policy_weights import PolicyWeights
 from stream_rl.learner.samples import Sample, samples_from_groups
@@ -131,13 +133,15 @@ class RolloutSource:
     `max_steps` updates; False: serve a controller started elsewhere.
     `on_checkpoint(path, step)`: the controller checkpoints the job
     (`run.checkpoint_every`): save your learner's state under `path`.
+    `resume`: continue the job from its newest checkpoint in OUT
+    (`resumed_from`: load your state from there before the first batch).
     `head`, `ranks`, `resumed` are the built-in learner's (its quality head,
     its torchrun ranks, the {step, version} it resumed at).
     """
 
     def __init__(self, cfg: Config | str | Path, out_dir: str | Path | None = None, *, weights=None,
-                 launch: bool = True, max_steps: int | None = None, on_checkpoint=None, head=None,
-                 ranks: int = 1, resumed: dict | None = None):
+                 launch: bool = True, max_steps: int | None = None, on_checkpoint=None, resume: bool = False,
+                 head=None, ranks: int = 1, resumed: dict | None = None):
         cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
         if launch and not cfg.run.id:  # the job's id on the wire: both ends must know it
             cfg = msgspec.structs.replace(cfg, run=msgspec.structs.replace(cfg.run, id=secrets.token_hex(4)))
@@ -145,11 +149,21 @@ class RolloutSource:
         self.out = Path(out_dir or cfg.run.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.policy = PolicyWeights(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
-        if head is None and cfg.pruner.mode == "arrol":  # ARRoL's quality head trains here for any learner
+        self.own_head = head is None and cfg.pruner.mode == "arrol"
+        if self.own_head:  # ARRoL's quality head trains here for any learner
             from stream_rl.learner.quality_head import QualityHeadTrainer
 
             head = QualityHeadTrainer(self.policy.hidden_size, cfg.pruner, cfg.run.seed)
         self.head = head
+        self.resumed_from = None  # the job checkpoint resumed from: your learner's state is where you saved it
+        if resume:
+            self.resumed_from = find_checkpoint(self.out / "checkpoint")
+            state = json.loads((self.resumed_from / CONTROLLER_FILE).read_text())
+            resumed = {"step": state["step"], "version": state["staged"]}
+            if self.own_head:
+                saved = torch.load(self.resumed_from / HEAD_FILE, map_location="cpu", weights_only=True)
+                head.check_state(saved, self.resumed_from)
+                head.load_state_dict(saved)
         self.on_checkpoint = on_checkpoint
         self.weights = weights if weights is not None else cfg.model.path  # what a sync stages
         if weights is not None:
@@ -171,6 +185,8 @@ class RolloutSource:
             cmd = ["-m", "stream_rl", "train", "--config", str(path), "--out", str(self.out), "--external-learner"]
             if max_steps is not None:
                 cmd += ["--max-steps", str(max_steps)]
+            if resume:
+                cmd += ["--resume"]
             self.log_path = self.out / "controller.log"
             self.proc, self._log = start_role(cmd, self.log_path)
             from stream_rl.placement import allowed_cores, for_job, pin
@@ -235,6 +251,7 @@ class RolloutSource:
                                  policy_version=self.version, dropped_groups=got.dropped_groups,
                                  rejected=got.rejected, stats=stats, receivers=msg.receivers, sync_due=due,
                                  next_version=msg.sync_version)
+        self._t_out = time.perf_counter()
         return self.open
 
     # --- weights back ----------------------------------------------------------------------
@@ -254,7 +271,7 @@ class RolloutSource:
         if batch is None:
             raise RuntimeError("update_weights: no batch is open (call it once per batch, before the next)")
         t0 = time.perf_counter()
-        extra = _numbers(stats or {})
+        extra = {"learner_s": t0 - self._t_out, **_numbers(stats or {})}
         if weights is not None:
             checked = self.policy.check(weights)
             self.weights = weights
@@ -285,10 +302,13 @@ class RolloutSource:
 
     def _checkpoint(self, msg: SaveCheckpoint) -> None:
         path = Path(msg.path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.own_head:  # the built-in learner's checkpoint holds its head
+            torch.save(self.head.state_dict(), path / HEAD_FILE)
         if self.on_checkpoint is not None:
             self.on_checkpoint(path, msg.step)
-        else:
-            path.mkdir(parents=True, exist_ok=True)
+        if not (path / "meta.json").exists():  # the built-in learner's `save_checkpoint` wrote its own
+            save_own_learner_part(path, self.cfg, step=msg.step, version=msg.version, has_head=self.head is not None)
         self.outbox.send(CheckpointSaved(path=msg.path, step=msg.step))
 
     # --- the end ---------------------------------------------------------------------------

@@ -46,3 +46,48 @@ def test_the_example_trains_through_the_source_and_its_weights_reach_the_engine(
     # Nothing of the job outlives it.
     left = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
     assert not left, [p.info["cmdline"] for p in left]
+
+
+def test_a_job_with_its_own_learner_checkpoints_and_resumes(engine_cfg, tmp_path):
+    """The controller's checkpoints hold the learner's state where its
+    `on_checkpoint` put it (and the source's quality head); a source made
+    with `resume=True` continues after the checkpoint's step, from that
+    state, on the same ledger of groups."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stream_rl import RolloutSource
+    from tests.conftest import cfg_with
+
+    cfg = cfg_with(engine_cfg, run__checkpoint_every=2, generator__enforce_eager=True,
+                   **{f"learner__{k}": f"tcp://127.0.0.1:{free_port()}" for k in ("addr", "reply_addr")},
+                   **{f"generator__{k}": f"tcp://127.0.0.1:{free_port()}" for k in ("request_addr", "stream_addr")})
+    out = tmp_path / "run"
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
+
+    def save(path, step):
+        torch.save({"step": step, "bias": float(model.model.norm.weight[0])}, path / "mine.pt")
+
+    def train(source, steps):
+        for batch in source:
+            steps.append(batch.step)
+            with torch.no_grad():
+                model.model.norm.weight.add_(0.01)  # an "update" the checkpoint must carry
+            source.update_weights(model)
+
+    first, second = [], []
+    with RolloutSource(cfg, out, weights=model, max_steps=3, on_checkpoint=save) as source:
+        train(source, first)
+    norm_after_3 = float(model.model.norm.weight[0])
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path)  # a fresh process, as after a crash
+    with RolloutSource(cfg, out, weights=model, max_steps=5, on_checkpoint=save, resume=True) as source:
+        mine = torch.load(source.resumed_from / "mine.pt")
+        assert mine["step"] == 3 and (source.resumed_from / "head.pt").exists()
+        with torch.no_grad():
+            model.model.norm.weight.fill_(mine["bias"])
+        train(source, second)
+    assert first == [1, 2, 3] and second == [4, 5] and mine["bias"] == pytest.approx(norm_after_3)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    trained = [g for r in records for g in r["group_ids"]]
+    assert len(trained) == len(set(trained))  # each group trained once across the resume
