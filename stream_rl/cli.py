@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import msgspec
 import logging
@@ -25,6 +26,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config value; repeatable")
 
 
+def _add_export_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export-rollouts", default=None, metavar="DIR",
+                   help="write every trained batch as Parquet, DIR/step_NNNNNN.parquet (sets run.export_rollouts; "
+                        "relative to the current directory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand and its options (tests parse rendered launch commands with it)."""
     parser = argparse.ArgumentParser(prog="stream-rl", description=__doc__)
@@ -44,9 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["local", "ray"], default=None,
                    help="where the roles start: this host, or actors on a running Ray cluster (default: the "
                         "config's `launch`; docs/cluster.md)")
+<<<<<<< HEAD
     p.add_argument("--external-learner", action="store_true",
                    help="start no learner: serve the one at learner.addr (a `RolloutSource` of your own "
                         "loop; docs/own-learner.md)")
+=======
+    _add_export_arg(p)
+>>>>>>> export-rollouts
 
     p = sub.add_parser("generator", help="run a generator service (vLLM engine behind ZMQ)")
     _add_config_args(p)
@@ -68,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT "
                                                           "(start the learner with --resume OUT/checkpoint)")
+    _add_export_arg(p)
 
     p = sub.add_parser("plot", help="PNG charts of a run's metrics (OUT/plots)")
     p.add_argument("run_dir")
@@ -336,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.cmd == "train" and args.launcher:
             cfg = msgspec.structs.replace(cfg, launch=args.launcher)
+        if args.export_rollouts:
+            cfg = msgspec.structs.replace(cfg, run=msgspec.structs.replace(
+                cfg.run, export_rollouts=os.path.abspath(args.export_rollouts)))
         run = connect if args.cmd == "controller" else train_on_ray if cfg.launch == "ray" else train
         external = {"external_learner": True} if getattr(args, "external_learner", False) else {}
         if external and run is not train:

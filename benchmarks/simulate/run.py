@@ -38,7 +38,7 @@ def sim_config(cfg: Config, mode: str | None = None, engines: int | None = None,
     g = msgspec.structs.replace(cfg.generator, count=engines or cfg.generator.count, **generator)
     return msgspec.structs.replace(cfg, mode=mode or cfg.mode, generator=g,
                                    run=msgspec.structs.replace(cfg.run, checkpoint_every=0, snapshot_every=0,
-                                                               progress=False))
+                                                               progress=False, export_rollouts=None))
 
 
 def simulate(cfg: Config, cost: CostModel, workload: Workload, steps: int, quantum: int = 1,

@@ -329,6 +329,8 @@ class RunConfig(_Section):
     # for `wandb sync` to upload later (a cluster without internet access).
     wandb_mode: Literal["online", "offline"] = "online"
     wandb_name: str | None = None  # the run's display name; null: OUT's directory name
+    # Every trained batch as Parquet, DIR/step_NNNNNN.parquet, for offline and off-policy methods and audits; null: off.
+    export_rollouts: str | None = None
 
 
 class EvalConfig(_Section):

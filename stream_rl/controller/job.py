@@ -9,6 +9,7 @@ from pathlib import Path
 
 from stream_rl.clock import REAL, Clock
 from stream_rl.config import Config
+from stream_rl.controller.export import RolloutExport
 from stream_rl.controller.rollouts import RolloutController, RolloutStats
 from stream_rl.data import DppoPromptSampler, PromptSampler
 from stream_rl.generator.pool import GeneratorPool
@@ -50,6 +51,8 @@ class Job:
         self.controller.on_idle = self.rejoin
         self.wall_offset = 0.0  # wall time of the steps before a resume
         self.t0 = self.clock.wall()
+        # Every trained batch as Parquet (run.export_rollouts), one file per step.
+        self.export = RolloutExport(cfg.run.export_rollouts) if cfg.run.export_rollouts else None
 
     def restore(self, path: Path) -> int:
         """Continue from the job checkpoint at `path`: the pruner, the buffer,
@@ -67,6 +70,8 @@ class Job:
         self.records = [r for r in read_metrics(metrics) if r["step"] <= step] if metrics.exists() else []
         metrics.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self.wall_offset = self.records[-1]["wall_s"] if self.records else 0.0
+        if self.export:  # the killed run's batches after the checkpoint are redone
+            self.export.drop_after(step)
         return step
 
     # --- weights ---
@@ -165,6 +170,8 @@ class Job:
         sync = self.sync_due(step) or bool(self.pool.joining)
         self.learner.send(TrainBatch(step=step, groups=groups, sync_version=self.next_version(), sync_due=sync,
                                      receivers=self.pool.receivers()))
+        if self.export:  # while the learner trains on it
+            self.export.write(step, groups)
 
     def score_prompts(self, groups: list[Group], done: StepDone) -> None:
         """DPPO's prompt history: each trained group's mean |A|, as the
