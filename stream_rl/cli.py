@@ -51,13 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["local", "ray"], default=None,
                    help="where the roles start: this host, or actors on a running Ray cluster (default: the "
                         "config's `launch`; docs/cluster.md)")
-<<<<<<< HEAD
     p.add_argument("--external-learner", action="store_true",
                    help="start no learner: serve the one at learner.addr (a `RolloutSource` of your own "
                         "loop; docs/own-learner.md)")
-=======
     _add_export_arg(p)
->>>>>>> export-rollouts
 
     p = sub.add_parser("generator", help="run a generator service (vLLM engine behind ZMQ)")
     _add_config_args(p)
