@@ -91,6 +91,7 @@ class RolloutBatch:
         if not s:
             return {}
         ids, attn, mask = pad_batch(s, pad_id)
+        group_of = {g: i for i, g in enumerate(dict.fromkeys(x.group_id for x in s))}
         out = {"input_ids": ids, "attention_mask": attn, "response_mask": mask,
                "versions": torch.full(mask.shape, -1, dtype=torch.long).masked_scatter(
                    mask, torch.tensor([v for x in s for v in x.versions], dtype=torch.long)),
@@ -98,8 +99,7 @@ class RolloutBatch:
                "rewards": torch.tensor([x.reward for x in s]),
                "inclusion": torch.tensor([x.inclusion for x in s]),
                "seq_weights": torch.tensor(self.seq_weights()),
-               "group_index": torch.tensor([list(dict.fromkeys(x.group_id for x in s)).index(x.group_id)
-                                            for x in s])}
+               "group_index": torch.tensor([group_of[x.group_id] for x in s])}
         if all(x.rollout_logprobs is not None for x in s):
             out["rollout_logprobs"] = torch.zeros(mask.shape).masked_scatter(
                 mask, torch.tensor([v for x in s for v in x.rollout_logprobs]))
@@ -224,9 +224,9 @@ class RolloutSource:
         """The controller's next message; its death (a launched job) raised."""
         while True:
             if self.inbox.sock.poll(1000):
+                self._t_msg = time.perf_counter()  # decoding counts in the source's time
                 msg = self.inbox.recv(0)
                 if msg is not None:
-                    self._t_msg = time.perf_counter()
                     return msg
             elif self.proc is not None and self.proc.poll() is not None:
                 raise SourceError(died("the job (controller and generators)", self.proc, self.log_path))
