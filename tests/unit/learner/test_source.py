@@ -212,3 +212,17 @@ def test_start_weights_other_than_the_model_path_are_checked_and_synced_first(mo
 def test_the_wire_field_for_the_version_defaults_keep_old_batches_meaning(model_dir):
     old = msgspec.msgpack.decode(msgspec.msgpack.encode(TrainBatch(step=1, groups=[])), type=TrainBatch)
     assert old.sync_version is None and old.sync_due
+
+
+def test_a_job_that_fails_to_start_is_reported_with_its_cause(model_dir, tmp_path):
+    """`launch=True`: the job is a child process; its failure (here the
+    model directory has no tokenizer, found before any engine starts) ends
+    the iteration with the child's own error and its log."""
+    from stream_rl import SourceError
+
+    with RolloutSource(job_cfg(model_dir), tmp_path / "run", max_steps=2) as source:
+        with pytest.raises(SourceError) as err:
+            next(source)
+    msg = str(err.value)
+    assert "exited with code 2" in msg and "tokenizer" in msg and "controller.log" in msg
+    assert source.proc is None  # closed, nothing left running
