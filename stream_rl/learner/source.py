@@ -193,8 +193,11 @@ class RolloutSource:
 
             placement = for_job(cfg)  # after the start: the job places its engines on every core we have
             if placement is not None:  # this learner shares the controller's cores, as the built-in one does
-                self.own_cores = allowed_cores()
+                self.own_cores = allowed_cores(), torch.get_num_threads()
                 pin(placement.rest)
+                # torch sized its thread pool for every core: more threads than
+                # cores spin against each other (a 10x slower update, measured).
+                torch.set_num_threads(cfg.learner.threads or len(placement.rest))
         self.outbox.send(LearnerReady(ranks=ranks, step=resumed["step"] if resumed else 0,
                                       needs_sync=weights is not None or head is not None or resumed is not None))
 
@@ -341,7 +344,9 @@ class RolloutSource:
         if self.own_cores is not None:
             from stream_rl.placement import pin
 
-            pin(self.own_cores)
+            cores, threads = self.own_cores
+            pin(cores)
+            torch.set_num_threads(threads)
             self.own_cores = None
         self.sender.close()
         self.inbox.close()
