@@ -1,4 +1,5 @@
-"""PNG charts of a run's metrics.jsonl: reward, pruning, throughput and staleness."""
+"""PNG charts of a run's metrics.jsonl: reward, pruning, throughput, staleness and the
+engine/learner mismatch."""
 
 from __future__ import annotations
 
@@ -105,4 +106,16 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None) -> list[Pat
             ax.legend(loc="upper left", fontsize="small")
         fig.axes[-1].set_xlabel("step")
         _save(fig, out / "staleness.png", written)
+
+    # The engine/learner mismatch (learner/mismatch.py): its mean and lower tail.
+    tail = [(k, label) for k, label in (("mismatch/mean", "mean"), ("mismatch/q05", "5% quantile"),
+                                        ("mismatch/q01", "1% quantile")) if _series(records, "step", k)[0]]
+    if tail:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for k, label in tail:
+            ax.plot(*_series(records, "step", k), ".-", label=label)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set(title="log π_rollout − log π_learner per trained token", xlabel="step", ylabel="nats")
+        ax.legend()
+        _save(fig, out / "mismatch.png", written)
     return written

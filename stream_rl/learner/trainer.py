@@ -14,6 +14,7 @@ from stream_rl.learner.correction import (dppo_prune_completions, effective_samp
                                           mask_stale_tokens, offpolicy_counts, offpolicy_stats_from,
                                           offpolicy_weights, pruning_weights)
 from stream_rl.learner.losses import policy_loss
+from stream_rl.learner.mismatch import histogram_counts, mismatch_stats, positions
 from stream_rl.learner.packing import Layout, pack_layout, pad_layout, response_logprobs, split_by_budget
 from stream_rl.learner.samples import Sample, SampleSet, samples_from_groups  # noqa: F401 (re-exported)
 from stream_rl.learner.varlen_attention import implementation as attention_implementation
@@ -198,7 +199,7 @@ class Learner:
                 tok_w = mask_stale_tokens(offpolicy_weights(lc.offpolicy, old_flat, rollout, lag, tis_cap=lc.tis_cap,
                                                             behave_cap=lc.behave_cap),
                                           lag, self.cfg.buffer.token_staleness)
-                offp.append((tok_w, old_flat, rollout, lag))
+                offp.append((tok_w, old_flat, rollout, lag, positions(lay.lengths)))
                 ref = None
                 if self.ref_model is not None:
                     with torch.no_grad():
@@ -252,6 +253,10 @@ class Learner:
         sums = self._reduce_sum(sums)
         w_max = self._reduce_max(torch.tensor([w_max], dtype=torch.float64))
         stats.update(offpolicy_stats_from(sums, float(w_max[0])))
+        # The engine/learner mismatch, log π_rollout − log π_old, over every rank's trained tokens.
+        if has_rollout or self.world_size > 1:
+            counts = histogram_counts(cat(2) - cat(1) if has_rollout else torch.zeros(0), cat(4))
+            stats.update(mismatch_stats(self._reduce_sum(counts)))
         stats["stale_token_frac"] = stats["offpolicy_token_frac"]
         return stats
 

@@ -365,3 +365,22 @@ def test_step_log_prob_pass_skips_the_first_minibatch(engine_cfg):
     assert sorted(asked[0]) == sorted(s.sample_id for i in (1, 2) for s in samples[i::3])
     assert stats["grad_norm"] > 0 and math.isfinite(stats["loss"])
     assert any(float(d.abs().max()) > 0 for d in delta.values())
+
+
+def test_step_reports_the_engine_learner_mismatch_of_its_trained_tokens(engine_cfg):
+    """`mismatch/*`: log π_rollout − log π_old over the tokens with a
+    gradient, its mean exact and its quantiles within a histogram bin."""
+    import numpy as np
+
+    learner = make_learner(engine_cfg, learner__minibatches=2)
+    samples = learner_samples(5)
+    live = [s for s in samples if s.advantage != 0.0]
+    old, _ = learner.logprobs(live)
+    m = torch.cat([torch.tensor(s.rollout_logprobs) - old[id(s)] for s in live]).double()
+    stats = learner.step(samples, policy_version=0)
+    assert stats["mismatch/tokens"] == m.numel()
+    assert stats["mismatch/mean"] == pytest.approx(float(m.mean()), abs=1e-5)
+    for key, q in (("q01", 0.01), ("q05", 0.05)):
+        lo, hi = np.quantile(m.numpy(), [max(q - 1 / len(m), 0), q + 1 / len(m)])
+        assert lo - 0.02 * abs(lo) - 1e-4 <= stats[f"mismatch/{key}"] <= hi + 0.02 * abs(hi) + 1e-4
+    assert stats["mismatch/q05_pos0-63"] == stats["mismatch/q05"]  # every response is shorter than 64

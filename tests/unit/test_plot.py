@@ -36,11 +36,14 @@ def _assert_png(path):
     assert path.stat().st_size > 5000
 
 
-def test_all_four_charts(tmp_path):
-    _write(tmp_path, _records())
+def test_all_five_charts(tmp_path):
+    recs = _records()
+    for i, r in enumerate(recs):  # the mismatch monitor's keys (NaN-free steps only are drawn)
+        r.update({"mismatch/mean": -0.01 * i, "mismatch/q05": -0.1 * i, "mismatch/q01": -0.3 * i})
+    _write(tmp_path, recs)
     written = plot_run(tmp_path)
     names = {p.name for p in written}
-    assert names == {"reward.png", "pruning.png", "throughput.png", "staleness.png"}
+    assert names == {"reward.png", "pruning.png", "throughput.png", "staleness.png", "mismatch.png"}
     for p in written:
         assert p.parent == tmp_path / "plots"
         _assert_png(p)
