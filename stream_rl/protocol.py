@@ -19,9 +19,10 @@ with the reason, which services log and skip.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
+from msgspec import Meta
 
 
 class _Msg(msgspec.Struct, tag=True, forbid_unknown_fields=True, kw_only=True):
@@ -63,6 +64,13 @@ class UpdateWeights(_Msg):
     version: int
     # Backend-specific location of the staged weights (file path, shm name).
     uri: str
+
+
+class SetAttentionWindow(_Msg):
+    """Sparse rollouts (ALGORITHMS.md §6): every attention layer of the
+    engine attends to the last `window` tokens only (0: dense). Running
+    requests are recomputed under the new window, as after a weight load."""
+    window: Annotated[int, Meta(ge=0)]
 
 
 class Shutdown(_Msg):
@@ -140,6 +148,12 @@ class WeightsUpdated(_Msg):
     version: int
     load_s: float  # from the request to serving the new version
     pause_s: float = 0.0  # of which generation was paused (loading the staged weights)
+
+
+class AttentionWindowSet(_Msg):
+    window: int  # the window it runs with now
+    layers: int  # attention layers of the engine's workers that took it
+    error: str = ""  # why the asked window was not set (the old one stays)
 
 
 class WeightsUpdateFailed(_Msg):
@@ -322,9 +336,9 @@ class LearnerFailed(_Msg):
     error: str
 
 
-ToGenerator = Union[RolloutRequest, AbortRequests, UpdateWeights, Shutdown, Hello]
+ToGenerator = Union[RolloutRequest, AbortRequests, UpdateWeights, SetAttentionWindow, Shutdown, Hello]
 FromGenerator = Union[GeneratorReady, TokenChunk, RolloutFinished, TokenBatch, RequestRejected, WeightsUpdated,
-                      WeightsUpdateFailed]
+                      AttentionWindowSet, WeightsUpdateFailed]
 ToLearner = Union[TrainBatch, SyncWeights, WeightsLoaded, SaveCheckpoint, Shutdown]
 FromLearner = Union[LearnerReady, WeightsStaged, StepDone, CheckpointSaved, LearnerFailed]
 FromWorker = Union[WorkerScores, WorkerLogprobs]

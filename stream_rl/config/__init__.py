@@ -11,7 +11,8 @@ from stream_rl.config.load import EVAL_INHERITS, config_from_dict, config_to_dic
 from stream_rl.config.sections import (BufferConfig, Config, ConfigError, DataConfig, EvalConfig, GeneratorConfig,
                                        LearnerConfig, ModelConfig, NonNegFloat, NonNegInt, PosFloat, PosInt,
                                        PrunerConfig, Prob, RayConfig, RunConfig, WeightsSyncConfig)
+from stream_rl.config.sparsity import SparsityConfig
 
 __all__ = ["BufferConfig", "Config", "ConfigError", "DataConfig", "EVAL_INHERITS", "EvalConfig", "GeneratorConfig",
            "LearnerConfig", "ModelConfig", "NonNegFloat", "NonNegInt", "PosFloat", "PosInt", "PrunerConfig", "Prob",
-           "RayConfig", "RunConfig", "WeightsSyncConfig", "config_from_dict", "config_to_dict", "generator_addrs", "load_config", "split_address"]
+           "RayConfig", "RunConfig", "SparsityConfig", "WeightsSyncConfig", "config_from_dict", "config_to_dict", "generator_addrs", "load_config", "split_address"]

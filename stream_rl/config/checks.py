@@ -95,6 +95,13 @@ def check(cfg: Config) -> None:
     if cfg.learner.ranks % cfg.ray.learner_nodes:
         raise ConfigError(f"learner.ranks ({cfg.learner.ranks}) must split evenly over ray.learner_nodes "
                           f"({cfg.ray.learner_nodes})")
+    sp = cfg.sparsity
+    if sp.mode != "off" and not sp.min_window <= sp.window <= sp.max_window:
+        raise ConfigError(f"sparsity.window ({sp.window}) must lie within sparsity.min_window ({sp.min_window}) "
+                          f"and sparsity.max_window ({sp.max_window})")
+    if sp.mode == "schedule" and not g.return_logprobs:
+        raise ConfigError("sparsity.mode=schedule steers by the engine/learner mismatch, which needs the engine's "
+                          "log-probs: set generator.return_logprobs=true")
     dup = sorted({a for a in addrs if addrs.count(a) > 1})
     if dup:
         raise ConfigError(f"addresses must differ (generator.request_addr/stream_addr with generator.count="

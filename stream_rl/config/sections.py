@@ -11,6 +11,7 @@ from msgspec import Meta
 
 from stream_rl.config.base import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Prob, _Section  # noqa: F401
 from stream_rl.config.ray import RayConfig
+from stream_rl.config.sparsity import SparsityConfig
 
 
 class ModelConfig(_Section):
@@ -364,6 +365,7 @@ class Config(_Section):
     run: RunConfig = msgspec.field(default_factory=RunConfig)
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
     ray: RayConfig = msgspec.field(default_factory=RayConfig)
+    sparsity: SparsityConfig = msgspec.field(default_factory=SparsityConfig)
 
     # --- what the pruning correction resolves to (docs/pruning-correction.md) ---
 

@@ -11,6 +11,7 @@ from stream_rl.clock import REAL, Clock
 from stream_rl.config import Config
 from stream_rl.controller.export import RolloutExport
 from stream_rl.controller.rollouts import RolloutController, RolloutStats
+from stream_rl.controller.sparsity import SparsitySchedule
 from stream_rl.data import DppoPromptSampler, PromptSampler
 from stream_rl.generator.pool import GeneratorPool
 from stream_rl.learner.checkpoint import commit_checkpoint, load_controller_state, save_controller_state, staging_path
@@ -49,6 +50,7 @@ class Job:
         self.restored: set[str] = set()  # groups a checkpoint handed over: trained, never dropped as stale
         self.learner_busy = False  # a batch is out (stream): a sync now would queue behind its update
         self.controller.on_idle = self.rejoin
+        self.sparsity = SparsitySchedule(cfg.sparsity)  # the engines' attention window (docs/sparse-rollouts.md)
         self.wall_offset = 0.0  # wall time of the steps before a resume
         self.t0 = self.clock.wall()
         # Every trained batch as Parquet (run.export_rollouts), one file per step.
@@ -62,6 +64,8 @@ class Job:
                                       sampler=self.sampler)
         step = state["step"]
         self.staged = state["staged"]
+        if "sparsity" in state:
+            self.sparsity.load_state_dict(state["sparsity"])
         self.first_step = step + 1
         # Their tokens predate the resume; the versions the killed run loaded
         # after the checkpoint make them look staler than they are.
@@ -156,6 +160,7 @@ class Job:
             "chunks_out_of_order": gstats.chunks_out_of_order,
             **timing,
             "wall_s": self.clock.wall() - self.t0,
+            "sparsity/window": self.sparsity.window,  # the engines' attention window now (0: dense)
         }
         # The update's metrics (a learner of one's own names its own): none
         # replaces the job's.
@@ -172,6 +177,12 @@ class Job:
                                      receivers=self.pool.receivers()))
         if self.export:  # while the learner trains on it
             self.export.write(step, groups)
+
+    def steer(self, done: StepDone) -> None:
+        """The sparsity schedule after an update: a new window goes to every engine."""
+        window = self.sparsity.observe(done.stats)
+        if window is not None:
+            self.pool.set_window(window)
 
     def score_prompts(self, groups: list[Group], done: StepDone) -> None:
         """DPPO's prompt history: each trained group's mean |A|, as the
@@ -192,7 +203,8 @@ class Job:
         self.learner.send(SaveCheckpoint(path=str(nxt), step=step, version=self.staged))
         self.learner.wait_for(CheckpointSaved, 600.0, f"the checkpoint of step {step}")
         save_controller_state(nxt, pruner=self.controller.pruner, buffer=self.controller.buffer,
-                              state={"step": step, "staged": self.staged, "sampler": self.sampler.state_dict()})
+                              state={"step": step, "staged": self.staged, "sampler": self.sampler.state_dict(),
+                                     "sparsity": self.sparsity.state_dict()})
         return commit_checkpoint(nxt, path)
 
     def maybe_checkpoint(self, step: int) -> None:

@@ -203,6 +203,8 @@ def run_controller(cfg: Config, out: Path, pool: GeneratorPool, learner: Learner
         # The generators serve the model path's weights (or others): start
         # from the learner's, with its quality head.
         job.sync_now()
+    if job.sparsity.window:  # sparse rollouts from the first step (sparsity.mode=fixed, or no warm-up)
+        pool.set_window(job.sparsity.window)
     log.info("%s job ready after %.1f s (%d generator(s), %d learner rank(s))", cfg.mode,
              time.time() - t_start, len(pool.clients), ready.ranks)
     metrics = MetricsLogger(out, steps, cfg.run.progress, cfg, resumed=resume_from is not None)

@@ -78,6 +78,7 @@ def run_sync(job: Job, metrics: MetricsLogger) -> None:
             job.learner.send(WeightsLoaded(version=done.weights.version))
         now = job.clock.now()
         metrics.log(job.record(step, groups, gstats, done, train_wait_s=tw - tt, sync_s=now - tw, step_s=now - ts))
+        job.steer(done)
         job.maybe_checkpoint(step)
 
 
@@ -113,6 +114,7 @@ def run_stream(job: Job, metrics: MetricsLogger) -> None:
             # A step is the time between two updates (generation overlaps them).
             metrics.log(job.record(reply.step, groups, gstats, reply, train_wait_s=done_t - t_sent,
                                    sync_s=0.0, step_s=done_t - t_done))
+            job.steer(reply)
             t_done = done_t
             job.maybe_checkpoint(reply.step)
         elif reply is not None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import msgspec
 
 from stream_rl.config import Config, generator_addrs
-from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, GeneratorReady, RequestRejected,
-                                RolloutRequest, Shutdown, UpdateWeights, WeightsUpdated, WeightsUpdateFailed,
-                                unbatched)
+from stream_rl.protocol import (AbortRequests, AttentionWindowSet, Decoder, FromGenerator, GeneratorReady,
+                                RequestRejected, RolloutRequest, SetAttentionWindow, Shutdown, UpdateWeights,
+                                WeightsUpdated, WeightsUpdateFailed, unbatched)
 from stream_rl.placement import Placement, format_cores
 from stream_rl.roles import died, start_role, stop_role, stop_roles
 from stream_rl.transport import ZmqChannel, caps, ms_until
@@ -109,6 +109,14 @@ class GeneratorClient:
         if isinstance(msg, WeightsUpdateFailed):
             raise GeneratorError(f"generator failed to load weights version {version}: {msg.error}")
         self.version = msg.version
+        return msg
+
+    def set_attention_window(self, window: int, timeout_s: float = 120.0) -> AttentionWindowSet:
+        """Sparse rollouts: attend to the last `window` tokens (0: dense)."""
+        self.requests.send(SetAttentionWindow(window=window))
+        msg = self._wait_for((AttentionWindowSet,), timeout_s, f"attention window {window}")
+        if msg.error:
+            raise GeneratorError(f"generator did not set attention window {window}: {msg.error}")
         return msg
 
     def close(self) -> None:

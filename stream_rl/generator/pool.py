@@ -25,8 +25,8 @@ import zmq
 
 from stream_rl.generator.client import GeneratorClient, GeneratorError
 from stream_rl.generator.membership import Membership
-from stream_rl.protocol import (GeneratorReady, Receivers, RequestRejected, RolloutFinished, RolloutRequest,
-                                UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
+from stream_rl.protocol import (AttentionWindowSet, GeneratorReady, Receivers, RequestRejected, RolloutFinished,
+                                RolloutRequest, SetAttentionWindow, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.transport import ms_until
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ class GeneratorPool:
         self._pending_to: list[int] = []
         self.abandoned: set[int] = set()  # versions whose transfer lost a receiver
         self.last_update: dict[int, WeightsUpdated] = {}  # generator index -> its last reply
+        # Sparse rollouts: the attention window every generator should run
+        # with (0: dense), and the one each confirmed.
+        self.window = 0
+        self.windows: dict[int, int] = {}
         self._version = 0
 
     @property
@@ -203,6 +207,11 @@ class GeneratorPool:
             if self.owner.get(msg.request_id) == i:
                 del self.owner[msg.request_id]
                 self.running[i] -= 1
+        elif isinstance(msg, AttentionWindowSet):
+            if msg.error:
+                log.warning("generator %d kept attention window %d: %s", i, msg.window, msg.error)
+            self.windows[i] = msg.window
+            return None
         elif isinstance(msg, WeightsUpdateFailed):
             if msg.version != self.pending:
                 # An abandoned transfer (`_abandon` cleared it), or one of a
@@ -215,6 +224,8 @@ class GeneratorPool:
             c.version = max(c.version, msg.version)
             if isinstance(msg, GeneratorReady) and self.members.ready(i):
                 log.warning("generator %d is up again (version %d); it rejoins with the next weights", i, msg.version)
+                if self.window:  # a new engine starts dense
+                    c.requests.send(SetAttentionWindow(window=self.window))
             if isinstance(msg, WeightsUpdated):
                 self.last_update[i] = msg
                 if self.members.loaded(i, time.monotonic()):
@@ -273,6 +284,15 @@ class GeneratorPool:
     @property
     def live(self) -> list[int]:
         return self.members.live
+
+    def set_window(self, window: int) -> None:
+        """Every generator attends to the last `window` tokens from now on
+        (0: dense); each confirms with `AttentionWindowSet` (`windows`). A
+        generator that restarts gets it when it is up again."""
+        self.window = window
+        for c in self.clients:
+            if not c.requests.sock.closed:
+                c.requests.send(SetAttentionWindow(window=window))
 
     def begin_update(self, version: int, uri: str, receivers: Receivers | None = None) -> bool:
         """Ask `receivers` (default: those serving or rejoining now) to load

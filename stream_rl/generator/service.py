@@ -26,9 +26,9 @@ from stream_rl.generator.sampled_logprobs import STREAM_KEY
 from stream_rl.generator.step_trace import ENV as STEP_TRACE_ENV
 from stream_rl import roles
 from stream_rl.placement import pin
-from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, QualityScore, RequestRejected,
-                                RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator, UpdateWeights,
-                                WeightsUpdated, WeightsUpdateFailed)
+from stream_rl.protocol import (AbortRequests, AttentionWindowSet, Decoder, GeneratorReady, Hello, QualityScore,
+                                RequestRejected, RolloutFinished, RolloutRequest, SetAttentionWindow, Shutdown,
+                                TokenChunk, ToGenerator, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.transport import AsyncZmqChannel, caps
 from stream_rl.weights_sync.buckets import SCHEME as TORCH_DIST
 from stream_rl.weights_sync.buckets import decode_uri, group_key, uri_group_key
@@ -54,6 +54,7 @@ class GeneratorService:
         self.engine_cpus, self.front_cpus = engine_cpus, front_cpus
         self.generator_id = f"gen{index}"
         self.version = 0
+        self.window = 0  # the attention window the engine runs with (0: dense)
         self.tasks: dict[str, asyncio.Task] = {}
         self.engine = None
         self._interval = delivery_interval(cfg.generator.chunk_tokens)
@@ -269,6 +270,24 @@ class GeneratorService:
         await self.outbox.send(WeightsUpdated(version=self.version, load_s=time.perf_counter() - t0,
                                               pause_s=pause_s))
 
+    async def _set_window(self, msg: SetAttentionWindow) -> None:
+        """The sparsity knob: the new window, and the running requests
+        recomputed under it (their KV and every cached prefix were computed
+        under the old one), as after a weight load."""
+        await pause_in_place(self.engine)
+        try:
+            layers = await self.engine.collective_rpc("stream_rl_set_attention_window", args=(msg.window,))
+            await self.engine.reset_prefix_cache(reset_running_requests=True)
+        except Exception as err:  # this engine cannot: said so, and its window stays
+            log.exception("attention window %d not set", msg.window)
+            await self.outbox.send(AttentionWindowSet(window=self.window, layers=0,
+                                                      error=f"{type(err).__name__}: {err}"))
+            return
+        finally:
+            await self.engine.resume_generation()
+        self.window = msg.window
+        await self.outbox.send(AttentionWindowSet(window=msg.window, layers=sum(layers)))
+
     # --- quality scores (ARRoL) ---------------------------------------------------
 
     def _on_score(self, s) -> None:
@@ -351,6 +370,11 @@ class GeneratorService:
                         self._abandon = None not in (self._receiving, key) and self._receiving != key
                         await self._sync_task
                     self._sync_task = asyncio.create_task(self._update_weights(msg))
+                elif isinstance(msg, SetAttentionWindow):
+                    # After any weight load under way: one pause at a time.
+                    if self._sync_task is not None:
+                        await self._sync_task
+                    self._sync_task = asyncio.create_task(self._set_window(msg))
                 elif isinstance(msg, Hello):
                     await self.outbox.send(GeneratorReady(generator_id=self.generator_id, version=self.version,
                                                           max_model_len=self.cfg.model.max_model_len))

@@ -240,5 +240,36 @@ class StreamRLWorkerExtension:
         if getattr(self, "_stream_rl_trace", None) is None:
             self._stream_rl_trace = StepTrace(self.model_runner, directory)
 
+    def stream_rl_set_attention_window(self, window: int) -> int:
+        """Sparse rollouts: every attention layer attends to the last
+        `window` tokens only (0: dense), through the backend's own sliding
+        window, so the kernel skips the keys outside it. Returns the layers
+        set. The generator recomputes running requests after it."""
+        layers = 0
+        for module in self.model_runner.get_model().modules():
+            impl = getattr(module, "impl", None)
+            if impl is None or not hasattr(impl, "sliding_window"):
+                continue
+            # The model's own window (Mistral, Gemma's local layers) is kept:
+            # window 0 restores it, a wider one does not widen it.
+            own = impl.__dict__.setdefault("_stream_rl_own_window", impl.sliding_window)
+            if isinstance(own, tuple):  # flash-attn's (left, right), (-1, -1) for none
+                left = window - 1 if window else -1
+                impl.sliding_window = (min(left, own[0]) if left >= 0 and own[0] >= 0 else max(left, own[0]), own[1])
+            elif isinstance(own, int):  # the CPU kernel's window, -1 for none
+                impl.sliding_window = min(window, own) if window and own > 0 else (window or own)
+            else:
+                raise TypeError(f"{type(impl).__name__}.sliding_window is {own!r}: "
+                                "this attention backend's window cannot be set")
+            layers += 1
+        # The CPU backend plans its kernel's work per batch from the window too.
+        for group in itertools.chain.from_iterable(getattr(self.model_runner, "attn_groups", [])):
+            for builder in group.metadata_builders:
+                if hasattr(builder, "window_size") and hasattr(builder, "_group_sliding_window"):
+                    builder.window_size = builder._group_sliding_window()
+        if not layers:
+            raise RuntimeError("no attention layer with a sliding window setting was found in the model")
+        return layers
+
     def stream_rl_param_names(self) -> list[tuple[str, list[int]]]:
         return [(n, list(p.shape)) for n, p in self.model_runner.get_model().named_parameters()]

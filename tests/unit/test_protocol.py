@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from stream_rl.protocol import (
     AbortRequests,
+    AttentionWindowSet,
     Decoder,
     FromGenerator,
     GeneratorReady,
@@ -23,6 +24,7 @@ from stream_rl.protocol import (
     RequestRejected,
     RolloutFinished,
     RolloutRequest,
+    SetAttentionWindow,
     Shutdown,
     TokenBatch,
     TokenChunk,
@@ -53,6 +55,10 @@ ALL_MESSAGES = [
     TokenBatch(messages=[TokenChunk(request_id="r0", offset=0, token_ids=[7], logprobs=[-0.5], versions=[0]),
                          RolloutFinished(request_id="r0", finish_reason="stop", num_tokens=1),
                          TokenChunk(request_id="r1", offset=4, token_ids=[1, 2], logprobs=[], versions=[2, 2])]),
+    SetAttentionWindow(window=64),
+    SetAttentionWindow(window=0),
+    AttentionWindowSet(window=64, layers=2),
+    AttentionWindowSet(window=0, layers=0, error="no window on this backend"),
 ]
 
 
@@ -449,3 +455,8 @@ def test_a_batched_message_of_another_job_is_rejected():
     assert "another job" in rejected(raw(**batch), Decoder(FromGenerator, "job"))
     batch["messages"] = [chunk_fields(run="job"), chunk_fields()]
     assert len(Decoder(FromGenerator, "job").decode(raw(**batch)).messages) == 2
+
+
+def test_a_negative_attention_window_is_refused_naming_the_field():
+    with pytest.raises(ProtocolError, match="window"):
+        Decoder(ToGenerator).decode(raw(type="SetAttentionWindow", window=-1))

@@ -10,7 +10,7 @@ import pytest
 from stream_rl.config import generator_addrs, load_config
 from stream_rl.generator.client import GeneratorClient, GeneratorError
 from stream_rl.generator.pool import GeneratorPool
-from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, RolloutFinished, RolloutRequest, TokenChunk, ToGenerator,
+from stream_rl.protocol import (AbortRequests, AttentionWindowSet, Decoder, SetAttentionWindow, GeneratorReady, RolloutFinished, RolloutRequest, TokenChunk, ToGenerator,
                                 UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.transport import ZmqChannel, free_ports
 from tests.conftest import ROOT
@@ -102,6 +102,21 @@ def test_weight_update_completes_when_every_generator_serves_it(two):
     gens[1].outbox.send(WeightsUpdateFailed(version=2, error="shape mismatch"))
     with pytest.raises(GeneratorError, match="generator 1 failed .* shape mismatch"):
         pool.recv(2000)
+
+
+def test_attention_window_replies_are_recorded_and_consumed(two):
+    gens, pool = two
+    gens[0].outbox.send(AttentionWindowSet(window=32, layers=4))
+    gens[1].outbox.send(AttentionWindowSet(window=0, layers=0, error="no window on this backend"))
+    gens[1].outbox.send(TokenChunk(request_id="x", offset=0, token_ids=[1], logprobs=[], versions=[0]))
+    got = [pool.recv(2000) for _ in range(3)]
+    assert [type(m) for m in got if m is not None] == [TokenChunk]  # the replies stop in the pool
+    assert pool.windows == {0: 32, 1: 0}
+    # The client's own call waits for the reply and names a refusal.
+    gens[1].outbox.send(AttentionWindowSet(window=0, layers=0, error="no window on this backend"))
+    with pytest.raises(GeneratorError, match="attention window 16: no window"):
+        pool.clients[1].set_attention_window(16, timeout_s=5)
+    assert isinstance(gens[1].take(1)[0], SetAttentionWindow)
 
 
 def test_a_timed_wait_blocks_instead_of_spinning(two):
