@@ -73,3 +73,32 @@ def test_the_engines_logprobs_follow_the_attention_window_and_zero_is_dense(gene
     inside = WINDOW - len(prompt) + 1  # the first tokens see at most WINDOW keys: nothing is cut yet
     assert torch.allclose(sparse_lp[:inside], dense_view[:inside], atol=1e-4)
     assert (sparse_lp[inside:] - dense_view[inside:]).abs().max() > 1e-2
+
+
+def test_a_job_under_the_schedule_goes_sparse_after_warm_up_and_the_tail_shows_it(generator, engine_cfg, tmp_path):
+    """sync mode (each step generated under the window of its start): dense
+    through the warm-up, then the starting window on the engine, the
+    monitor's tail far below the dense steps', and the schedule moving the
+    window from there."""
+    import json
+
+    from stream_rl.controller.launch import train
+    from tests.conftest import cfg_with
+
+    cfg = cfg_with(engine_cfg, mode="sync", pruner__mode="none", sparsity__mode="schedule",
+                   sparsity__warmup_steps=2, sparsity__window=24, sparsity__min_window=16,
+                   sparsity__max_window=512, sparsity__target=-0.05, sparsity__gain=0.5)
+    try:
+        train(cfg, tmp_path, max_steps=5, generator=generator)
+    finally:
+        generator.set_attention_window(0)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    windows = [r["sparsity/window"] for r in records]  # the window when each step's record was made
+    assert windows[:3] == [0, 0, 24]  # dense steps 1-2; the starting window after step 2's update
+    dense = max(r["mismatch/q05"] for r in records[:2])
+    sparse = [r["mismatch/q05"] for r in records[2:]]  # generated under a window
+    assert all(t < dense - 0.05 for t in sparse), (dense, sparse)
+    # Far below its target, the tail widens the window.
+    assert windows[3] > 24 and windows[4] >= windows[3]
+    state = json.loads((tmp_path / "checkpoint" / "controller.json").read_text())
+    assert state["sparsity"]["updates"] == 5  # the schedule's state is in the job's checkpoint
