@@ -6,6 +6,7 @@ engine; its weights reach the engine every step."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -27,8 +28,10 @@ def test_the_example_trains_through_the_source_and_its_weights_reach_the_engine(
                                                                "learner.addr", "learner.reply_addr")]]
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "examples" / "own_learner.py"), "--steps", str(STEPS), "--out", str(out)]
+    # The example imports stream_rl from this tree, as the job it starts does (not from wherever it is installed).
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = re.findall(r"^step (\d+): reward ([\d.]+) loss ([-+\d.e]+) serves v(\d+)$", proc.stdout, re.M)
     assert [int(s) for s, *_ in lines] == list(range(1, STEPS + 1))
@@ -66,7 +69,7 @@ def test_a_job_with_its_own_learner_checkpoints_and_resumes(engine_cfg, tmp_path
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
 
     def save(path, step):
-        torch.save({"step": step, "bias": float(model.model.norm.weight[0])}, path / "mine.pt")
+        torch.save({"step": step, "bias": model.model.norm.weight[0].item()}, path / "mine.pt")
 
     def train(source, steps):
         for batch in source:
@@ -78,7 +81,7 @@ def test_a_job_with_its_own_learner_checkpoints_and_resumes(engine_cfg, tmp_path
     first, second = [], []
     with RolloutSource(cfg, out, weights=model, max_steps=3, on_checkpoint=save) as source:
         train(source, first)
-    norm_after_3 = float(model.model.norm.weight[0])
+    norm_after_3 = model.model.norm.weight[0].item()
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path)  # a fresh process, as after a crash
     with RolloutSource(cfg, out, weights=model, max_steps=5, on_checkpoint=save, resume=True) as source:
         mine = torch.load(source.resumed_from / "mine.pt")
