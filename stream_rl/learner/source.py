@@ -267,7 +267,7 @@ class RolloutSource:
         checked whole first (ValueError, nothing sent, the batch still open).
 
         When the batch's sync is due, or `version` is given (at least the
-        batch's `sync_version`), they are staged now as that version and the
+        batch's `next_version`), they are staged now as that version and the
         generators load them in flight; returns the version, else None (they
         go with the next due sync)."""
         batch = self.open
