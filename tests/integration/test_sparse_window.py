@@ -57,7 +57,20 @@ def sample(generator, tokenizer, window: int, seed: int = 7):
     return prompt, tokens, torch.tensor(logprobs)
 
 
-def test_the_engines_logprobs_follow_the_attention_window_and_zero_is_dense(generator, tokenizer, dense_model):
+def serve(generator, model, engine_cfg, tmp_path):
+    """`model`'s weights on the session's engine (earlier tests left others there)."""
+    from stream_rl.learner.policy_weights import PolicyWeights
+    from stream_rl.weights_sync.file import FileWeightSender
+
+    sender = FileWeightSender(tmp_path / "weights")
+    v = generator.version + 1
+    generator.update_weights(v, sender.stage(PolicyWeights(engine_cfg.model.path, "float32").check(model), v))
+    sender.release(v)
+
+
+def test_the_engines_logprobs_follow_the_attention_window_and_zero_is_dense(generator, tokenizer, dense_model,
+                                                                            engine_cfg, tmp_path):
+    serve(generator, dense_model, engine_cfg, tmp_path)
     try:
         prompt, dense_tokens, dense_lp = sample(generator, tokenizer, 0)
         _, sparse_tokens, sparse_lp = sample(generator, tokenizer, WINDOW)
