@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq.asyncio
 
-from stream_rl.protocol import (AbortRequests, Decoder, GeneratorReady, Hello, QualityScore, RequestRejected,
-                                RolloutFinished, RolloutRequest, Shutdown, TokenChunk, ToGenerator)
+from stream_rl.codec import Decoder
+from stream_rl.protocol import (AbortRequests, GeneratorReady, Hello, QualityScore, RequestRejected, RolloutFinished,
+                                RolloutRequest, Shutdown, TokenChunk, ToGenerator)
 from stream_rl.transport import AsyncZmqChannel, Cap
 
 WIRES = ("chunk", "batch")

@@ -25,7 +25,8 @@ from typing import Callable, NamedTuple
 import zmq
 import zmq.asyncio
 
-from stream_rl.protocol import Decoder, Message, ProtocolError, encode  # noqa: F401 (encode: re-exported)
+from stream_rl.codec import Decoder, ProtocolError, encode  # noqa: F401 (encode: re-exported)
+from stream_rl.protocol import Message
 
 log = logging.getLogger(__name__)
 

@@ -15,4 +15,5 @@ from stream_rl.config.sparsity import SparsityConfig
 
 __all__ = ["BufferConfig", "Config", "ConfigError", "DataConfig", "EVAL_INHERITS", "EvalConfig", "GeneratorConfig",
            "LearnerConfig", "ModelConfig", "NonNegFloat", "NonNegInt", "PosFloat", "PosInt", "PrunerConfig", "Prob",
-           "RayConfig", "RunConfig", "SparsityConfig", "WeightsSyncConfig", "config_from_dict", "config_to_dict", "generator_addrs", "load_config", "split_address"]
+           "RayConfig", "RunConfig", "SparsityConfig", "WeightsSyncConfig", "config_from_dict", "config_to_dict",
+           "generator_addrs", "load_config", "split_address"]

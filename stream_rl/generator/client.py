@@ -9,9 +9,10 @@ from pathlib import Path
 import msgspec
 
 from stream_rl.config import Config, generator_addrs
-from stream_rl.protocol import (AbortRequests, AttentionWindowSet, Decoder, FromGenerator, GeneratorReady,
-                                RequestRejected, RolloutRequest, SetAttentionWindow, Shutdown, UpdateWeights,
-                                WeightsUpdated, WeightsUpdateFailed, unbatched)
+from stream_rl.codec import Decoder
+from stream_rl.protocol import (AbortRequests, AttentionWindowSet, FromGenerator, GeneratorReady, RequestRejected,
+                                RolloutRequest, SetAttentionWindow, Shutdown, UpdateWeights, WeightsUpdated,
+                                WeightsUpdateFailed, unbatched)
 from stream_rl.placement import Placement, format_cores
 from stream_rl.roles import died, start_role, stop_role, stop_roles
 from stream_rl.transport import ZmqChannel, caps, ms_until

@@ -146,7 +146,8 @@ class EngineReports:
         import asyncio
         import uuid
 
-        from stream_rl.protocol import Decoder, FromWorker, WorkerScores
+        from stream_rl.codec import Decoder
+        from stream_rl.protocol import FromWorker, WorkerScores
         from stream_rl.transport import AsyncZmqChannel
 
         self._engine = engine

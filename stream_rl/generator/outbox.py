@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from stream_rl.protocol import ProtocolError, RequestRejected, RolloutFinished, TokenChunk, batched
+from stream_rl.codec import ProtocolError
+from stream_rl.protocol import RequestRejected, RolloutFinished, TokenChunk, batched
 
 log = logging.getLogger(__name__)
 

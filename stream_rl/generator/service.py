@@ -1,6 +1,7 @@
 """The generator service: a vLLM `AsyncLLM` behind two ZMQ channels.
 
-It receives `RolloutRequest`/`AbortRequests`/`UpdateWeights`/`Shutdown` and
+It receives `RolloutRequest`/`AbortRequests`/`UpdateWeights`/
+`SetAttentionWindow`/`Shutdown` (the engine's updates: `generator/engine_updates.py`) and
 streams `TokenChunk`s (token ids, sampled-token log-probs, policy version per
 token) and finish notices back, one engine step's together as a `TokenBatch`
 (`generator/outbox.py`). Bad requests are answered with
@@ -12,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 
 import msgspec
 
 from stream_rl.config import Config, generator_addrs, split_address
 from stream_rl.generator.engine import (EngineReports, build_engine, delivery_interval, engine_shape_problem,
-                                        pause_in_place, token_versions, version_starts)
+                                        token_versions, version_starts)
+from stream_rl.generator.engine_updates import EngineUpdates
 from stream_rl.generator.logprob_ledger import LogprobLedger
 from stream_rl.generator.outbox import Outbox
 from stream_rl.generator.quality_scorer import SCORE_KEY
@@ -26,12 +27,11 @@ from stream_rl.generator.sampled_logprobs import STREAM_KEY
 from stream_rl.generator.step_trace import ENV as STEP_TRACE_ENV
 from stream_rl import roles
 from stream_rl.placement import pin
-from stream_rl.protocol import (AbortRequests, AttentionWindowSet, Decoder, GeneratorReady, Hello, QualityScore,
-                                RequestRejected, RolloutFinished, RolloutRequest, SetAttentionWindow, Shutdown,
-                                TokenChunk, ToGenerator, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
+from stream_rl.codec import Decoder
+from stream_rl.protocol import (AbortRequests, GeneratorReady, Hello, QualityScore, RequestRejected, RolloutFinished,
+                                RolloutRequest, SetAttentionWindow, Shutdown, TokenChunk, ToGenerator, UpdateWeights)
 from stream_rl.transport import AsyncZmqChannel, caps
-from stream_rl.weights_sync.buckets import SCHEME as TORCH_DIST
-from stream_rl.weights_sync.buckets import decode_uri, group_key, uri_group_key
+from stream_rl.weights_sync.buckets import uri_group_key
 
 log = logging.getLogger(__name__)
 _FINISH_REASONS = ("stop", "length", "abort")
@@ -45,7 +45,7 @@ class _AbortedEarly(Exception):
     """The request was aborted before its task started generating."""
 
 
-class GeneratorService:
+class GeneratorService(EngineUpdates):
     def __init__(self, cfg: Config, index: int = 0, engine_cpus: list[int] | None = None,
                  front_cpus: list[int] | None = None):
         self.cfg = cfg
@@ -201,92 +201,6 @@ class GeneratorService:
             log.warning("no quality score for %s within %.0f s of its scoring step", request_id, timeout_s)
         finally:
             self.score_waits.pop(request_id, None)
-
-    # --- weights ---------------------------------------------------------------
-
-    async def _update_weights(self, msg: UpdateWeights) -> None:
-        t0 = time.perf_counter()
-        try:
-            if msg.version <= self.version:
-                raise ValueError(f"version {msg.version} is not above the serving version {self.version}")
-            if msg.uri.startswith(TORCH_DIST):
-                # The workers receive in the background while generation
-                # goes on; only loading the staged weights pauses it.
-                # The k-th receiver's workers are ranks 1 + k x tp + worker of the group.
-                group = decode_uri(msg.uri)["group"]
-                members = group.get("members", list(range(self.cfg.generator.count)))
-                if self.index not in members:
-                    raise ValueError(f"generator {self.index} is not a receiver of this transfer ({members})")
-                first_rank = 1 + members.index(self.index) * self.cfg.generator.tensor_parallel_size
-                await self.engine.collective_rpc("stream_rl_stage_weights", args=(msg.uri, first_rank))
-                self._receiving = group_key(group)
-                while True:
-                    if self._abandon:
-                        raise RuntimeError("abandoned: a transfer over a new group replaced it (a peer was lost)")
-                    states = await self.engine.collective_rpc("stream_rl_staging_state")
-                    errors = [s for s in states if s.startswith("error")]
-                    if errors:
-                        raise RuntimeError(f"weight transfer failed: {errors[0]}")
-                    if all(s == "done" for s in states):
-                        break
-                    await asyncio.sleep(0.005)
-                load = ("stream_rl_apply_staged", ())
-            else:
-                load = ("stream_rl_load_weights_from_file", (msg.uri,))
-        except Exception as err:
-            log.exception("weight update to version %d failed before loading; version %d serves on",
-                          msg.version, self.version)
-            self._receiving, self._abandon = None, False
-            await self.outbox.send(WeightsUpdateFailed(version=msg.version, error=f"{type(err).__name__}: {err}"))
-            return
-        self._receiving, self._abandon = None, False
-        t_pause = time.perf_counter()
-        # "keep" freezes running requests in place; they continue on the new
-        # weights after resume (recomputed, below), and their later tokens
-        # carry the new version.
-        await pause_in_place(self.engine)
-        try:
-            await self.engine.collective_rpc(load[0], args=load[1])
-            # The engine labels every later step with this version; tokens
-            # take their version from that label (see token_versions).
-            await self.engine.update_weight_version(str(msg.version))
-            self.version = msg.version
-            # The running requests' KV and every cached prefix were computed
-            # by the old weights. The running requests are preempted, so their
-            # prompt and tokens so far are prefilled again on the new weights
-            # (AReaL's interrupt-and-recompute) and their later tokens are the
-            # new version's exactly; vLLM won't drop a prefix cache that
-            # running requests still hold, so without the preemption later
-            # requests would attend to old-weight blocks.
-            if not await self.engine.reset_prefix_cache(reset_running_requests=True):
-                log.warning("vLLM did not reset its prefix cache after weights version %d", msg.version)
-        except Exception as err:
-            log.exception("weight update to version %d failed", msg.version)
-            await self.outbox.send(WeightsUpdateFailed(version=msg.version, error=f"{type(err).__name__}: {err}"))
-            return
-        finally:
-            await self.engine.resume_generation()
-            pause_s = time.perf_counter() - t_pause
-        await self.outbox.send(WeightsUpdated(version=self.version, load_s=time.perf_counter() - t0,
-                                              pause_s=pause_s))
-
-    async def _set_window(self, msg: SetAttentionWindow) -> None:
-        """The sparsity knob: the new window, and the running requests
-        recomputed under it (their KV and every cached prefix were computed
-        under the old one), as after a weight load."""
-        await pause_in_place(self.engine)
-        try:
-            layers = await self.engine.collective_rpc("stream_rl_set_attention_window", args=(msg.window,))
-            await self.engine.reset_prefix_cache(reset_running_requests=True)
-        except Exception as err:  # this engine cannot: said so, and its window stays
-            log.exception("attention window %d not set", msg.window)
-            await self.outbox.send(AttentionWindowSet(window=self.window, layers=0,
-                                                      error=f"{type(err).__name__}: {err}"))
-            return
-        finally:
-            await self.engine.resume_generation()
-        self.window = msg.window
-        await self.outbox.send(AttentionWindowSet(window=msg.window, layers=sum(layers)))
 
     # --- quality scores (ARRoL) ---------------------------------------------------
 

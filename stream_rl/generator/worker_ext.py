@@ -200,7 +200,7 @@ class StreamRLWorkerExtension:
         if getattr(self, "_stream_rl_send", None) is None:
             import zmq
 
-            from stream_rl.protocol import encode
+            from stream_rl.codec import encode
             from stream_rl.transport import seal, secret
 
             sock = zmq.Context.instance().socket(zmq.PUSH)

@@ -10,7 +10,8 @@ from pathlib import Path
 import msgspec
 
 from stream_rl.config import Config
-from stream_rl.protocol import Decoder, FromLearner, LearnerFailed, LearnerReady, Shutdown
+from stream_rl.codec import Decoder
+from stream_rl.protocol import FromLearner, LearnerFailed, LearnerReady, Shutdown
 from stream_rl.roles import died, start_role, stop_roles
 from stream_rl.transport import ThrottledLog, ZmqChannel, caps, free_ports
 

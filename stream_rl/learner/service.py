@@ -36,8 +36,8 @@ class LearnerService:
         resumed = None
         if resume is not None:
             resumed = load_checkpoint(find_checkpoint(resume), self.learner)
-        self.source = RolloutSource(cfg, self.out, launch=False, head=self.learner.head_trainer, ranks=world, resumed=resumed,
-                                    on_checkpoint=self.save_checkpoint)
+        self.source = RolloutSource(cfg, self.out, launch=False, head=self.learner.head_trainer, ranks=world,
+                                    resumed=resumed, on_checkpoint=self.save_checkpoint)
         self.source.weights = self.learner.model  # what a sync stages: its live tensors
         self.sender = self.source.sender
 

@@ -33,9 +33,9 @@ from stream_rl.learner.correction import loss_normalisers, pruning_weights
 from stream_rl.learner.policy_weights import PolicyWeights
 from stream_rl.learner.samples import Sample, samples_from_groups
 from stream_rl.learner.trainer import pad_batch
-from stream_rl.protocol import (CheckpointSaved, Decoder, Group, LearnerFailed, LearnerReady, Receivers,
-                                SaveCheckpoint, Shutdown, StepDone, SyncWeights, ToLearner, TrainBatch, WeightsLoaded,
-                                WeightsStaged)
+from stream_rl.codec import Decoder
+from stream_rl.protocol import (CheckpointSaved, Group, LearnerFailed, LearnerReady, Receivers, SaveCheckpoint,
+                                Shutdown, StepDone, SyncWeights, ToLearner, TrainBatch, WeightsLoaded, WeightsStaged)
 from stream_rl.roles import died, start_role, stop_roles
 from stream_rl.transport import ZmqChannel, caps
 from stream_rl.weights_sync import make_weight_sender

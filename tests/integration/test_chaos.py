@@ -15,7 +15,8 @@ import time
 import psutil
 import zmq
 
-from stream_rl.protocol import StepDone, encode
+from stream_rl.codec import encode
+from stream_rl.protocol import StepDone
 from stream_rl.transport import SECRET_ENV, seal
 from tests.integration.jobs import finish, records, running, start_train, wait_steps
 

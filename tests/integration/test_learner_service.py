@@ -12,7 +12,8 @@ import time
 import torch
 
 from stream_rl.learner.service import LearnerService
-from stream_rl.protocol import Decoder, FromLearner, Receivers, Shutdown, SyncWeights, WeightsLoaded, WeightsStaged
+from stream_rl.codec import Decoder
+from stream_rl.protocol import FromLearner, Receivers, Shutdown, SyncWeights, WeightsLoaded, WeightsStaged
 from stream_rl.transport import ZmqChannel
 from stream_rl.weights_sync.buckets import bucket_nbytes, decode_uri, unpack_bucket
 from stream_rl.weights_sync.group import weight_group

@@ -14,26 +14,10 @@ import zmq.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_rl.protocol import (
-    AbortRequests,
-    AttentionWindowSet,
-    Decoder,
-    FromGenerator,
-    GeneratorReady,
-    ProtocolError,
-    RequestRejected,
-    RolloutFinished,
-    RolloutRequest,
-    SetAttentionWindow,
-    Shutdown,
-    TokenBatch,
-    TokenChunk,
-    ToGenerator,
-    UpdateWeights,
-    WeightsUpdated,
-    WeightsUpdateFailed,
-    encode,
-)
+from stream_rl.codec import Decoder, ProtocolError, encode
+from stream_rl.protocol import (AbortRequests, AttentionWindowSet, FromGenerator, GeneratorReady, RequestRejected,
+                                RolloutFinished, RolloutRequest, SetAttentionWindow, Shutdown, TokenBatch, TokenChunk,
+                                ToGenerator, UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
 from stream_rl.transport import AsyncZmqChannel, ZmqChannel, free_ports
 
 ALL_MESSAGES = [

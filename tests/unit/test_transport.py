@@ -10,7 +10,8 @@ import time
 import pytest
 import zmq
 
-from stream_rl.protocol import Decoder, FromGenerator, TokenChunk
+from stream_rl.codec import Decoder
+from stream_rl.protocol import FromGenerator, TokenChunk
 from stream_rl.transport import BIND_RETRY_S, ZmqChannel, free_ports
 
 
@@ -63,7 +64,8 @@ def test_a_flood_of_bad_messages_is_counted_in_full_and_logged_a_line_a_second(c
 
 
 def test_another_jobs_messages_are_dropped_and_counted():
-    from stream_rl.protocol import Decoder, FromLearner, LearnerFailed, StepDone
+    from stream_rl.protocol import FromLearner, LearnerFailed, StepDone
+    from stream_rl.codec import Decoder
 
     addr = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     rx = ZmqChannel(addr, send=False, bind=True, decoder=Decoder(FromLearner, run="job-a"))
@@ -83,7 +85,8 @@ def test_another_jobs_messages_are_dropped_and_counted():
 
 
 def test_a_message_over_the_cap_is_refused_at_the_sender_naming_the_key_and_dropped_at_the_receiver():
-    from stream_rl.protocol import ProtocolError, StepDone
+    from stream_rl.protocol import StepDone
+    from stream_rl.codec import ProtocolError
     from stream_rl.transport import Cap
 
     addr = f"tcp://127.0.0.1:{free_ports(1)[0]}"
@@ -104,7 +107,8 @@ def test_a_message_over_the_cap_is_refused_at_the_sender_naming_the_key_and_drop
 
 
 def test_with_a_shared_secret_only_messages_sealed_with_it_are_taken(monkeypatch):
-    from stream_rl.protocol import Decoder, FromLearner, StepDone
+    from stream_rl.protocol import FromLearner, StepDone
+    from stream_rl.codec import Decoder
     from stream_rl.transport import SECRET_ENV
 
     addr = f"tcp://127.0.0.1:{free_ports(1)[0]}"

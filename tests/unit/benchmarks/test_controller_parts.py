@@ -11,8 +11,9 @@ import pytest
 
 from benchmarks.controller import Ramp, p99, sustained
 from benchmarks.load_generator import LoadGenerator, LoadSpec, response_length, rollout_of
-from stream_rl.protocol import (AbortRequests, Decoder, FromGenerator, GeneratorReady, Hello, RolloutFinished,
-                                RolloutRequest, TokenChunk, unbatched)
+from stream_rl.codec import Decoder
+from stream_rl.protocol import (AbortRequests, FromGenerator, GeneratorReady, Hello, RolloutFinished, RolloutRequest,
+                                TokenChunk, unbatched)
 from stream_rl.transport import ZmqChannel, free_ports
 
 

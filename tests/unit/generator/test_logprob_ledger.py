@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_rl.generator.logprob_ledger import LogprobLedger, LogprobsLost
-from stream_rl.protocol import Decoder, FromWorker, ProtocolError, WorkerLogprobs, encode
+from stream_rl.codec import Decoder, ProtocolError, encode
+from stream_rl.protocol import FromWorker, WorkerLogprobs
 
 
 def report(key: str, first: int, values: list[float]) -> WorkerLogprobs:

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from stream_rl.config import load_config
 from stream_rl.generator.client import GeneratorClient
 from stream_rl.generator.outbox import Outbox
-from stream_rl.protocol import (GeneratorReady, ProtocolError, RequestRejected, RolloutFinished, TokenBatch,
-                                TokenChunk, encode, unbatched)
+from stream_rl.codec import ProtocolError, encode
+from stream_rl.protocol import GeneratorReady, RequestRejected, RolloutFinished, TokenBatch, TokenChunk, unbatched
 from stream_rl.transport import AsyncZmqChannel, free_ports
 from tests.conftest import ROOT
 

@@ -10,8 +10,10 @@ import pytest
 from stream_rl.config import generator_addrs, load_config
 from stream_rl.generator.client import GeneratorClient, GeneratorError
 from stream_rl.generator.pool import GeneratorPool
-from stream_rl.protocol import (AbortRequests, AttentionWindowSet, Decoder, SetAttentionWindow, GeneratorReady, RolloutFinished, RolloutRequest, TokenChunk, ToGenerator,
-                                UpdateWeights, WeightsUpdated, WeightsUpdateFailed)
+from stream_rl.codec import Decoder
+from stream_rl.protocol import (AbortRequests, AttentionWindowSet, SetAttentionWindow, GeneratorReady, RolloutFinished,
+                                RolloutRequest, TokenChunk, ToGenerator, UpdateWeights, WeightsUpdated,
+                                WeightsUpdateFailed)
 from stream_rl.transport import ZmqChannel, free_ports
 from tests.conftest import ROOT
 

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from stream_rl.buffer.rollouts import append_chunk, restart
 from stream_rl.config import config_from_dict
 from stream_rl.learner.quality_head import QualityHeadTrainer
-from stream_rl.protocol import Decoder, Group, QualityScore, Rollout, TokenChunk, encode
+from stream_rl.codec import Decoder, encode
+from stream_rl.protocol import Group, QualityScore, Rollout, TokenChunk
 from stream_rl.pruner import make_pruner
 from stream_rl.pruner.arrol import SCORE_GRACE_TOKENS, ArrolPruner, sigmoid
 from stream_rl.pruner.base import Pruner, RandomPruner
