@@ -105,6 +105,17 @@ async def saturate(engine, logprobs, cfg: Config, prompts: list[list[int]], conc
             "requests_finished": finished}
 
 
+def _resolve(call: str | None):
+    """A measurement for the child to run: `saturate`, or another benchmark's
+    "module:function" with saturate's first four arguments."""
+    if call is None:
+        return saturate
+    import importlib
+
+    module, _, name = call.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _serve(cfg_bytes: bytes, engine_cpus: list[int] | None, front_cpus: list[int] | None, conn) -> None:
     """The child: the engine placed as the generator service places its own,
     then one measurement per request on `conn` until None."""
@@ -138,7 +149,8 @@ def _serve(cfg_bytes: bytes, engine_cpus: list[int] | None, front_cpus: list[int
             loop = asyncio.get_running_loop()
             conn.send({"ready": True})
             while (req := await loop.run_in_executor(None, conn.recv)) is not None:
-                conn.send(await saturate(engine, ledger, cfg, prompts, **req))
+                fn = _resolve(req.pop("call", None))
+                conn.send(await fn(engine, ledger, cfg, prompts, **req))
         finally:
             if reports is not None:
                 reports.close()
@@ -192,6 +204,12 @@ class CapacityProbe:
                "seconds": float(seconds), "warmup_s": float(warmup_s)}
         self._conn.send(req)
         return self._wait(warmup_s + seconds + 120.0)
+
+    def call(self, fn: str, timeout_s: float, **kwargs) -> dict:
+        """Run "module:function" in the engine's child: `fn(engine, ledger,
+        cfg, prompts, **kwargs)`, awaited there; its (picklable) result."""
+        self._conn.send({"call": fn, **kwargs})
+        return self._wait(timeout_s)
 
     def cpu_s(self) -> float:
         """CPU seconds the engine's processes (this child and its own) have used so far."""

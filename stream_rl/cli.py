@@ -20,6 +20,19 @@ def _cores(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _ints(flag: str, text: str) -> list[int]:
+    """A comma-separated list of integers for `flag`, or a BenchSetupError naming it."""
+    from benchmarks.common import BenchSetupError
+
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchSetupError(f"{flag} must be comma-separated integers (got {text!r})") from None
+    if not values:
+        raise BenchSetupError(f"{flag} names no value")
+    return values
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -84,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument("what", choices=["generation", "pruning", "learner", "weight-sync", "e2e", "correction",
-                                     "pruning-bound", "profile", "controller", "own-learner"])
+                                     "pruning-bound", "profile", "controller", "own-learner", "sparsity"])
     _add_config_args(p)
     p.add_argument("--json", dest="out_json", default=None, help="also write the JSON result here")
     p.add_argument("--steps", type=int, default=None,
@@ -92,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "learner: timed repeats per configuration after 1 warm-up, default 3; "
                         "weight-sync: timed syncs per backend after 1 warm-up, default 5; "
                         "e2e: training steps per system, default 40; profile: training steps, default 40; "
-                        "correction: pruning draws, default 2000)")
+                        "correction: pruning draws, default 2000; sparsity: training steps per system, default 40)")
     p.add_argument("--warmup-steps", type=int, default=2, help="generation: untimed steps per mode first")
     p.add_argument("--modes", default="random,arrol", help="pruning: pruner modes to train, in order")
     p.add_argument("--systems", default="sync,stream,stream_nopruning,trl", help="e2e: systems to train, in order")
@@ -107,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None,
                    help="e2e: comma-separated run.seed values; the comparison runs once per seed and is pooled "
                         "over them (default: one run at the config's seed)")
+
+    p.add_argument("--windows", default="256,64,16",
+                   help="sparsity: attention windows to time on the long-context workload (0: dense)")
+    p.add_argument("--fixed-window", type=int, default=None,
+                   help="sparsity: the fixed (high-sparsity) system's window (default: the smallest of --windows)")
+    p.add_argument("--tail-target", type=float, default=None,
+                   help="sparsity: the schedule's target for the tail quantile, nats (default: sparsity.target)")
+    p.add_argument("--settle-steps", type=int, default=5,
+                   help="sparsity: steps after the schedule's warm-up left out of its tracking error")
+    p.add_argument("--requests", type=int, default=128, help="sparsity: rollouts per long-context batch")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="sparsity: tokens per long-context rollout (default: up to model.max_model_len)")
+    p.add_argument("--rounds", type=int, default=2, help="sparsity: interleaved rounds over the windows")
+    p.add_argument("--no-train", dest="train", action="store_false",
+                   help="sparsity: the long-context workload only")
 
     p.add_argument("--models", default=None,
                    help="pruning-bound: comma-separated model directories (default: model.path)")
@@ -242,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40, "learner": 3,
                                                               "weight-sync": 5, "e2e": 40,
                                                               "correction": 2000, "pruning-bound": 1, "profile": 40,
-                                                              "controller": 1, "own-learner": 40}[args.what]
+                                                              "controller": 1, "own-learner": 40, "sparsity": 40}[args.what]
         if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2
@@ -260,14 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.what == "e2e":
                 from benchmarks.e2e import main as bench_e2e
 
-                seeds = None
-                if args.seeds is not None:
-                    try:
-                        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-                    except ValueError:
-                        raise BenchSetupError(f"--seeds must be comma-separated integers (got {args.seeds!r})")
-                    if not seeds:
-                        raise BenchSetupError("--seeds names no seed")
+                seeds = _ints("--seeds", args.seeds) if args.seeds is not None else None
                 bench_e2e(cfg, args.out_json, steps, [s.strip() for s in args.systems.split(",") if s.strip()],
                           args.keep, args.eval_every, args.eval_samples, seeds, args.capacity)
             elif args.what == "correction":
@@ -295,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.own_learner import main as bench_own_learner
 
                 bench_own_learner(cfg, args.out_json, steps, args.pairs, args.keep)
+            elif args.what == "sparsity":
+                from benchmarks.sparsity import main as bench_sparsity
+
+                seeds = _ints("--seeds", args.seeds) if args.seeds is not None else [cfg.run.seed]
+                bench_sparsity(cfg, args.out_json, steps, _ints("--windows", args.windows), args.fixed_window,
+                               args.tail_target, seeds, args.eval_samples, args.settle_steps, args.requests,
+                               args.tokens, args.rounds, args.keep, args.train)
             elif args.what == "weight-sync":
                 from benchmarks.weight_sync import main as bench_weight_sync
 
