@@ -23,10 +23,10 @@ class SparsityConfig(_Section):
     # Steps of dense rollouts first: the tail from engine numerics and
     # staleness alone, before any sparsity.
     warmup_steps: NonNegInt = 5
-    # How far one step's relative error moves log(window): small, since the
-    # tail answers a step or two late (the tokens trained were generated
-    # before the last change).
-    gain: PosFloat = 0.5
+    # How far log(tail / target) moves log(window) a step. The window sums
+    # the steps' errors, so a small gain averages a noisy tail over more of
+    # them; above ~0.3 it chased the noise (docs/sparse-rollouts.md).
+    gain: PosFloat = 0.2
     # The window stays within these; one at max_window or beyond is dense.
     min_window: PosInt = 16
     max_window: PosInt = 4096

@@ -3,11 +3,16 @@ attention window the engines run with, moved after every update so that
 the mismatch monitor's lower-tail quantile (`mismatch/q05` or `/q01`, in
 nats) stays at `sparsity.target`.
 
-It steers log(window): a tail below the target (more mismatch than wanted)
-widens the window, one above narrows it, by `gain` times the relative error
-(clipped to ±2, so one outlying step cannot jump the window by more than
-e^(2·gain)). The trained tokens of a step were generated before the last
-change, so the tail answers late; a small gain keeps it from oscillating.
+It steers log(window) by the tail's log-ratio to the target: a tail
+beyond the target (more mismatch than wanted) widens the window, one short
+of it narrows it, by `gain` times that log-ratio (clipped to ±2). One
+step's tail is noisy: even at a constant window it scatters by a factor of
+a few from step to step, multiplicatively (docs/sparse-rollouts.md). In log
+space a tail twice the target and one half of it pull equally, so the
+window settles where the tail's geometric mean is the target; the window
+integrates the errors, so a small gain averages the noise over more steps
+(and keeps the loop stable when the tail answers a step or two late: the
+tokens trained were generated before the last change).
 Pure logic: the controller applies what it returns (`GeneratorPool.set_window`).
 """
 
@@ -19,6 +24,9 @@ from stream_rl.config import SparsityConfig
 
 DENSE = 0
 MAX_ERROR = 2.0
+# A tail at or above zero (no token less likely under the sampler): its
+# size counts as this fraction of the target's, which narrows the window.
+FLOOR = 1e-3
 
 
 class SparsitySchedule:
@@ -45,9 +53,9 @@ class SparsitySchedule:
             tail = stats.get(f"mismatch/{c.quantile}")
             if not isinstance(tail, (int, float)) or not math.isfinite(tail):
                 return None  # nothing measured this step (no engine log-probs in it)
-            error = max(-MAX_ERROR, min(MAX_ERROR, (tail - c.target) / abs(c.target)))
-            self.log_window = min(math.log(c.max_window), max(math.log(c.min_window),
-                                                              self.log_window - c.gain * error))
+            error = math.log(max(-tail, FLOOR * -c.target) / -c.target)  # > 0: more mismatch than wanted
+            step = c.gain * max(-MAX_ERROR, min(MAX_ERROR, error))
+            self.log_window = min(math.log(c.max_window), max(math.log(c.min_window), self.log_window + step))
             new = self._from_log()
         if new == self.window:
             return None

@@ -90,3 +90,32 @@ def test_the_config_refuses_a_window_outside_its_bounds():
 
     with pytest.raises(ConfigError, match="sparsity.window"):
         load_config(ROOT / "configs" / "tiny.yaml", ["sparsity.mode=fixed", "sparsity.window=8"])
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.floats(-1e-3, -1e-4), st.floats(0.3, 1.2), st.integers(0, 2), st.integers(0, 2**31))
+def test_a_noisy_tail_is_held_at_its_target_in_the_middle_of_its_scatter(target, sigma, delay, seed):
+    """As on the real engine: the tail scatters log-normally around a level
+    that falls with the window (∝ window^-1.7 here, about as measured on the
+    tiny world between windows 16 and 64). The schedule holds the level
+    where log(tail / target) averages zero, and its window scatters less
+    than following each step's tail would make it."""
+    import random
+
+    rng = random.Random(seed)
+
+    def tail_of(w):
+        level = 3e-3 * (16 / (w or 4096)) ** 1.7
+        return -level * math.exp(rng.gauss(0.0, sigma))
+
+    w_star = 16 * (3e-3 / -target) ** (1 / 1.7)
+    s = SparsitySchedule(cfg(target=target, window=256, warmup_steps=1, gain=0.2))
+    windows, tails = run(s, tail_of, 400, delay)
+    late = tails[100:]
+    log_err = sum(math.log(t / target) for t in late) / len(late)
+    assert abs(log_err) < 0.1, log_err  # the geometric mean of the tail within ~10% of the target
+    logw = [math.log(w) for w in windows[100:]]
+    mean_logw = sum(logw) / len(logw)
+    assert abs(mean_logw - math.log(w_star)) < 0.15
+    spread = (sum((x - mean_logw) ** 2 for x in logw) / len(logw)) ** 0.5
+    assert spread < sigma / 1.7, spread  # following each step's tail: sigma / 1.7
