@@ -15,7 +15,11 @@ prompts, `eval_samples` sampled responses each, as `bench e2e` scores it).
 For the schedule, `tail_tracking_rel_error` = mean |tail − target| / |target|
 over the steps after its dense warm-up and `settle_steps` more (the window
 starts where the config says and needs a few steps to find the level;
-`tail_tracking_rel_error_all` counts those too), and `mean_window`, the
+`tail_tracking_rel_error_all` counts those too); the level it held,
+`tail_geomean_rel_error` = |exp(mean log(tail / target)) − 1| (what the
+schedule steers to zero) and `tail_median_rel_error`; `tail_noise` per
+system, mean |tail − median| / |median|, which at a constant window is the
+floor under any schedule's per-step error; and `mean_window`, the
 geometric mean of its windows over the same steps (it steers log(window);
 dense counts as the context length).
 
@@ -64,8 +68,14 @@ def tracking(records: list[dict], quantile: str, target: float, skip: int) -> di
         return {"tail_tracking_rel_error": None, "tail_mean": None, "tracked_steps": 0}
     errors = [abs(t - target) / abs(target) for t in tails]
     mean = statistics.fmean(tails)
+    # The level the schedule holds: the tail scatters multiplicatively, and
+    # the schedule steers log(tail / target) to zero on average.
+    logs = [math.log(max(t / target, 1e-12)) for t in tails]
     return {"tail_tracking_rel_error": statistics.fmean(errors), "tail_mean": mean,
             "tail_mean_rel_error": abs(mean - target) / abs(target),
+            "tail_geomean_rel_error": abs(math.exp(statistics.fmean(logs)) - 1),
+            "tail_median_rel_error": abs(statistics.median(tails) - target) / abs(target),
+            "tail_log_sd": statistics.pstdev(logs),
             "tail_within_10pct": sum(e <= 0.1 for e in errors) / len(errors), "tracked_steps": len(tails)}
 
 
@@ -126,7 +136,8 @@ def pooled(per_seed: list[dict[str, dict]]) -> dict:
         runs = [s[system] for s in per_seed]
         entry = {k: statistics.fmean(r[k] for r in runs) for k in
                  ("final_heldout_reward", "final_reward", "gen_tokens_per_s", "wall_s")}
-        for k in ("tail_tracking_rel_error", "tail_tracking_rel_error_all", "tail_mean_rel_error", "mean_window",
+        for k in ("tail_tracking_rel_error", "tail_tracking_rel_error_all", "tail_mean_rel_error",
+                  "tail_geomean_rel_error", "tail_median_rel_error", "tail_log_sd", "mean_window",
                   "tail_within_10pct", "tail_noise"):
             vals = [r[k] for r in runs if r.get(k) is not None]
             if vals:
@@ -169,7 +180,8 @@ def bench_sparsity(cfg: Config, steps: int, windows: list[int], fixed_window: in
         result["systems"] = systems
         sched = systems["schedule"]
         result["tail_tracking_rel_error"] = sched.get("tail_tracking_rel_error")
-        result["tail_mean_rel_error"] = sched.get("tail_mean_rel_error")
+        for k in ("tail_geomean_rel_error", "tail_median_rel_error", "tail_mean_rel_error"):
+            result[k] = sched.get(k)
         # The floor under the per-step error: the fixed window's own step-to-step spread.
         result["tail_noise_at_fixed_window"] = systems["fixed"].get("tail_noise")
         mean_w = sched.get("mean_window")

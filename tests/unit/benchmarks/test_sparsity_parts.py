@@ -32,6 +32,8 @@ def test_tracking_is_the_mean_relative_error_after_the_skipped_steps():
     assert out["tail_tracking_rel_error"] == pytest.approx((0.05 + 0.05 + 0.0 + 0.3) / 4)
     assert out["tail_within_10pct"] == pytest.approx(3 / 4)
     assert out["tail_mean"] == pytest.approx(-1.075)
+    assert out["tail_median_rel_error"] == pytest.approx(0.025)
+    assert out["tail_geomean_rel_error"] == pytest.approx(abs((1.05 * 0.95 * 1.0 * 1.3) ** 0.25 - 1))
 
 
 def test_tracking_skips_steps_without_a_tail_and_reports_none_without_any():
