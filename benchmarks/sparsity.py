@@ -158,7 +158,15 @@ def bench_sparsity(cfg: Config, steps: int, windows: list[int], fixed_window: in
                               "the monitor compares them with the learner's")
     if any(w < 0 for w in windows) or not windows:
         raise BenchSetupError(f"--windows must be non-negative attention windows; got {windows}")
-    fixed_window = fixed_window or min(w for w in windows if w > 1)
+    for flag, value in (("--requests", requests), ("--rounds", rounds), ("--eval-samples", eval_samples),
+                        ("--tokens", tokens or 1), ("--seeds", len(seeds))):
+        if value < 1:
+            raise BenchSetupError(f"{flag} must be at least 1; got {value}")
+    s = cfg.sparsity
+    fixed_window = fixed_window or min((w for w in windows if w > 1), default=s.min_window)
+    if not s.min_window <= fixed_window < s.max_window:
+        raise BenchSetupError(f"--fixed-window ({fixed_window}) must be within sparsity.min_window "
+                              f"({s.min_window}) and below sparsity.max_window ({s.max_window})")
     target = cfg.sparsity.target if target is None else target
     if target >= 0:
         raise BenchSetupError(f"--tail-target must be negative (a lower-tail log-ratio in nats); got {target}")

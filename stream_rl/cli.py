@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps is not None else {"generation": 10, "pruning": 40, "learner": 3,
                                                               "weight-sync": 5, "e2e": 40,
                                                               "correction": 2000, "pruning-bound": 1, "profile": 40,
-                                                              "controller": 1, "own-learner": 40, "sparsity": 40}[args.what]
+                                                              "controller": 1, "own-learner": 40,
+                                                              "sparsity": 40}[args.what]
         if steps < 1 or args.warmup_steps < 0:
             print("config error: --steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
             return 2

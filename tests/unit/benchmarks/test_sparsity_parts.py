@@ -82,6 +82,10 @@ def test_speedup_at_reads_the_measured_window_and_dense_is_one():
     (dict(windows=[-1]), "--windows"),
     (dict(target=0.1), "--tail-target"),
     (dict(steps=5), "--steps"),
+    (dict(requests=0), "--requests"),
+    (dict(rounds=0), "--rounds"),
+    (dict(fixed_window=8), "--fixed-window"),
+    (dict(seeds=[]), "--seeds"),
 ])
 def test_bad_arguments_are_refused_before_any_engine_starts(tiny_cfg, kw, says):
     args = dict(steps=40, windows=[64, 16], fixed_window=None, target=None, seeds=[0], eval_samples=1, settle=5,
