@@ -20,6 +20,7 @@ the pipeline asks the worker for it) and aborts; both are the pipeline's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import multiprocessing as mp
 import statistics
@@ -52,10 +53,12 @@ def mean_response_tokens(records: list[dict], default: int) -> int:
     return max(1, round(statistics.fmean(lens))) if lens else default
 
 
-async def saturate(engine, logprobs, cfg: Config, prompts: list[list[int]], concurrency: int, tokens: int,
-                   seconds: float, warmup_s: float) -> dict:
-    """Keep `concurrency` requests of `tokens` tokens in flight for
-    `warmup_s` + `seconds`; the tokens that arrive in the last `seconds`."""
+async def raw_request(engine, ledger, cfg: Config, rid: str, prompt: list[int], tokens: int, seed: int | None):
+    """One request of up to `tokens` tokens (`ignore_eos`, within
+    `model.max_model_len`) on the raw engine, sampled as the generators
+    sample, its log-probs taken from the worker as the generator service
+    takes them: yields (token ids, log-probs) per engine step ([] without a
+    `ledger`). Close it (`contextlib.aclosing`) to abort it in the engine."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -63,6 +66,29 @@ async def saturate(engine, logprobs, cfg: Config, prompts: list[list[int]], conc
     from stream_rl.generator.sampled_logprobs import STREAM_KEY
 
     g = cfg.generator
+    key = ledger.open(rid) if ledger else None
+    params = SamplingParams(n=1, temperature=g.temperature, top_p=g.top_p, ignore_eos=True, seed=seed,
+                            max_tokens=max(1, min(tokens, cfg.model.max_model_len - len(prompt))),
+                            output_kind=RequestOutputKind.DELTA, detokenize=False,
+                            extra_args={STREAM_KEY: key} if key else None)
+    n = 0
+    stream = engine.generate(TokensPrompt(prompt_token_ids=prompt), params, rid)
+    try:
+        async for out in stream:
+            new = list(out.outputs[0].token_ids)
+            lps = await ledger.get(key, n, n + len(new)) if key and new else []
+            n += len(new)
+            yield new, lps
+    finally:
+        await stream.aclose()  # aborts the request in the engine if it still runs
+        if key:
+            ledger.close(key)
+
+
+async def saturate(engine, logprobs, cfg: Config, prompts: list[list[int]], concurrency: int, tokens: int,
+                   seconds: float, warmup_s: float) -> dict:
+    """Keep `concurrency` requests of `tokens` tokens in flight for
+    `warmup_s` + `seconds`; the tokens that arrive in the last `seconds`."""
     ids, rows = itertools.count(), itertools.cycle(prompts)
     t0 = time.perf_counter()
     start, end = t0 + warmup_s, t0 + warmup_s + seconds
@@ -72,32 +98,17 @@ async def saturate(engine, logprobs, cfg: Config, prompts: list[list[int]], conc
         nonlocal counted, finished
         while time.perf_counter() < end:
             rid = f"capacity-{next(ids)}"
-            prompt = next(rows)
-            key = logprobs.open(rid) if logprobs else None
-            budget = max(1, min(tokens, cfg.model.max_model_len - len(prompt)))
-            params = SamplingParams(n=1, temperature=g.temperature, top_p=g.top_p, max_tokens=budget,
-                                    ignore_eos=True, seed=request_seed(cfg.run.seed, rid) if g.seeded else None,
-                                    output_kind=RequestOutputKind.DELTA, detokenize=False,
-                                    extra_args={STREAM_KEY: key} if key else None)
-            n = 0
-            stream = engine.generate(TokensPrompt(prompt_token_ids=prompt), params, rid)
-            try:
-                async for out in stream:
-                    new = len(out.outputs[0].token_ids)
-                    if key and new:  # as the generator service takes them
-                        await logprobs.get(key, n, n + new)
-                    n += new
+            seed = request_seed(cfg.run.seed, rid) if cfg.generator.seeded else None
+            async with contextlib.aclosing(raw_request(engine, logprobs, cfg, rid, next(rows), tokens,
+                                                       seed)) as steps:
+                async for new, _ in steps:
                     now = time.perf_counter()
                     if start <= now < end:
-                        counted += new
+                        counted += len(new)
                     if now >= end:
                         break
                 else:
                     finished += 1
-            finally:
-                await stream.aclose()  # aborts the request in the engine if it still runs
-                if key:
-                    logprobs.close(key)
 
     await asyncio.gather(*(lane() for _ in range(concurrency)))
     return {"engine_capacity_tokens_per_s": counted / seconds, "concurrency": concurrency,
@@ -245,4 +256,4 @@ class CapacityProbe:
 
 
 __all__ = ["CapacityProbe", "CapacityError", "capacity_fraction", "mean_response_tokens", "pipeline_concurrency",
-           "saturate"]
+           "raw_request", "saturate"]

@@ -61,9 +61,14 @@ def system_config(cfg: Config, system: str, fixed_window: int, target: float, se
     return msgspec.structs.replace(with_free_ports(cfg), sparsity=sparsity, run=run)
 
 
+def _tails(records: list[dict], quantile: str, skip: int) -> list[float]:
+    """The monitor's `quantile` on the steps after the first `skip` that measured one."""
+    return [r[f"mismatch/{quantile}"] for r in records[skip:] if f"mismatch/{quantile}" in r]
+
+
 def tracking(records: list[dict], quantile: str, target: float, skip: int) -> dict:
     """How closely the tail held `target` on the steps after the first `skip`."""
-    tails = [r[f"mismatch/{quantile}"] for r in records[skip:] if f"mismatch/{quantile}" in r]
+    tails = _tails(records, quantile, skip)
     if not tails:
         return {"tail_tracking_rel_error": None, "tail_mean": None, "tracked_steps": 0}
     errors = [abs(t - target) / abs(target) for t in tails]
@@ -83,7 +88,7 @@ def tail_noise(records: list[dict], quantile: str, skip: int) -> float | None:
     """mean |tail − median| / |median| over the steps after `skip`: how far
     one step's tail strays from its run's level. At a constant window it is
     the floor under any schedule's per-step tracking error."""
-    tails = [r[f"mismatch/{quantile}"] for r in records[skip:] if f"mismatch/{quantile}" in r]
+    tails = _tails(records, quantile, skip)
     mid = statistics.median(tails) if tails else 0.0
     return statistics.fmean(abs(t - mid) / abs(mid) for t in tails) if mid else None
 
@@ -162,19 +167,19 @@ def bench_sparsity(cfg: Config, steps: int, windows: list[int], fixed_window: in
                         ("--tokens", tokens or 1), ("--seeds", len(seeds))):
         if value < 1:
             raise BenchSetupError(f"{flag} must be at least 1; got {value}")
-    s = cfg.sparsity
-    fixed_window = fixed_window or min((w for w in windows if w > 1), default=s.min_window)
-    if not s.min_window <= fixed_window < s.max_window:
+    sp = cfg.sparsity
+    fixed_window = fixed_window or min((w for w in windows if w > 1), default=sp.min_window)
+    if not sp.min_window <= fixed_window < sp.max_window:
         raise BenchSetupError(f"--fixed-window ({fixed_window}) must be within sparsity.min_window "
-                              f"({s.min_window}) and below sparsity.max_window ({s.max_window})")
-    target = cfg.sparsity.target if target is None else target
+                              f"({sp.min_window}) and below sparsity.max_window ({sp.max_window})")
+    target = sp.target if target is None else target
     if target >= 0:
         raise BenchSetupError(f"--tail-target must be negative (a lower-tail log-ratio in nats); got {target}")
-    if settle < 0 or steps <= cfg.sparsity.warmup_steps + settle:
+    if settle < 0 or steps <= sp.warmup_steps + settle:
         raise BenchSetupError(f"--steps ({steps}) must exceed sparsity.warmup_steps "
-                              f"({cfg.sparsity.warmup_steps}) + --settle-steps ({settle})")
-    result: dict = {"tail_target": target, "tail_quantile": cfg.sparsity.quantile, "fixed_window": fixed_window,
-                    "settle_steps": settle, "config": msgspec.to_builtins(cfg.sparsity)}
+                              f"({sp.warmup_steps}) + --settle-steps ({settle})")
+    result: dict = {"tail_target": target, "tail_quantile": sp.quantile, "fixed_window": fixed_window,
+                    "settle_steps": settle, "config": msgspec.to_builtins(sp)}
     t0 = time.time()
     mean_w = None
     if train:
@@ -203,7 +208,7 @@ def bench_sparsity(cfg: Config, steps: int, windows: list[int], fixed_window: in
     # The engine's own speed per window, after training (its engine is gone by then).
     mean_round = None
     if mean_w is not None:
-        mean_round = 0 if mean_w >= min(cfg.sparsity.max_window, cfg.model.max_model_len) else round(mean_w)
+        mean_round = 0 if mean_w >= min(sp.max_window, cfg.model.max_model_len) else round(mean_w)
     stress_windows = sorted({*windows, fixed_window, 1, *([mean_round] if mean_round else [])})
     with CapacityProbe(cfg) as probe:
         st = stress(probe, cfg, stress_windows, requests, tokens or cfg.model.max_model_len, rounds,

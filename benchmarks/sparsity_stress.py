@@ -37,40 +37,26 @@ async def windowed_batch(engine, ledger, cfg: Config, prompts: list[list[int]], 
     generate `requests` rollouts at once; the rate, and the first `keep`
     rollouts' prompts, tokens and engine log-probs."""
     import asyncio
+    import contextlib
 
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
-
+    from benchmarks.capacity import raw_request
     from stream_rl.controller.rollouts import request_seed
-    from stream_rl.generator.sampled_logprobs import STREAM_KEY
+    from stream_rl.generator.engine_updates import while_paused
 
-    # Nothing runs between batches, so no pause is needed; the prefix cache
-    # holds prompts computed under the last window and must go.
-    await engine.collective_rpc("stream_rl_set_attention_window", args=(window,))
-    await engine.reset_prefix_cache()
-    g = cfg.generator
+    # As the generator sets it: on every worker, every cached prefix (the
+    # prompts, under the last window) recomputed.
+    await while_paused(engine, "stream_rl_set_attention_window", (window,))
 
     async def one(i: int) -> tuple[list[int], list[int], list[float]]:
-        rid = f"sparsity-w{window}-s{seed}-{i}"
         prompt = prompts[i % len(prompts)]
-        key = ledger.open(rid) if ledger else None
-        params = SamplingParams(n=1, temperature=g.temperature, top_p=g.top_p, ignore_eos=True,
-                                max_tokens=max(1, min(tokens, cfg.model.max_model_len - len(prompt))),
-                                seed=request_seed(seed, str(i)),  # the same per window
-                                output_kind=RequestOutputKind.DELTA, detokenize=False,
-                                extra_args={STREAM_KEY: key} if key else None)
         ids: list[int] = []
         lps: list[float] = []
-        try:
-            async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, rid):
-                new = list(out.outputs[0].token_ids)
-                if key and new:
-                    lps.extend(await ledger.get(key, len(ids), len(ids) + len(new)))
+        # The same seed per window: every window samples from the same draws.
+        async with contextlib.aclosing(raw_request(engine, ledger, cfg, f"sparsity-w{window}-s{seed}-{i}", prompt,
+                                                   tokens, request_seed(seed, str(i)))) as steps:
+            async for new, new_lps in steps:
                 ids.extend(new)
-        finally:
-            if key:
-                ledger.close(key)
+                lps.extend(new_lps)
         return prompt, ids, lps
 
     t0 = time.perf_counter()

@@ -18,33 +18,34 @@ from stream_rl.weights_sync.buckets import decode_uri, group_key
 log = logging.getLogger(__name__)
 
 
+async def while_paused(engine, method: str, args: tuple = (), then=None) -> list:
+    """`method` on every worker of `engine` (then `then()`) with generation
+    paused, and the running requests and every cached prefix recomputed
+    before it resumes; the workers' results."""
+    # "keep" freezes running requests in place; they continue after
+    # resume, recomputed under what changed.
+    await pause_in_place(engine)
+    try:
+        results = await engine.collective_rpc(method, args=args)
+        if then is not None:
+            await then()
+        # The running requests' KV and every cached prefix were computed
+        # before the change. The running requests are preempted, so their
+        # prompt and tokens so far are prefilled again (AReaL's
+        # interrupt-and-recompute) and their later tokens are exactly the
+        # new state's; vLLM won't drop a prefix cache that running requests
+        # still hold, so without the preemption later requests would
+        # attend to blocks of the old state.
+        if not await engine.reset_prefix_cache(reset_running_requests=True):
+            log.warning("vLLM did not reset its prefix cache after %s", method)
+        return results
+    finally:
+        await engine.resume_generation()
+
+
 class EngineUpdates:
     """Mixed into `GeneratorService`: uses its `engine`, `outbox`, `cfg`,
     `index`, `version`, `window`, `_receiving` and `_abandon`."""
-
-    async def _while_paused(self, method: str, args: tuple = (), then=None) -> list:
-        """`method` on every worker (then `then()`) with generation paused,
-        and the running requests and every cached prefix recomputed before
-        it resumes; the workers' results."""
-        # "keep" freezes running requests in place; they continue after
-        # resume, recomputed under what changed.
-        await pause_in_place(self.engine)
-        try:
-            results = await self.engine.collective_rpc(method, args=args)
-            if then is not None:
-                await then()
-            # The running requests' KV and every cached prefix were computed
-            # before the change. The running requests are preempted, so their
-            # prompt and tokens so far are prefilled again (AReaL's
-            # interrupt-and-recompute) and their later tokens are exactly the
-            # new state's; vLLM won't drop a prefix cache that running requests
-            # still hold, so without the preemption later requests would
-            # attend to blocks of the old state.
-            if not await self.engine.reset_prefix_cache(reset_running_requests=True):
-                log.warning("vLLM did not reset its prefix cache after %s", method)
-            return results
-        finally:
-            await self.engine.resume_generation()
 
     async def _update_weights(self, msg: UpdateWeights) -> None:
         t0 = time.perf_counter()
@@ -91,7 +92,7 @@ class EngineUpdates:
 
         t_pause = time.perf_counter()
         try:
-            await self._while_paused(*load, then=label)
+            await while_paused(self.engine, *load, then=label)
         except Exception as err:
             log.exception("weight update to version %d failed", msg.version)
             await self.outbox.send(WeightsUpdateFailed(version=msg.version, error=f"{type(err).__name__}: {err}"))
@@ -104,7 +105,7 @@ class EngineUpdates:
         """The sparsity knob: every worker's attention window, the running
         requests recomputed under it, as after a weight load."""
         try:
-            layers = await self._while_paused("stream_rl_set_attention_window", (msg.window,))
+            layers = await while_paused(self.engine, "stream_rl_set_attention_window", (msg.window,))
         except Exception as err:  # this engine cannot: said so, and its window stays
             log.exception("attention window %d not set", msg.window)
             await self.outbox.send(AttentionWindowSet(window=self.window, layers=0,
